@@ -1,0 +1,31 @@
+# The two commands in the README: `make demo` (the whole product on synthetic data) and
+# `make test` (the suite, against real PostgreSQL and Redis). Both set themselves up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+
+.PHONY: demo test services lint clean
+
+$(BIN)/cxr: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "cxr-triage needs Python 3.11+ (found: $$($(PYTHON) --version))"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/cxr
+
+demo: $(BIN)/cxr
+	$(BIN)/cxr demo
+
+services:
+	@sh .ci/services.sh
+
+test: $(BIN)/cxr services
+	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra
+
+lint: $(BIN)/cxr
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

@@ -1,0 +1,170 @@
+"""SQLAlchemy 2 models: received images, the model registry and predictions.
+
+The ``results`` view (see migrations) joins them into one readable row per received file.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ImageStatus(StrEnum):
+    RECEIVED = "received"
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    WAITING_MODEL = "waiting_model"
+    REJECTED = "rejected"
+    FAILED = "failed"
+
+
+class Stage(StrEnum):
+    PNEUMONIA = "pneumonia"
+    INFECTION = "infection"
+
+
+class ModelStatus(StrEnum):
+    CANDIDATE = "candidate"
+    PRODUCTION = "production"
+    ARCHIVED = "archived"
+
+
+class Label(StrEnum):
+    NORMAL = "NORMAL"
+    BACTERIA = "BACTERIA"
+    VIRUS = "VIRUS"
+    PNEUMONIA = "PNEUMONIA"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Image(Base):
+    """One row per file taken from the inbox (the same content twice gives two rows)."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    file_name: Mapped[str] = mapped_column(Text)
+    stored_path: Mapped[str | None] = mapped_column(Text)
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default=ImageStatus.RECEIVED, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    prediction: Mapped[Prediction | None] = relationship()
+
+
+class ModelVersion(Base):
+    """A registered model bundle; at most one ``production`` row per stage (a partial index)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("stage", "version", name="uq_model_versions_stage_version"),
+        Index(
+            "uq_model_versions_one_production",
+            "stage",
+            unique=True,
+            sqlite_where=text("status = 'production'"),
+            postgresql_where=text("status = 'production'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(20))
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default=ModelStatus.CANDIDATE)
+    backbone: Mapped[str] = mapped_column(String(64))
+    bundle_path: Mapped[str] = mapped_column(Text)
+    bundle_sha256: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    dataset_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    code_version: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    promoted_at: Mapped[datetime | None]
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}/v{self.version}"
+
+
+class Prediction(Base):
+    """One cascade output per (content, stage-1 version, stage-2 version).
+
+    ``infection_key`` is the stage-2 model id or 0, so the unique key holds even when stage 2
+    did not run (NULLs never collide in a unique index).
+    """
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        UniqueConstraint(
+            "sha256", "pneumonia_model_id", "infection_key", name="uq_predictions_content_models"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    pneumonia_model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    infection_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    infection_key: Mapped[int] = mapped_column(Integer, default=0)
+    p_pneumonia: Mapped[float] = mapped_column(Float)
+    p_virus: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(16))
+    threshold: Mapped[float] = mapped_column(Float)
+    infection_threshold: Mapped[float | None] = mapped_column(Float)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    pneumonia_model: Mapped[ModelVersion] = relationship(foreign_keys=[pneumonia_model_id])
+    infection_model: Mapped[ModelVersion | None] = relationship(foreign_keys=[infection_model_id])
+
+
+RESULTS_VIEW_SQL = """
+CREATE VIEW results AS
+SELECT i.id AS id,
+       i.file_name AS file_name,
+       i.sha256 AS sha256,
+       i.status AS status,
+       p.label AS label,
+       p.p_pneumonia AS p_pneumonia,
+       p.p_virus AS p_virus,
+       m1.version AS pneumonia_model,
+       m2.version AS infection_model,
+       i.received_at AS received_at,
+       i.finished_at AS finished_at,
+       i.error AS error,
+       i.attempts AS attempts,
+       p.threshold AS threshold,
+       p.inference_ms AS inference_ms
+FROM images i
+LEFT JOIN predictions p ON p.id = i.prediction_id
+LEFT JOIN model_versions m1 ON m1.id = p.pneumonia_model_id
+LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
+"""

@@ -1,0 +1,185 @@
+"""Model registry queries: versions per stage, promotion, rollback.
+
+Follows MLflow's SQLAlchemy store: version numbers are max + 1 per stage and a unique key
+turns a race into a retry; the database's partial unique index guarantees at most one
+``production`` row per stage, and promotion archives the previous one in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from db.models import ModelStatus, ModelVersion, Stage, utcnow
+from worker.exceptions import CxrError, ModelNotFoundError
+
+VERSION_RETRIES = 20
+T = TypeVar("T")
+
+
+def _check_stage(stage: str) -> str:
+    try:
+        return Stage(stage).value
+    except ValueError:
+        choices = ", ".join(s.value for s in Stage)
+        raise CxrError(f"unknown stage {stage!r} (choose from {choices})") from None
+
+
+def register_version(
+    session: Session,
+    *,
+    stage: str,
+    backbone: str,
+    metrics: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
+    dataset_fingerprint: str | None = None,
+    parent_version: int | None = None,
+    code_version: str | None = None,
+    bundle_sha256: str | None = None,
+) -> ModelVersion:
+    """Add a ``candidate`` version numbered max + 1 for its stage and flush it (not commit).
+
+    ``bundle_path`` is ``<stage>/v<N>``, relative to the models dir so hosts sharing the models
+    volume at different mount points agree. Two writers racing for N: the loser's insert hits the
+    unique key inside a savepoint and tries the next number.
+    """
+    stage = _check_stage(stage)
+    for _ in range(VERSION_RETRIES):
+        current = session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.stage == stage)
+        )
+        version = (current or 0) + 1
+        row = ModelVersion(
+            stage=stage,
+            version=version,
+            status=ModelStatus.CANDIDATE,
+            backbone=backbone,
+            bundle_path=f"{stage}/v{version}",
+            bundle_sha256=bundle_sha256,
+            metrics=metrics or {},
+            params=params or {},
+            dataset_fingerprint=dataset_fingerprint,
+            parent_version=parent_version,
+            code_version=code_version,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:
+            continue
+        return row
+    raise CxrError(f"could not allocate a version for stage {stage} after {VERSION_RETRIES} tries")
+
+
+def get_version(session: Session, stage: str, version: int) -> ModelVersion:
+    row = session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.stage == _check_stage(stage), ModelVersion.version == version
+        )
+    )
+    if row is None:
+        raise ModelNotFoundError(f"no model {stage}/v{version}; see `cxr models list`")
+    return row
+
+
+def get_production(session: Session, stage: str) -> ModelVersion | None:
+    return session.scalar(
+        select(ModelVersion).where(
+            ModelVersion.stage == _check_stage(stage),
+            ModelVersion.status == ModelStatus.PRODUCTION,
+        )
+    )
+
+
+def production_ids(session: Session) -> dict[str, int]:
+    """stage -> id of its production version; the workers' cheap per-batch freshness check."""
+    rows = session.execute(
+        select(ModelVersion.stage, ModelVersion.id).where(
+            ModelVersion.status == ModelStatus.PRODUCTION
+        )
+    )
+    return {stage: model_id for stage, model_id in rows}
+
+
+def list_versions(session: Session, stage: str | None = None) -> list[ModelVersion]:
+    query = select(ModelVersion).order_by(ModelVersion.stage, ModelVersion.version)
+    if stage is not None:
+        query = query.where(ModelVersion.stage == _check_stage(stage))
+    return list(session.scalars(query))
+
+
+def _lock_stage(session: Session, stage: str) -> None:
+    """Serialise promotions of one stage (row locks on PostgreSQL; SQLite locks the file)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        session.execute(
+            select(ModelVersion.id).where(ModelVersion.stage == stage).with_for_update()
+        )
+
+
+def promote(session: Session, stage: str, version: int) -> ModelVersion:
+    """Make ``stage/vN`` production and archive the previous production version, atomically."""
+    stage = _check_stage(stage)
+    _lock_stage(session, stage)
+    target = get_version(session, stage, version)
+    if target.status == ModelStatus.PRODUCTION:
+        return target
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.stage == stage, ModelVersion.status == ModelStatus.PRODUCTION)
+        .values(status=ModelStatus.ARCHIVED)
+    )
+    session.flush()
+    target.status = ModelStatus.PRODUCTION
+    target.promoted_at = utcnow()
+    session.flush()
+    return target
+
+
+def rollback(session: Session, stage: str) -> ModelVersion:
+    """Return to the version that was production before the current one.
+
+    Earlier production versions are the archived ones with a ``promoted_at``; the latest one
+    promoted before the current version wins, so repeated rollbacks walk back in time.
+    """
+    stage = _check_stage(stage)
+    _lock_stage(session, stage)
+    current = get_production(session, stage)
+    if current is None:
+        raise ModelNotFoundError(f"no production model for stage {stage}: nothing to roll back")
+    previous = session.scalar(
+        select(ModelVersion)
+        .where(
+            ModelVersion.stage == stage,
+            ModelVersion.status == ModelStatus.ARCHIVED,
+            ModelVersion.promoted_at.is_not(None),
+            ModelVersion.promoted_at < current.promoted_at,
+        )
+        .order_by(ModelVersion.promoted_at.desc())
+        .limit(1)
+    )
+    if previous is None:
+        raise ModelNotFoundError(
+            f"{current.name} was the first production model of {stage}: nothing to roll back to"
+        )
+    current.status = ModelStatus.ARCHIVED
+    session.flush()
+    previous.status = ModelStatus.PRODUCTION
+    session.flush()
+    return previous
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 10) -> T:
+    """Run the transaction ``fn()`` again when a concurrent writer won (unique key, lock)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")

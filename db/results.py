@@ -1,0 +1,64 @@
+"""Reading the ``results`` view: what `cxr results` and the demo print."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, bindparam, text
+from sqlalchemy.orm import Session
+
+RESULT_COLUMNS = (
+    "id",
+    "file_name",
+    "sha256",
+    "status",
+    "label",
+    "p_pneumonia",
+    "p_virus",
+    "pneumonia_model",
+    "infection_model",
+    "received_at",
+    "finished_at",
+    "error",
+)
+
+
+def list_results(
+    session: Session,
+    *,
+    status: str | None = None,
+    label: str | None = None,
+    since: datetime | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of the ``results`` view, newest first, filtered as the CLI asks."""
+    where, params = [], {}
+    if status:
+        where.append("status = :status")
+        params["status"] = status
+    if label:
+        where.append("label = :label")
+        params["label"] = label.upper()
+    if since:
+        where.append("received_at >= :since")
+        params["since"] = since.astimezone(UTC)
+    sql = f"SELECT {', '.join(RESULT_COLUMNS)} FROM results"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC"
+    if limit:
+        sql += " LIMIT :limit"
+        params["limit"] = limit
+    query = text(sql)
+    if since:
+        query = query.bindparams(bindparam("since", type_=DateTime(timezone=True)))
+    return [dict(row._mapping) for row in session.execute(query, params)]
+
+
+def count_by(session: Session, column: str) -> dict[str | None, int]:
+    """How many rows per ``status`` or ``label``: the demo's per-class summary."""
+    if column not in ("status", "label"):
+        raise ValueError(column)
+    rows = session.execute(text(f"SELECT {column}, COUNT(*) FROM results GROUP BY {column}"))
+    return {key: n for key, n in rows}

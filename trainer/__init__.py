@@ -1,0 +1,1 @@
+"""Training side: synthetic data, datasets, backbones, training, evaluation, model bundles."""

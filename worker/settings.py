@@ -1,0 +1,100 @@
+"""The one settings object: every knob, read from ``CXR_*`` variables (and ``.env``).
+
+Entry points (the CLI, the Celery app) read it once and pass it down; library code takes
+plain values (paths, URLs) so it can be tested without the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        Path("var"),
+        description="Root for inbox/, archive/, rejected/, models/ and the SQLite file.",
+    )
+    inbox: Path | None = Field(
+        None, description="Folder watched for new X-rays (default: DATA_DIR/inbox)."
+    )
+    models_dir: Path | None = Field(
+        None, description="Where model bundles live (default: DATA_DIR/models)."
+    )
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL (default: sqlite:///DATA_DIR/cxr.db)."
+    )
+    broker_url: str = Field(
+        "redis://localhost:6379/0", description="Celery broker (Redis) URL; passwords allowed."
+    )
+    queue: str = Field("inference", description="Celery queue the inference tasks go to.")
+    stable_seconds: float = Field(
+        1.0, description="Quiet period (s) a file's size and mtime must hold before it is taken."
+    )
+    rescan_seconds: float = Field(
+        30.0, description="Seconds between reconcile scans of the inbox and the database."
+    )
+    max_attempts: int = Field(3, description="Deliveries of one image before it is marked failed.")
+    max_image_pixels: int = Field(
+        60_000_000, description="Decoded pixel limit; larger images are rejected as bombs."
+    )
+    batch_size: int = Field(
+        16, description="Images a worker classifies in one forward pass at most."
+    )
+    batch_wait_ms: int = Field(20, description="How long (ms) a worker waits to fill a batch.")
+    worker_concurrency: int = Field(
+        1, description="Worker processes per `cxr worker` (one per GPU on GPU hosts)."
+    )
+    flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
+    flower_port: int = Field(5555, description="Port Flower listens on.")
+    flower_basic_auth: str | None = Field(
+        None, description="user:password for Flower basic auth (off if unset)."
+    )
+    log_level: str = Field("INFO", description="Log level for all processes.")
+
+    @cached_property
+    def inbox_dir(self) -> Path:
+        return (self.inbox or self.data_dir / "inbox").absolute()
+
+    @cached_property
+    def archive_dir(self) -> Path:
+        return (self.data_dir / "archive").absolute()
+
+    @cached_property
+    def rejected_dir(self) -> Path:
+        return (self.data_dir / "rejected").absolute()
+
+    @cached_property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.data_dir / "models").absolute()
+
+    @cached_property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'cxr.db').absolute()}"
+
+    def ensure_dirs(self) -> None:
+        """Create the data folders; archive and rejected are private (they hold patient images)."""
+        for path in (self.inbox_dir, self.models_path):
+            path.mkdir(parents=True, exist_ok=True)
+        for path in (self.archive_dir, self.rejected_dir):
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o700)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting: the README table is made from it."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "" if field.default is None else str(field.default)
+        rows.append((f"CXR_{name.upper()}", default, field.description or ""))
+    return rows
