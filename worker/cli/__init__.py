@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "db.cli",  # db upgrade, results, models list/show/promote/rollback
     "trainer.cli",  # synth, train, models import
     "worker.cli.bench",  # bench
+    "worker.cli.config",  # settings
 ]
 
 DISCLAIMER = "Decision support only, not a medical device."
