@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "settings",
         help="show the effective CXR_* settings (passwords hidden)",
-        description="Print every setting with its current value; --markdown prints the README table.",
+        description="Print every setting with its current value, or the README table.",
     )
     p.add_argument("--markdown", action="store_true", help="print the documentation table")
     p.set_defaults(func=cmd_settings)
