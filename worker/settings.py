@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         30.0, description="Seconds between reconcile scans of the inbox and the database."
     )
     max_attempts: int = Field(3, description="Deliveries of one image before it is marked failed.")
+    visibility_timeout: float = Field(
+        3600.0, description="Seconds before Redis redelivers a task whose worker vanished unacked."
+    )
     max_image_pixels: int = Field(
         60_000_000, description="Decoded pixel limit; larger images are rejected as bombs."
     )

@@ -1,0 +1,260 @@
+"""Every query on received images and their predictions (watcher, workers, reconcile pass).
+
+Status changes that can race with another process are conditional updates (``WHERE status
+IN ...``), so a late "queued" never overwrites a worker's "processing" or "done".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import Image, ImageStatus, Label, Prediction, utcnow
+
+FINAL_STATUSES = (ImageStatus.DONE, ImageStatus.REJECTED, ImageStatus.FAILED)
+OPEN_STATUSES = (
+    ImageStatus.RECEIVED,
+    ImageStatus.QUEUED,
+    ImageStatus.PROCESSING,
+    ImageStatus.WAITING_MODEL,
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker needs after claiming an image (plain values, safe after the session)."""
+
+    image_id: int
+    sha256: str
+    file_name: str
+    stored_path: str | None
+    attempts: int
+    gave_up: bool
+
+
+def record_image(
+    session: Session,
+    *,
+    sha256: str,
+    file_name: str,
+    stored_path: str | None,
+    size_bytes: int | None,
+    status: ImageStatus = ImageStatus.RECEIVED,
+    error: str | None = None,
+) -> Image:
+    """Insert one received file (flushed so it has an id)."""
+    image = Image(
+        sha256=sha256,
+        file_name=file_name,
+        stored_path=stored_path,
+        size_bytes=size_bytes,
+        status=status,
+        error=error,
+        finished_at=utcnow() if status in FINAL_STATUSES else None,
+    )
+    session.add(image)
+    session.flush()
+    return image
+
+
+def find_prediction(
+    session: Session, sha256: str, pneumonia_model_id: int, infection_model_id: int | None
+) -> Prediction | None:
+    """The prediction these exact models already made for this content, if any."""
+    return session.scalars(
+        select(Prediction).where(
+            Prediction.sha256 == sha256,
+            Prediction.pneumonia_model_id == pneumonia_model_id,
+            Prediction.infection_key == (infection_model_id or 0),
+        )
+    ).first()
+
+
+def find_current_prediction(
+    session: Session, sha256: str, pneumonia_model_id: int, infection_model_id: int | None
+) -> Prediction | None:
+    """A prediction still valid for these production models.
+
+    A NORMAL made by the same stage-1 model never ran stage 2, so it stays valid whatever the
+    infection model is now.
+    """
+    found = find_prediction(session, sha256, pneumonia_model_id, infection_model_id)
+    if found is None and infection_model_id is not None:
+        found = session.scalars(
+            select(Prediction).where(
+                Prediction.sha256 == sha256,
+                Prediction.pneumonia_model_id == pneumonia_model_id,
+                Prediction.label == Label.NORMAL,
+            )
+        ).first()
+    return found
+
+
+def link_prediction(session: Session, image_id: int, prediction_id: int) -> bool:
+    """Mark an open image done with an existing prediction; False if it was already final."""
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status.in_(OPEN_STATUSES))
+        .values(
+            status=ImageStatus.DONE, prediction_id=prediction_id, error=None, finished_at=utcnow()
+        )
+    )
+    return result.rowcount == 1
+
+
+def _set_status(
+    session: Session, image_id: int, status: ImageStatus, from_statuses: Iterable[str], **values
+) -> bool:
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status.in_(list(from_statuses)))
+        .values(status=status, **values)
+    )
+    return result.rowcount == 1
+
+
+def mark_queued(session: Session, image_id: int) -> bool:
+    """received/waiting_model -> queued (after a successful enqueue)."""
+    return _set_status(
+        session,
+        image_id,
+        ImageStatus.QUEUED,
+        (ImageStatus.RECEIVED, ImageStatus.WAITING_MODEL),
+    )
+
+
+def claim(session: Session, image_id: int, max_attempts: int) -> Claim | None:
+    """Count one delivery and mark the image processing (or failed past ``max_attempts``).
+
+    None when the image is unknown or already final: a redelivered task is then a no-op.
+    The caller commits before inference so a delivery that kills the worker still counts.
+    """
+    image = session.get(Image, image_id, with_for_update=True)
+    if image is None or image.status in FINAL_STATUSES:
+        return None
+    image.attempts = (image.attempts or 0) + 1
+    gave_up = image.attempts > max_attempts
+    if gave_up:
+        image.status = ImageStatus.FAILED
+        image.error = f"gave up after {max_attempts} attempts (each one crashed or errored)"
+        image.finished_at = utcnow()
+    else:
+        image.status = ImageStatus.PROCESSING
+    session.flush()
+    return Claim(
+        image.id, image.sha256, image.file_name, image.stored_path, image.attempts, gave_up
+    )
+
+
+def mark_waiting_model(session: Session, image_id: int) -> bool:
+    """No production stage-1 model: park the image; the delivery does not count as an attempt."""
+    result = session.execute(
+        update(Image)
+        .where(Image.id == image_id, Image.status.in_(OPEN_STATUSES))
+        .values(
+            status=ImageStatus.WAITING_MODEL,
+            error="no production pneumonia model",
+            attempts=0,
+        )
+    )
+    return result.rowcount == 1
+
+
+def mark_rejected(
+    session: Session, image_id: int, reason: str, stored_path: str | None = None
+) -> bool:
+    values: dict = {"error": reason, "finished_at": utcnow()}
+    if stored_path is not None:
+        values["stored_path"] = stored_path
+    return _set_status(session, image_id, ImageStatus.REJECTED, OPEN_STATUSES, **values)
+
+
+def mark_failed(session: Session, image_id: int, reason: str) -> bool:
+    return _set_status(
+        session, image_id, ImageStatus.FAILED, OPEN_STATUSES, error=reason, finished_at=utcnow()
+    )
+
+
+def save_prediction(
+    session: Session,
+    *,
+    sha256: str,
+    pneumonia_model_id: int,
+    infection_model_id: int | None,
+    p_pneumonia: float,
+    p_virus: float | None,
+    label: str,
+    threshold: float,
+    infection_threshold: float | None,
+    inference_ms: float | None = None,
+) -> Prediction:
+    """Insert-or-get on (sha256, pneumonia model, infection model): never writes twice."""
+    values = {
+        "sha256": sha256,
+        "pneumonia_model_id": pneumonia_model_id,
+        "infection_model_id": infection_model_id,
+        "infection_key": infection_model_id or 0,
+        "p_pneumonia": float(p_pneumonia),
+        "p_virus": None if p_virus is None else float(p_virus),
+        "label": str(label),
+        "threshold": float(threshold),
+        "infection_threshold": None if infection_threshold is None else float(infection_threshold),
+        "inference_ms": inference_ms,
+        "created_at": utcnow(),
+    }
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        raise NotImplementedError(f"prediction upsert not written for {dialect}")
+    session.execute(
+        insert(Prediction)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["sha256", "pneumonia_model_id", "infection_key"])
+    )
+    prediction = find_prediction(session, sha256, pneumonia_model_id, infection_model_id)
+    assert prediction is not None
+    return prediction
+
+
+def ids_to_enqueue(
+    session: Session,
+    *,
+    received_before: datetime,
+    include_waiting: bool,
+    queued_before: datetime | None = None,
+) -> list[tuple[int, str]]:
+    """(id, file_name) of rows the reconcile pass should enqueue again.
+
+    ``received`` rows older than ``received_before`` (their enqueue failed or was cut short);
+    ``waiting_model`` rows when a production model exists; and, when ``queued_before`` is
+    given (the caller saw the broker queue empty), ``queued`` rows older than that: their
+    message was lost, e.g. by a Redis restart without persistence.
+    """
+    condition = (Image.status == ImageStatus.RECEIVED) & (Image.received_at < received_before)
+    if include_waiting:
+        condition |= Image.status == ImageStatus.WAITING_MODEL
+    if queued_before is not None:
+        condition |= (Image.status == ImageStatus.QUEUED) & (Image.received_at < queued_before)
+    rows = session.execute(select(Image.id, Image.file_name).where(condition).order_by(Image.id))
+    return [(row.id, row.file_name) for row in rows]
+
+
+def waiting_ids(session: Session) -> list[tuple[int, str]]:
+    """(id, file_name) of images parked for lack of a production model."""
+    rows = session.execute(
+        select(Image.id, Image.file_name)
+        .where(Image.status == ImageStatus.WAITING_MODEL)
+        .order_by(Image.id)
+    )
+    return [(row.id, row.file_name) for row in rows]
+
+
+def stale_cutoff(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)

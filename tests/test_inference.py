@@ -1,0 +1,180 @@
+"""The cascade and the task logic with tiny real Keras bundles, in process.
+
+The tiny model answers by brightness (trainer.testing): bright -> PNEUMONIA / VIRUS,
+dark -> NORMAL / BACTERIA, and ``bias`` shifts every probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from db import images, registry
+from db.models import Image, ImageStatus, Label, Prediction
+from db.session import session_scope
+from trainer.bundle import load_bundle
+from trainer.testing import make_tiny_bundle, register_tiny_bundle, tiny_probability
+from worker.inference import (
+    ModelCache,
+    StageModel,
+    classify_arrays,
+    positive_probability,
+)
+from worker.intake import intake_file
+from worker.settings import Settings
+from worker.tasks import process_image
+
+
+def _stage(models_dir, stage, model_id, bias=0.0, threshold=0.5, size=32) -> StageModel:
+    directory = make_tiny_bundle(models_dir, stage, model_id, input_size=size,
+                                 threshold=threshold, bias=bias)
+    return StageModel(model_id, model_id, load_bundle(directory))
+
+
+def _batch(*levels: int, size: int = 32) -> np.ndarray:
+    return np.stack([np.full((size, size, 3), level, dtype=np.uint8) for level in levels])
+
+
+def test_positive_probability_follows_class_order():
+    p = np.array([0.2, 0.9])
+    assert positive_probability(p, ["NORMAL", "PNEUMONIA"], "PNEUMONIA").tolist() == [0.2, 0.9]
+    np.testing.assert_allclose(positive_probability(p, ["PNEUMONIA", "NORMAL"], "PNEUMONIA"),
+                               [0.8, 0.1])
+    with pytest.raises(ValueError):
+        positive_probability(p, ["CAT", "DOG"], "PNEUMONIA")
+
+
+def test_cascade_runs_stage_two_only_on_pneumonia(tmp_path):
+    pneumonia = _stage(tmp_path, "pneumonia", 1)
+    infection = _stage(tmp_path, "infection", 2, bias=4.0, size=40)  # other input size too
+    calls = []
+    original = infection.bundle.predict_proba
+    infection.bundle.predict_proba = lambda x: calls.append(len(x)) or original(x)
+    results = classify_arrays(_batch(0, 255, 200, 10), pneumonia, infection)
+    assert [r.label for r in results] == [Label.NORMAL, Label.VIRUS, Label.VIRUS, Label.NORMAL]
+    assert calls == [2]
+    assert results[0].p_virus is None and results[3].p_virus is None
+    assert results[1].p_pneumonia == pytest.approx(tiny_probability(255), abs=1e-4)
+    assert results[2].p_virus == pytest.approx(tiny_probability(200, bias=4.0), abs=1e-3)
+
+
+def test_threshold_from_manifest_and_no_stage_two(tmp_path):
+    strict = _stage(tmp_path, "pneumonia", 1, threshold=0.99)
+    [mid, bright] = classify_arrays(_batch(180, 255), strict, None)
+    assert mid.label == Label.NORMAL and mid.p_pneumonia > 0.5
+    assert bright.label == Label.PNEUMONIA and bright.p_virus is None
+    low_infection = _stage(tmp_path, "infection", 2, bias=-8.0)
+    [r] = classify_arrays(_batch(255), strict, low_infection)
+    assert r.label == Label.BACTERIA and r.p_virus < 0.5
+
+
+@pytest.fixture
+def settings(tmp_path, db_url) -> Settings:
+    s = Settings(data_dir=tmp_path / "var", database_url=db_url, max_attempts=2)
+    s.ensure_dirs()
+    return s
+
+
+def _drop(settings: Settings, name: str, level: int | None, size: int = 40) -> int:
+    path = settings.inbox_dir / name
+    if level is None:
+        path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    else:
+        PILImage.new("L", (size, size), level).save(path)
+    return intake_file(path, settings, lambda *_: None).image_id
+
+
+def _row(settings: Settings, image_id: int) -> Image:
+    with session_scope(settings.db_url) as session:
+        row = session.get(Image, image_id)
+        _ = row.prediction
+        return row
+
+
+def test_process_image_end_states(settings):
+    cache = ModelCache(settings.models_path)
+    waiting = _drop(settings, "w.png", 250)
+    assert process_image(waiting, settings, cache) == "waiting_model"
+    assert _row(settings, waiting).attempts == 0
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    bright, dark, bad = (_drop(settings, "b.png", 250), _drop(settings, "d.png", 5),
+                         _drop(settings, "bad.jpeg", None))
+    assert process_image(waiting, settings, cache) == "done"
+    assert process_image(bright, settings, cache) == "done"
+    assert process_image(bright, settings, cache) == "noop"  # redelivery
+    assert process_image(dark, settings, cache) == "done"
+    assert process_image(bad, settings, cache) == "rejected"
+
+    assert _row(settings, bright).prediction.label == Label.PNEUMONIA
+    assert _row(settings, bright).prediction.p_virus is None
+    assert _row(settings, dark).prediction.label == Label.NORMAL
+    rejected = _row(settings, bad)
+    assert rejected.status == ImageStatus.REJECTED and rejected.error
+    assert (settings.data_dir / rejected.stored_path).is_file()
+    assert rejected.stored_path.startswith("rejected/")
+    with session_scope(settings.db_url) as session:
+        assert session.query(Prediction).count() == 2  # w.png and b.png differ in content
+
+
+def test_promotion_is_picked_up_without_a_new_cache(settings):
+    cache = ModelCache(settings.models_path)
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", bias=-20.0)
+    first = _drop(settings, "first.png", 200)
+    assert process_image(first, settings, cache) == "done"
+    assert _row(settings, first).prediction.label == Label.NORMAL
+    register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=20.0)
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", bias=20.0)
+    second = _drop(settings, "second.png", 200)
+    assert process_image(second, settings, cache) == "done"
+    row = _row(settings, second)
+    assert row.prediction.label == Label.VIRUS
+    with session_scope(settings.db_url) as session:
+        assert registry.get_production(session, "pneumonia").version == 2
+        pred = session.get(Prediction, row.prediction_id)
+        assert pred.pneumonia_model.version == 2 and pred.infection_model.version == 1
+
+
+def test_a_delivery_past_max_attempts_fails_the_image(settings):
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "crashy.png", 100)
+    for _ in range(settings.max_attempts):  # deliveries whose worker died mid-inference
+        with session_scope(settings.db_url) as session:
+            images.claim(session, image_id, settings.max_attempts)
+    assert process_image(image_id, settings, ModelCache(settings.models_path)) == "failed"
+    row = _row(settings, image_id)
+    assert row.status == ImageStatus.FAILED and "attempts" in row.error
+
+
+def test_prediction_upsert_never_writes_twice(settings):
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    with session_scope(settings.db_url) as session:
+        model_id = registry.get_production(session, "pneumonia").id
+        kwargs = dict(sha256="f" * 64, pneumonia_model_id=model_id, infection_model_id=None,
+                      p_pneumonia=0.7, p_virus=None, label="PNEUMONIA", threshold=0.5,
+                      infection_threshold=None)
+        a = images.save_prediction(session, **kwargs)
+        b = images.save_prediction(session, **{**kwargs, "p_pneumonia": 0.1})
+        assert a.id == b.id and b.p_pneumonia == 0.7
+        assert session.query(Prediction).count() == 1
+
+
+def test_cxr_classify_prints_labels_versions_and_disclaimer(settings, monkeypatch, capsys):
+    from worker.cli import DISCLAIMER, main
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=-20.0)
+    bright, broken = settings.data_dir / "bright.png", settings.data_dir / "broken.png"
+    PILImage.new("L", (40, 40), 250).save(bright)
+    broken.write_bytes(b"not an image")
+    monkeypatch.setenv("CXR_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CXR_DATABASE_URL", settings.db_url)
+    assert main(["classify", str(bright), str(broken)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "models: pneumonia/v1 infection/v1"
+    assert out[1].startswith(f"{bright}\tBACTERIA\tp_pneumonia=0.99")
+    assert out[2].startswith(f"{broken}\trejected: ")
+    assert out[-1] == DISCLAIMER
+    with session_scope(settings.db_url) as session:
+        assert session.query(Image).count() == 0  # classify records nothing

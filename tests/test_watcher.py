@@ -1,0 +1,204 @@
+"""Watcher pieces: the junk filter, the stat-only stability tracker, the inbox scan, and the
+watch loop with a real observer (enqueue replaced by a recorder: the broker is tested in
+test_pipeline)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from db import images
+from db.models import Image, ImageStatus
+from db.session import session_scope
+from worker.filters import is_candidate
+from worker.settings import Settings
+from worker.stability import StabilityTracker, file_signature
+from worker.watcher import Watcher, scan_inbox
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a.jpeg.part", "x.tmp", "dl.crdownload", "notes.txt~", ".DS_Store", ".hidden.png",
+     "Thumbs.db", "f.PART", ""],
+)
+def test_junk_and_temp_names_are_skipped(name):
+    assert not is_candidate(name)
+
+
+@pytest.mark.parametrize("name", ["IM-0115-0001.jpeg", "scan.PNG", "person1_virus_6.jpeg", "x"])
+def test_ordinary_names_are_candidates(name):
+    assert is_candidate(name)
+
+
+def test_tracker_waits_for_quiet_period(tmp_path):
+    clock = FakeClock()
+    tracker = StabilityTracker(2.0, clock=clock)
+    path = tmp_path / "a.jpeg"
+    path.write_bytes(b"x" * 10)
+    tracker.touch(path)
+    assert tracker.due() == []
+    clock.now += 1.0
+    with open(path, "ab") as fh:
+        fh.write(b"more")
+    assert tracker.due() == []  # growth restarts the quiet period
+    clock.now += 1.9
+    assert tracker.due() == []
+    clock.now += 0.2
+    assert tracker.due() == [path]
+    assert tracker.due() == []  # handed out once
+    assert path not in tracker
+
+
+def test_tracker_close_event_is_due_at_once_unless_the_file_changes(tmp_path):
+    clock = FakeClock()
+    tracker = StabilityTracker(60.0, clock=clock)
+    closed, reopened = tmp_path / "closed.png", tmp_path / "reopened.png"
+    closed.write_bytes(b"a")
+    reopened.write_bytes(b"b")
+    tracker.touch(closed, closed=True)
+    tracker.touch(reopened, closed=True)
+    with open(reopened, "ab") as fh:
+        fh.write(b"appended after close")
+    assert tracker.due() == [closed]
+    assert reopened in tracker
+
+
+def test_tracker_drops_vanished_files(tmp_path):
+    tracker = StabilityTracker(0.0, clock=FakeClock())
+    path = tmp_path / "gone.jpeg"
+    path.write_bytes(b"x")
+    tracker.touch(path)
+    path.unlink()
+    assert tracker.due() == []
+    assert len(tracker) == 0
+    tracker.touch(tmp_path / "never-existed.jpeg")
+    assert len(tracker) == 0
+
+
+def test_file_signature_ignores_directories_and_fifos(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    assert file_signature(tmp_path / "fifo") is None
+    assert file_signature(tmp_path) is None
+
+
+def test_scan_finds_nested_candidates_and_marks_old_files_complete(tmp_path):
+    (tmp_path / "sub").mkdir()
+    old, new = tmp_path / "sub" / "old.jpeg", tmp_path / "new.jpeg"
+    old.write_bytes(b"1")
+    new.write_bytes(b"2")
+    (tmp_path / "skip.part").write_bytes(b"3")
+    os.utime(old, (time.time() - 100, time.time() - 100))
+    found = dict(scan_inbox(tmp_path, quiet_seconds=5.0))
+    assert found == {old: True, new: False}
+
+
+@pytest.fixture
+def settings(tmp_path, db_url) -> Settings:
+    return Settings(data_dir=tmp_path / "var", database_url=db_url, stable_seconds=0.3,
+                    rescan_seconds=0.5)
+
+
+def _wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _rows(url: str) -> list[Image]:
+    with session_scope(url) as session:
+        return list(session.query(Image).order_by(Image.id))
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_watch_loop_takes_complete_files_once(settings, polling):
+    sent: list[tuple[int, str]] = []
+    settings.ensure_dirs()
+    inbox = settings.inbox_dir
+    (inbox / "before.jpeg").write_bytes(b"present at start-up")
+    watcher = Watcher(settings, enqueue=lambda i, name: sent.append((i, name)), polling=polling)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        (inbox / "nested").mkdir()
+        with open(inbox / "nested" / "slow.png", "wb") as fh:  # one open file, written in chunks
+            for _ in range(4):
+                fh.write(os.urandom(1000))
+                fh.flush()
+                time.sleep(0.1)
+        (inbox / "ignored.part").write_bytes(b"partial")
+        _wait_for(lambda: len(sent) >= 2)
+        time.sleep(1.2)  # two more reconcile passes must not take anything twice
+    finally:
+        stop.set()
+        thread.join(10)
+    rows = _rows(settings.db_url)
+    assert sorted(r.file_name for r in rows) == ["before.jpeg", "nested/slow.png"]
+    assert {r.status for r in rows} == {ImageStatus.QUEUED}
+    assert sorted(name for _, name in sent) == ["before.jpeg", "nested/slow.png"]
+    slow = next(r for r in rows if r.file_name == "nested/slow.png")
+    assert slow.size_bytes == 4000
+    assert (inbox / "ignored.part").exists()
+    assert not (inbox / "before.jpeg").exists()
+
+
+def test_watch_loop_survives_a_broker_outage(settings):
+    attempts: list[int] = []
+    broker_up = threading.Event()
+
+    def flaky_enqueue(image_id: int, name: str) -> None:
+        attempts.append(image_id)
+        if not broker_up.is_set():
+            raise ConnectionError("broker down")
+
+    settings.ensure_dirs()
+    watcher = Watcher(settings, enqueue=flaky_enqueue)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        (settings.inbox_dir / "a.jpeg").write_bytes(b"a")
+        _wait_for(lambda: attempts)
+        assert [r.status for r in _rows(settings.db_url)] == [ImageStatus.RECEIVED]
+        (settings.inbox_dir / "b.jpeg").write_bytes(b"b")
+        _wait_for(lambda: len(_rows(settings.db_url)) == 2)
+        broker_up.set()
+        with session_scope(settings.db_url) as session:  # make the rows look stale
+            session.query(Image).update({Image.received_at: images.stale_cutoff(60)})
+        _wait_for(lambda: {r.status for r in _rows(settings.db_url)} == {ImageStatus.QUEUED})
+    finally:
+        stop.set()
+        thread.join(10)
+    assert thread.is_alive() is False
+
+
+def test_symlink_out_of_the_inbox_is_rejected_not_followed(settings, tmp_path):
+    secret = tmp_path / "secret.jpeg"
+    secret.write_bytes(b"outside")
+    settings.ensure_dirs()
+    (settings.inbox_dir / "link.jpeg").symlink_to(secret)
+    watcher = Watcher(settings, enqueue=lambda *_: pytest.fail("a link must not be enqueued"))
+    watcher.reconcile_once()
+    _wait_for(lambda: (watcher._take_due(), watcher.taken)[1])
+    [row] = _rows(settings.db_url)
+    assert row.status == ImageStatus.REJECTED
+    assert "symbolic link" in row.error
+    assert secret.read_bytes() == b"outside"
+    assert not (settings.inbox_dir / "link.jpeg").exists()
+    assert not any(Path(settings.archive_dir).rglob("*.jpeg"))

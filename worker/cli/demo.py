@@ -1,0 +1,191 @@
+"""`cxr demo`: the whole product on synthetic X-rays, from nothing, in one command.
+
+Generate a data set, train and promote both stages with the small backbone, start the stack
+(`cxr up`: Redis if needed, watcher, worker, Flower), drop held-out images into the inbox,
+wait for every result, print them with a summary, and stop (unless --keep-running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from worker.settings import Settings
+
+FINAL = ("done", "rejected", "failed")
+BANNER = (
+    "cxr demo: models here are trained on SYNTHETIC images in a few minutes. They show how the "
+    "service works and are NOT for clinical use. cxr-triage is decision support, not a medical "
+    "device."
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole product end to end on synthetic X-rays (about 5 minutes)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--n", type=int, default=1500, help="synthetic training images (default 1500)")
+    p.add_argument("--images", type=int, default=30, help="images dropped into the inbox")
+    p.add_argument("--img-size", type=int, default=64, help="model input size (default 64)")
+    p.add_argument("--epochs", type=int, default=12, help="training epochs per stage")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="skip training when both stages already have production models")
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave watcher, worker and Flower running after the demo")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for results")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from db.migrate import upgrade
+
+    print(BANNER, flush=True)
+    started = time.monotonic()
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    if not (args.reuse_models and _has_production_models(settings)):
+        data = _synthetic_dataset(settings, args.n)
+        _train_both(settings, data, args)
+    print(f"\n[{_elapsed(started)}] starting the stack (cxr up)", flush=True)
+    stack = _start_stack(settings)
+    try:
+        names = _drop_images(settings, args.images)
+        print(f"[{_elapsed(started)}] copied {len(names)} held-out images into "
+              f"{settings.inbox_dir}", flush=True)
+        rows = _wait_for_results(settings, names, stack, args.timeout)
+        _report(settings, rows, names)
+    finally:
+        if args.keep_running:
+            print(f"\nthe stack keeps running (cxr up, pid {stack.pid}); stop it with "
+                  f"kill -INT {stack.pid}")
+        else:
+            _stop_stack(stack)
+    print(f"\ndemo finished in {_elapsed(started)}. {BANNER.split('. ', 1)[1]}")
+    return 0
+
+
+def _elapsed(started: float) -> str:
+    seconds = int(time.monotonic() - started)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _has_production_models(settings: Settings) -> bool:
+    from db import registry
+    from db.session import session_scope
+
+    with session_scope(settings.db_url) as session:
+        return all(registry.get_production(session, s) for s in ("pneumonia", "infection"))
+
+
+def _synthetic_dataset(settings: Settings, n: int) -> Path:
+    """A synthetic Kaggle-layout data set under the data dir (reused when it already exists)."""
+    from trainer.synth import generate_dataset
+
+    root = settings.data_dir.absolute() / f"synthetic-{n}"
+    if not (root / "train").exists():
+        print(f"writing {n} synthetic images to {root}", flush=True)
+        generate_dataset(root, n, seed=0)
+    return root
+
+
+def _train_both(settings: Settings, data: Path, args: argparse.Namespace) -> None:
+    from worker.cli import build_parser
+
+    argv = [
+        "train", "--data", str(data), "--stage", "both", "--backbone", "smallcnn",
+        "--weights", "none", "--img-size", str(args.img_size), "--epochs", str(args.epochs),
+        "--fine-tune-epochs", "0", "--promote",
+    ]
+    train_args = build_parser().parse_args(argv)
+    print("\n$ cxr " + " ".join(argv), flush=True)
+    train_args.func(train_args, settings)
+
+
+def _start_stack(settings: Settings) -> subprocess.Popen:
+    from worker.supervisor import CXR_COMMAND, child_env
+
+    return subprocess.Popen([*CXR_COMMAND, "up"], env=child_env(settings),
+                            start_new_session=True)
+
+
+def _stop_stack(stack: subprocess.Popen) -> None:
+    if stack.poll() is not None:
+        return
+    print("\nstopping the stack", flush=True)
+    stack.send_signal(signal.SIGINT)
+    try:
+        stack.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(stack.pid, signal.SIGKILL)
+        stack.wait()
+
+
+def _drop_images(settings: Settings, n: int) -> dict[str, str]:
+    """Copy held-out synthetic images into the inbox; returns file name -> true label."""
+    from trainer.synth import held_out_images
+
+    staging = settings.data_dir.absolute() / "demo-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    seed = int(time.time())  # new content each run, so nothing is answered from an old run
+    images = held_out_images(staging, n, seed=seed)
+    for path, _ in images:
+        shutil.copy(path, settings.inbox_dir / path.name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return {path.name: label for path, label in images}
+
+
+def _wait_for_results(
+    settings: Settings, names: dict[str, str], stack: subprocess.Popen, timeout: float
+) -> list[dict]:
+    from tqdm import tqdm
+
+    from db.results import list_results
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(names), desc="classified", unit="img") as bar:
+        while True:
+            with session_scope(settings.db_url) as session:
+                rows = [r for r in list_results(session, limit=None) if r["file_name"] in names]
+            finished = [r for r in rows if r["status"] in FINAL]
+            bar.update(len(finished) - bar.n)
+            if len(finished) == len(names):
+                return finished
+            if stack.poll() is not None:
+                raise SystemExit(f"cxr up exited with code {stack.returncode}; see its output")
+            if time.monotonic() > deadline:
+                bar.close()
+                print(f"timed out: {len(finished)} of {len(names)} finished", file=sys.stderr)
+                return rows
+            time.sleep(0.5)
+
+
+def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None:
+    from sqlalchemy.engine import make_url
+
+    from db.cli import format_results_table
+
+    rows = sorted(rows, key=lambda r: r["id"])
+    print()
+    print(format_results_table(rows))
+    labels = Counter(r["label"] or r["status"] for r in rows)
+    print("\nper class: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+    agree = sum(1 for r in rows if r["label"] == truth.get(r["file_name"]))
+    print(f"agreement with the synthetic ground truth: {agree}/{len(rows)}")
+    url = make_url(settings.db_url)
+    if url.get_backend_name() == "sqlite":
+        print(f"database: {url.database}  (try: sqlite3 {url.database} 'select * from results')")
+    else:
+        print(f"database: {url.render_as_string(hide_password=True)} (view: results)")
+    print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ "
+          "(while the stack runs)")

@@ -1,0 +1,117 @@
+"""``cxr up | watch | worker | classify``: the inference side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from worker.settings import Settings
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.watcher import watch
+
+    return watch(settings, polling=args.polling)
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.celery_app import app
+
+    argv = [
+        "worker",
+        f"--concurrency={args.concurrency or settings.worker_concurrency}",
+        f"--queues={args.queues or settings.queue}",
+        f"--loglevel={settings.log_level}",
+        f"--pool={args.pool}",
+        "--without-mingle",
+    ]
+    app.worker_main(argv)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.supervisor import up
+
+    return up(settings, flower=not args.no_flower, polling=args.polling,
+              concurrency=args.concurrency)
+
+
+def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from db.session import session_scope
+    from worker.cli import DISCLAIMER
+    from worker.decode import decode_image
+    from worker.exceptions import BadImageError, ModelNotFoundError
+    from worker.inference import ModelCache, classify_arrays
+
+    with session_scope(settings.db_url) as session:
+        models = ModelCache(settings.models_path).current(session)
+    if models.pneumonia is None:
+        raise ModelNotFoundError(
+            "no production pneumonia model; train one (cxr train) or promote one "
+            "(cxr models promote pneumonia N)"
+        )
+    versions = f"pneumonia/v{models.pneumonia.version}"
+    if models.infection is not None:
+        versions += f" infection/v{models.infection.version}"
+    print(f"models: {versions}")
+    failures = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
+        except (BadImageError, OSError) as exc:
+            failures += 1
+            print(f"{name}\trejected: {exc}")
+            continue
+        result = classify_arrays(pixels[None], models.pneumonia, models.infection)[0]
+        p_virus = "-" if result.p_virus is None else f"{result.p_virus:.3f}"
+        print(f"{name}\t{result.label}\tp_pneumonia={result.p_pneumonia:.3f}\tp_virus={p_virus}")
+    print(DISCLAIMER)
+    return 1 if failures else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "up",
+        help="run watcher, worker(s) and Flower in the foreground (Ctrl-C stops all)",
+        description="Supervise the watcher, inference worker(s) and Flower on this machine: "
+        "starts a private Redis when none answers at CXR_BROKER_URL, creates a brand-new "
+        "database's schema, restarts a child that dies, and stops everything on Ctrl-C.",
+    )
+    p.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    p.add_argument("--polling", action="store_true", help="watcher polls (network filesystems)")
+    p.add_argument("--concurrency", type=int, help="worker processes (CXR_WORKER_CONCURRENCY)")
+    p.set_defaults(func=cmd_up)
+
+    p = subparsers.add_parser(
+        "watch",
+        help="watch the inbox and enqueue every complete file",
+        description="Watch CXR_INBOX (recursively): each complete file is hashed, moved into "
+        "the archive, recorded and enqueued. A periodic reconcile scan catches missed events "
+        "and re-enqueues rows left behind.",
+    )
+    p.add_argument("--polling", action="store_true",
+                   help="use the polling observer (NFS/SMB shares give no inotify events)")
+    p.set_defaults(func=cmd_watch)
+
+    p = subparsers.add_parser(
+        "worker",
+        help="run a Celery inference worker (same as celery -A worker worker)",
+        description="Consume the inference queue: two-stage classification with the "
+        "production models, results written to the database.",
+    )
+    p.add_argument("--concurrency", "-c", type=int,
+                   help="worker processes (default CXR_WORKER_CONCURRENCY)")
+    p.add_argument("--queues", "-Q", help="comma-separated queues (default CXR_QUEUE)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
+                   help="Celery pool (default prefork)")
+    p.set_defaults(func=cmd_worker)
+
+    p = subparsers.add_parser(
+        "classify",
+        help="classify files now with the production models (no queue, nothing recorded)",
+        description="Decode and classify each FILE synchronously with the production models "
+        "and print label, p_pneumonia, p_virus and the model versions.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG or PNG chest X-ray")
+    p.set_defaults(func=cmd_classify)

@@ -1,0 +1,174 @@
+"""The two-stage cascade and the per-process cache of production models.
+
+``classify_arrays`` is batch-shaped: stage 1 runs on the whole batch, stage 2 once on the
+stage-1 positives. ``ModelCache`` loads the production bundles lazily and reloads a stage
+when the registry's production version changes (one small query per task).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from db.models import Label, Stage
+
+log = logging.getLogger(__name__)
+
+PNEUMONIA_CLASS = "PNEUMONIA"
+VIRUS_CLASS = "VIRUS"
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """A production bundle and the registry row it came from."""
+
+    model_id: int
+    version: int
+    bundle: Any  # trainer.bundle.LoadedBundle
+
+    @property
+    def threshold(self) -> float:
+        return float(self.bundle.manifest.threshold)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.bundle.manifest.input_size)
+
+
+@dataclass(frozen=True)
+class Models:
+    pneumonia: StageModel | None
+    infection: StageModel | None
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    label: Label
+    p_pneumonia: float
+    p_virus: float | None
+
+
+def positive_probability(proba: np.ndarray, class_names: list[str], positive: str) -> np.ndarray:
+    """p(positive) from ``predict_proba`` (which gives p(class_names[1])), whatever the order."""
+    names = [name.upper() for name in class_names]
+    if names[1] == positive:
+        return proba
+    if names[0] == positive:
+        return 1.0 - proba
+    raise ValueError(f"model classes {class_names} do not include {positive}")
+
+
+def _decide(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, np.ndarray]:
+    """(p_positive, is_positive) with the manifest's threshold on p(class_names[1])."""
+    manifest = stage.bundle.manifest
+    proba = np.asarray(stage.bundle.predict_proba(batch), dtype=np.float64).reshape(-1)
+    second_is_positive = manifest.class_names[1].upper() == positive
+    is_second = proba >= stage.threshold
+    is_positive = is_second if second_is_positive else ~is_second
+    return positive_probability(proba, manifest.class_names, positive), is_positive
+
+
+def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """Resize (N, S, S, 3) pixels to ``size`` (stage 2 may use another input size)."""
+    if batch.shape[1] == size and batch.shape[2] == size:
+        return batch
+    import tensorflow as tf
+
+    resized = tf.image.resize(tf.cast(batch, tf.float32), (size, size), antialias=True)
+    return np.clip(resized.numpy(), 0, 255)
+
+
+def classify_arrays(
+    batch: np.ndarray, pneumonia: StageModel, infection: StageModel | None
+) -> list[CascadeResult]:
+    """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each."""
+    batch = np.asarray(batch)
+    if batch.ndim != 4:
+        raise ValueError(f"expected (N, S, S, 3) pixels, got shape {batch.shape}")
+    p_pneu, is_pneu = _decide(pneumonia, resize_batch(batch, pneumonia.input_size), PNEUMONIA_CLASS)
+    p_virus: list[float | None] = [None] * len(batch)
+    is_virus = [False] * len(batch)
+    positives = np.flatnonzero(is_pneu)
+    if infection is not None and positives.size:
+        second = resize_batch(batch[positives], infection.input_size)
+        pv, iv = _decide(infection, second, VIRUS_CLASS)
+        for k, i in enumerate(positives):
+            p_virus[i], is_virus[i] = float(pv[k]), bool(iv[k])
+    results = []
+    for i in range(len(batch)):
+        if not is_pneu[i]:
+            label = Label.NORMAL
+        elif infection is None:
+            label = Label.PNEUMONIA
+        else:
+            label = Label.VIRUS if is_virus[i] else Label.BACTERIA
+        results.append(CascadeResult(label, float(p_pneu[i]), p_virus[i]))
+    return results
+
+
+def configure_tensorflow(threads: int | None = None) -> None:
+    """Thread pools sized to this process's share of the cores; GPU memory growth when present.
+
+    Must run before TensorFlow executes anything in this process (later calls are no-ops).
+    """
+    import tensorflow as tf
+
+    threads = threads or int(os.environ.get("CXR_TF_THREADS", "0") or 0)
+    try:
+        if threads > 0:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        log.debug("TensorFlow already initialised; thread and GPU settings left as they are")
+
+
+class ModelCache:
+    """Production models for this process, reloaded when the registry says they changed."""
+
+    def __init__(self, models_dir: Path, loader=None):
+        self.models_dir = Path(models_dir)
+        self._loader = loader
+        self._loaded: dict[str, StageModel] = {}
+        self._lock = threading.Lock()
+        self._configured = False
+
+    def _load(self, row) -> StageModel:
+        if self._loader is None:
+            if not self._configured:
+                configure_tensorflow()
+                self._configured = True
+            from trainer.bundle import load_bundle
+
+            self._loader = load_bundle
+        bundle = self._loader(self.models_dir / row.bundle_path)
+        log.info("loaded model %s", row.name)
+        return StageModel(row.id, row.version, bundle)
+
+    def current(self, session) -> Models:
+        """The production models now; loads only what changed since the last call."""
+        from db import registry
+
+        ids = registry.production_ids(session)
+        with self._lock:
+            for stage in (Stage.PNEUMONIA, Stage.INFECTION):
+                wanted = ids.get(stage.value)
+                have = self._loaded.get(stage.value)
+                if wanted is None:
+                    self._loaded.pop(stage.value, None)
+                elif have is None or have.model_id != wanted:
+                    row = registry.get_production(session, stage.value)
+                    if row is None:
+                        self._loaded.pop(stage.value, None)
+                    else:
+                        self._loaded[stage.value] = self._load(row)
+            return Models(
+                self._loaded.get(Stage.PNEUMONIA.value), self._loaded.get(Stage.INFECTION.value)
+            )

@@ -1,0 +1,245 @@
+"""Taking one complete file out of the inbox: the watcher's only side-effecting step.
+
+Hash, move into the content-addressed archive (``archive/ab/<sha256>.<ext>``), record the row,
+then enqueue and mark it queued. The row is committed before the enqueue, so a broker outage
+leaves rows ``received`` for the reconcile pass; a database outage moves the file back into
+the inbox for the next scan. Nothing taken from the inbox is lost.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from db import images
+from db.models import ImageStatus, Stage
+from db.session import session_scope
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int, str], None]
+RECEIVED_GRACE_SECONDS = 10.0
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class IntakeResult:
+    image_id: int
+    file_name: str
+    status: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def archive_relpath(sha256: str, suffix: str) -> Path:
+    """``archive/ab/<sha256>.<ext>``, relative to the data dir."""
+    ext = suffix.lower().lstrip(".")
+    ext = ext if ext.isalnum() and len(ext) <= 8 else "bin"
+    return Path("archive") / sha256[:2] / f"{sha256}.{ext}"
+
+
+def inbox_name(inbox: Path, path: Path) -> str | None:
+    """The path relative to the inbox, or None when it lies (or its folder resolves) outside."""
+    inbox = inbox.resolve()
+    try:
+        parent = path.parent.resolve()
+        parent.relative_to(inbox)
+    except (OSError, ValueError):
+        return None
+    return (parent / path.name).relative_to(inbox).as_posix()
+
+
+def _private_dirs(root: Path, target_dir: Path) -> None:
+    target_dir.mkdir(parents=True, exist_ok=True)
+    current = target_dir
+    while True:
+        os.chmod(current, 0o700)
+        if current == root or root not in current.parents:
+            break
+        current = current.parent
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Atomic rename; across filesystems copy to a temp name in place, then rename."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        src.unlink()
+
+
+def _enqueue_default() -> Enqueue:
+    from worker.tasks import enqueue
+
+    return enqueue
+
+
+def intake_file(
+    path: Path, settings: Settings, enqueue: Enqueue | None = None
+) -> IntakeResult | None:
+    """Take one complete inbox file; None when there was nothing to take (gone, not a file)."""
+    path = Path(path)
+    name = inbox_name(settings.inbox_dir, path)
+    if name is None:
+        log.warning("ignored a path outside the inbox")
+        return None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return _reject_symlink(path, name, settings)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    sha256 = sha256_file(path)
+    rel = archive_relpath(sha256, path.suffix)
+    data_dir = settings.data_dir.absolute()
+    target = data_dir / rel
+    _private_dirs(settings.archive_dir, target.parent)
+    if target.exists():
+        path.unlink()
+        moved = False
+    else:
+        _move(path, target)
+        moved = True
+    os.chmod(target, 0o600)
+    try:
+        with session_scope(settings.db_url) as session:
+            image = images.record_image(
+                session, sha256=sha256, file_name=name, stored_path=rel.as_posix(),
+                size_bytes=st.st_size,
+            )
+            image_id = image.id
+            status = _link_existing(session, image_id, sha256)
+    except Exception:
+        if moved and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(target, path)
+        raise
+    if status == ImageStatus.DONE:
+        log.info("image %s (%s): same content already classified; linked", image_id, name)
+        return IntakeResult(image_id, name, status)
+    status = send(settings, image_id, name, enqueue)
+    return IntakeResult(image_id, name, status)
+
+
+def _link_existing(session, image_id: int, sha256: str) -> str:
+    """Link to a prediction the current production models already made for this content."""
+    from db import registry
+
+    ids = registry.production_ids(session)
+    pneumonia = ids.get(Stage.PNEUMONIA.value)
+    if pneumonia is None:
+        return ImageStatus.RECEIVED
+    existing = images.find_current_prediction(
+        session, sha256, pneumonia, ids.get(Stage.INFECTION.value)
+    )
+    if existing is None:
+        return ImageStatus.RECEIVED
+    images.link_prediction(session, image_id, existing.id)
+    return ImageStatus.DONE
+
+
+def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
+    """Links are never followed: the link itself goes to rejected/ with a reason."""
+    _private_dirs(settings.rejected_dir, settings.rejected_dir)
+    target = settings.rejected_dir / f"link-{uuid.uuid4().hex[:12]}-{path.name}"
+    os.rename(path, target)
+    reason = "symbolic link; links are not followed (copy the file itself into the inbox)"
+    with session_scope(settings.db_url) as session:
+        image = images.record_image(
+            session, sha256="", file_name=name,
+            stored_path=str(target.relative_to(settings.data_dir.absolute())),
+            size_bytes=None, status=ImageStatus.REJECTED, error=reason,
+        )
+        image_id = image.id
+    log.info("image %s (%s) rejected: symbolic link", image_id, name)
+    return IntakeResult(image_id, name, ImageStatus.REJECTED)
+
+
+def send(settings: Settings, image_id: int, file_name: str, enqueue: Enqueue | None = None) -> str:
+    """Enqueue one recorded image and mark it queued; a broker error leaves it for reconcile."""
+    enqueue = enqueue or _enqueue_default()
+    try:
+        enqueue(image_id, file_name)
+    except Exception as exc:
+        log.warning("image %s (%s): enqueue failed (%s); will retry", image_id, file_name,
+                    type(exc).__name__)
+        return ImageStatus.RECEIVED
+    try:
+        with session_scope(settings.db_url) as session:
+            images.mark_queued(session, image_id)
+    except Exception as exc:  # the job is on its way; the row just still says received
+        log.warning("image %s (%s): could not mark queued (%s)", image_id, file_name,
+                    type(exc).__name__)
+    return ImageStatus.QUEUED
+
+
+def _has_production_model(session) -> bool:
+    from db import registry
+
+    return Stage.PNEUMONIA.value in registry.production_ids(session)
+
+
+def reconcile(
+    settings: Settings,
+    enqueue: Enqueue | None = None,
+    grace_seconds: float = RECEIVED_GRACE_SECONDS,
+    queue_empty: Callable[[], bool] | None = None,
+) -> int:
+    """Enqueue rows left ``received``, ``waiting_model`` rows once a model exists, and
+    ``queued`` rows whose message is gone (queue empty, row older than the visibility timeout).
+
+    ``queue_empty`` defaults to asking the broker when ``enqueue`` is the real one.
+    """
+    if queue_empty is None:
+        queue_empty = _queue_empty_default() if enqueue is None else (lambda: False)
+    try:
+        lost_messages = queue_empty()
+    except Exception as exc:
+        log.warning("could not read the broker queue (%s)", type(exc).__name__)
+        lost_messages = False
+    with session_scope(settings.db_url) as session:
+        rows = images.ids_to_enqueue(
+            session,
+            received_before=images.stale_cutoff(grace_seconds),
+            include_waiting=_has_production_model(session),
+            queued_before=images.stale_cutoff(max(grace_seconds, settings.visibility_timeout))
+            if lost_messages
+            else None,
+        )
+    return sum(send(settings, i, name, enqueue) == ImageStatus.QUEUED for i, name in rows)
+
+
+def _queue_empty_default() -> Callable[[], bool]:
+    from worker.tasks import queue_is_empty
+
+    return queue_is_empty
+
+
+def requeue_waiting(settings: Settings, enqueue: Enqueue | None = None) -> int:
+    """Re-queue ``waiting_model`` images now (``cxr models promote`` calls this)."""
+    with session_scope(settings.db_url) as session:
+        if not _has_production_model(session):
+            return 0
+        rows = images.waiting_ids(session)
+    return sum(send(settings, i, name, enqueue) == ImageStatus.QUEUED for i, name in rows)
