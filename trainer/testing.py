@@ -1,0 +1,134 @@
+"""Tiny real model bundles for tests and demos, whose answer the caller controls by brightness.
+
+The tiny model is ``Preprocess("scale01") -> GlobalAveragePooling2D -> Dense(1, sigmoid)`` with
+fixed weights, so for an image whose mean pixel value (over all pixels and channels) is ``m``
+in 0-255::
+
+    p(class_names[1]) = sigmoid(12 * (m / 255 - 0.5) + bias)
+
+With ``bias=0``: black (0) gives p ~ 0.0025, mid grey (127.5) gives 0.5, white (255) gives
+p ~ 0.9975. So bright images are PNEUMONIA (stage "pneumonia") or VIRUS (stage "infection"),
+dark ones NORMAL or BACTERIA. ``bias`` shifts every probability (positive -> higher p).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from trainer.bundle import Manifest, bundle_sha256, save_bundle
+
+CLASS_NAMES: dict[str, list[str]] = {
+    "pneumonia": ["NORMAL", "PNEUMONIA"],
+    "infection": ["BACTERIA", "VIRUS"],
+}
+BRIGHTNESS_GAIN = 12.0
+
+
+def tiny_probability(mean_pixel: float, bias: float = 0.0) -> float:
+    """The probability the tiny model gives an image with this mean pixel value (0-255)."""
+    return 1.0 / (1.0 + math.exp(-(BRIGHTNESS_GAIN * (mean_pixel / 255.0 - 0.5) + bias)))
+
+
+def limit_tf_threads(n: int = 1) -> None:
+    """Cap TensorFlow's thread pools (tests share few cores); a no-op once TF has started."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:
+        pass
+
+
+def build_tiny_model(input_size: int = 32, bias: float = 0.0):
+    """The brightness model described in the module docstring (raw RGB 0-255 in)."""
+    import keras
+
+    from trainer.preprocessing import Preprocess
+
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = Preprocess("scale01", name="preprocess")(inputs)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    dense = keras.layers.Dense(1, activation="sigmoid", name="head")
+    outputs = dense(x)
+    per_channel = BRIGHTNESS_GAIN / 3.0
+    dense.set_weights(
+        [
+            np.full((3, 1), per_channel, dtype=np.float32),
+            np.array([bias - BRIGHTNESS_GAIN / 2.0], dtype=np.float32),
+        ]
+    )
+    return keras.Model(inputs, outputs, name="tiny_brightness")
+
+
+def tiny_manifest(
+    stage: str, version: int, input_size: int = 32, threshold: float = 0.5, **extra
+) -> Manifest:
+    """A manifest for the tiny model; ``extra`` overrides fields (e.g. metrics)."""
+    values = dict(
+        stage=stage,
+        version=version,
+        class_names=list(CLASS_NAMES[stage]),
+        input_size=input_size,
+        threshold=threshold,
+        backbone="tiny",
+        preprocessing="scale01",
+        preprocessing_in_model=True,
+        output="sigmoid",
+        synthetic=True,
+        params={"tiny": True},
+    )
+    values.update(extra)
+    return Manifest(**values)
+
+
+def make_tiny_bundle(
+    models_dir: Path,
+    stage: str,
+    version: int,
+    input_size: int = 32,
+    threshold: float = 0.5,
+    bias: float = 0.0,
+) -> Path:
+    """Write a real tiny bundle at ``models_dir/<stage>/v<version>``; returns that folder."""
+    model = build_tiny_model(input_size, bias)
+    manifest = tiny_manifest(
+        stage, version, input_size, threshold, params={"tiny": True, "bias": bias}
+    )
+    return save_bundle(model, manifest, Path(models_dir) / stage / f"v{version}")
+
+
+def register_tiny_bundle(
+    db_url: str,
+    models_dir: Path,
+    stage: str,
+    promote: bool = True,
+    input_size: int = 32,
+    threshold: float = 0.5,
+    bias: float = 0.0,
+) -> int:
+    """Register a tiny bundle in the model registry (optionally promoted); returns its version."""
+    from db import registry
+    from db.session import session_scope
+
+    with session_scope(db_url) as session:
+        mv = registry.register_version(
+            session,
+            stage=stage,
+            backbone="tiny",
+            metrics={},
+            params={"tiny": True, "bias": bias},
+            code_version="test",
+        )
+        model = build_tiny_model(input_size, bias)
+        manifest = tiny_manifest(
+            stage, mv.version, input_size, threshold, params={"tiny": True, "bias": bias}
+        )
+        directory = save_bundle(model, manifest, Path(models_dir) / mv.bundle_path)
+        mv.bundle_sha256 = bundle_sha256(directory)
+        if promote:
+            registry.promote(session, stage, mv.version)
+        return mv.version
