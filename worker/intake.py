@@ -110,17 +110,19 @@ def intake_file(
         return _reject_symlink(path, name, settings)
     if not stat.S_ISREG(st.st_mode):
         return None
-    sha256 = sha256_file(path)
+    try:
+        sha256 = sha256_file(path)
+    except PermissionError:
+        return _reject_unreadable(path, name, settings)
+    except FileNotFoundError:
+        return None
     rel = archive_relpath(sha256, path.suffix)
     data_dir = settings.data_dir.absolute()
     target = data_dir / rel
     _private_dirs(settings.archive_dir, target.parent)
-    if target.exists():
-        path.unlink()
-        moved = False
-    else:
+    twin_archived = target.exists()
+    if not twin_archived:
         _move(path, target)
-        moved = True
     os.chmod(target, 0o600)
     try:
         with session_scope(settings.db_url) as session:
@@ -131,10 +133,12 @@ def intake_file(
             image_id = image.id
             status = _link_existing(session, image_id, sha256)
     except Exception:
-        if moved and not path.exists():
+        if not path.exists():  # give the file back to the inbox for the next scan
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target, path)
         raise
+    if twin_archived:
+        path.unlink(missing_ok=True)  # only now: the row that points at the twin is committed
     if status == ImageStatus.DONE:
         log.info("image %s (%s): same content already classified; linked", image_id, name)
         return IntakeResult(image_id, name, status)
@@ -173,6 +177,24 @@ def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
         )
         image_id = image.id
     log.info("image %s (%s) rejected: symbolic link", image_id, name)
+    return IntakeResult(image_id, name, ImageStatus.REJECTED)
+
+
+def _reject_unreadable(path: Path, name: str, settings: Settings) -> IntakeResult:
+    """A file the service may not read gets a row and goes to rejected/ (a rename needs no
+    read permission), instead of failing on every scan."""
+    _private_dirs(settings.rejected_dir, settings.rejected_dir)
+    target = settings.rejected_dir / f"unreadable-{uuid.uuid4().hex[:12]}-{path.name}"
+    os.rename(path, target)
+    reason = "permission denied (the service cannot read the file)"
+    with session_scope(settings.db_url) as session:
+        image = images.record_image(
+            session, sha256="", file_name=name,
+            stored_path=str(target.relative_to(settings.data_dir.absolute())),
+            size_bytes=None, status=ImageStatus.REJECTED, error=reason,
+        )
+        image_id = image.id
+    log.info("image %s (%s) rejected: cannot be read", image_id, name)
     return IntakeResult(image_id, name, ImageStatus.REJECTED)
 
 
