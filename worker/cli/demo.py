@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -51,19 +52,24 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
     print(BANNER, flush=True)
     started = time.monotonic()
+    if not settings.flower_basic_auth:
+        password = secrets.token_urlsafe(9)
+        settings = settings.model_copy(update={"flower_basic_auth": f"demo:{password}"})
     settings.ensure_dirs()
     upgrade(settings.db_url)
     if not (args.reuse_models and _has_production_models(settings)):
         data = _synthetic_dataset(settings, args.n)
         _train_both(settings, data, args)
-    print(f"\n[{_elapsed(started)}] starting the stack (cxr up)", flush=True)
-    stack = _start_stack(settings)
+    log_path = settings.data_dir.absolute() / "logs" / "demo-stack.log"
+    print(f"\n[{_elapsed(started)}] starting the stack (cxr up); its log: {log_path}", flush=True)
+    stack = _start_stack(settings, log_path)
     try:
         names = _drop_images(settings, args.images)
         print(f"[{_elapsed(started)}] copied {len(names)} held-out images into "
               f"{settings.inbox_dir}", flush=True)
         rows = _wait_for_results(settings, names, stack, args.timeout)
         _report(settings, rows, names)
+        _report_flower(settings, set(names))
     finally:
         if args.keep_running:
             print(f"\nthe stack keeps running (cxr up, pid {stack.pid}); stop it with "
@@ -111,11 +117,15 @@ def _train_both(settings: Settings, data: Path, args: argparse.Namespace) -> Non
     train_args.func(train_args, settings)
 
 
-def _start_stack(settings: Settings) -> subprocess.Popen:
+def _start_stack(settings: Settings, log_path: Path) -> subprocess.Popen:
     from worker.supervisor import CXR_COMMAND, child_env
 
-    return subprocess.Popen([*CXR_COMMAND, "up"], env=child_env(settings),
-                            start_new_session=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = child_env(settings)
+    env["CXR_FLOWER_BASIC_AUTH"] = settings.flower_basic_auth or ""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([*CXR_COMMAND, "up"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _stop_stack(stack: subprocess.Popen) -> None:
@@ -162,7 +172,7 @@ def _wait_for_results(
             if len(finished) == len(names):
                 return finished
             if stack.poll() is not None:
-                raise SystemExit(f"cxr up exited with code {stack.returncode}; see its output")
+                raise SystemExit(f"cxr up exited with code {stack.returncode}; see its log")
             if time.monotonic() > deadline:
                 bar.close()
                 print(f"timed out: {len(finished)} of {len(names)} finished", file=sys.stderr)
@@ -187,5 +197,35 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
         print(f"database: {url.database}  (try: sqlite3 {url.database} 'select * from results')")
     else:
         print(f"database: {url.render_as_string(hide_password=True)} (view: results)")
-    print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ "
-          "(while the stack runs)")
+    user, _, password = (settings.flower_basic_auth or "").partition(":")
+    print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ while the stack "
+          f"runs (user {user!r}, password {password!r})")
+
+
+def _report_flower(settings: Settings, names: set[str], timeout: float = 10.0) -> None:
+    """Read Flower's API once: the demo's tasks should be there, under their readable name."""
+    import base64
+    import json
+    import urllib.request
+
+    url = f"http://{settings.flower_address}:{settings.flower_port}/api/tasks?limit=100000"
+    request = urllib.request.Request(url)
+    if settings.flower_basic_auth:
+        token = base64.b64encode(settings.flower_basic_auth.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    deadline = time.monotonic() + timeout
+    seen: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                tasks = json.load(response).values()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        seen = [t for t in tasks if any(repr(n) in (t.get("args") or "") for n in names)]
+        if len({t.get("args") for t in seen}) >= len(names):
+            break
+        time.sleep(0.5)
+    states = Counter(t.get("state") for t in seen)
+    summary = ", ".join(f"{k} {v}" for k, v in sorted(states.items(), key=str)) or "none"
+    print(f"Flower saw {len(seen)} cxr.classify_image task(s) for the demo images ({summary})")

@@ -1,0 +1,52 @@
+"""`cxr demo` end to end at a tiny size: the README's first command, shrunk for CI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import redis
+
+DEMO_REDIS_DB = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_trains_serves_and_reports_every_image(tmp_path):
+    broker = f"redis://127.0.0.1:6379/{DEMO_REDIS_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        **os.environ,
+        "CXR_DATA_DIR": str(tmp_path / "var"),
+        "CXR_BROKER_URL": broker,
+        "CXR_FLOWER_PORT": str(_free_port()),
+        "CXR_RESCAN_SECONDS": "5",
+    }
+    env.pop("CXR_DATABASE_URL", None)
+    cmd = [sys.executable, "-m", "worker.cli", "demo", "--n", "300", "--images", "6",
+           "--img-size", "32", "--epochs", "2", "--timeout", "180"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
+    assert "SYNTHETIC" in out and "NOT for clinical use" in out
+    assert "registered" in proc.stderr or "production" in out
+    assert "Flower saw 6 cxr.classify_image task(s)" in out
+    with sqlite3.connect(tmp_path / "var" / "cxr.db") as db:
+        rows = db.execute("select status, label, pneumonia_model from results").fetchall()
+    assert len(rows) == 6
+    assert all(status == "done" and label in ("NORMAL", "BACTERIA", "VIRUS")
+               for status, label, _ in rows), rows
+    assert {model for *_, model in rows} == {1}
+    assert not (tmp_path / "var" / "inbox").exists() or not any(
+        p.is_file() for p in (tmp_path / "var" / "inbox").rglob("*"))
+    redis.Redis.from_url(broker).flushdb()
