@@ -13,7 +13,7 @@ from trainer import data
 from worker.exceptions import DatasetError
 
 
-def _jpeg(path: Path, value: int = 128, size: int = 24, mode: str = "L") -> None:
+def _jpeg(path: Path, value: int = 128, size: int = 40, mode: str = "L") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new(mode, (size, size + 4), value if mode == "L" else (value,) * 3).save(path)
 
@@ -165,7 +165,7 @@ def test_pipeline_decodes_grey_and_rgb_to_raw_pixels(tmp_path):
 
     grey, rgb = tmp_path / "g.png", tmp_path / "c.jpeg"
     _jpeg(grey, 200, size=40)
-    _jpeg(rgb, 50, size=20, mode="RGB")
+    _jpeg(rgb, 50, size=40, mode="RGB")
     images = load_images([grey, rgb], 16)
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
     assert np.allclose(images[0], 200, atol=1)
@@ -180,3 +180,12 @@ def test_pipeline_decodes_grey_and_rgb_to_raw_pixels(tmp_path):
     assert float(np.max(x)) > 1.5  # raw 0-255 pixels, not rescaled
     labels = sorted(float(v) for _, yb in batches for v in np.ravel(yb))
     assert labels == [0.0] * 4 + [1.0] * 4
+
+
+def test_pipeline_names_an_undecodable_training_file(tmp_path):
+    from trainer.pipeline import load_images
+
+    bad = tmp_path / "person1_virus_1.jpeg"
+    bad.write_text("<html>not an x-ray</html>")
+    with pytest.raises(Exception, match=r"person1_virus_1\.jpeg: not an image"):
+        load_images([bad], 16)

@@ -14,7 +14,8 @@ import keras  # noqa: E402
 from db import registry  # noqa: E402
 from db.session import session_scope  # noqa: E402
 from trainer.bundle import bundle_sha256, load_bundle  # noqa: E402
-from trainer.importer import ImportModelError, file_sha256, import_model  # noqa: E402
+from trainer.data import file_sha256  # noqa: E402
+from trainer.importer import ImportModelError, import_model  # noqa: E402
 
 SIZE = 16
 

@@ -174,7 +174,7 @@ def class_weights(labels: list[int]) -> dict[int, float]:
     return {c: n / (2.0 * counts[c]) for c in (0, 1)}
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -189,7 +189,7 @@ def dataset_fingerprint(records: list[Record], root: Path | str) -> str:
     for rel, path in sorted((r.path.relative_to(root).as_posix(), r.path) for r in records):
         h.update(rel.encode())
         h.update(b"\0")
-        h.update(_file_sha256(path).encode())
+        h.update(file_sha256(path).encode())
         h.update(b"\n")
     return h.hexdigest()
 

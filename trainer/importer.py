@@ -7,7 +7,6 @@ a ``Lambda`` (arbitrary code) is refused.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.bundle import Manifest, bundle_sha256, load_bundle, save_bundle
+from trainer.data import file_sha256
 from worker.exceptions import CxrError
 
 log = logging.getLogger(__name__)
@@ -25,14 +25,6 @@ DEFAULT_CLASS_NAMES = {"pneumonia": ["NORMAL", "PNEUMONIA"], "infection": ["BACT
 
 class ImportModelError(CxrError):
     """The model file cannot be imported as declared (the message says why)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_external_model(src: Path):

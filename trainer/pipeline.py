@@ -16,11 +16,29 @@ import tensorflow as tf
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+TRAIN_MAX_PIXELS = 200_000_000
+
+
+def _decode_file(path: bytes, img_size: np.ndarray) -> np.ndarray:
+    from worker.decode import decode_image
+    from worker.exceptions import BadImageError, DatasetError
+
+    try:
+        return decode_image(Path(path.decode()), int(img_size), TRAIN_MAX_PIXELS)
+    except BadImageError as exc:
+        raise DatasetError(f"{path.decode()}: {exc}") from None
+
+
 def decode_resize(path: tf.Tensor, img_size: int) -> tf.Tensor:
-    """File bytes -> (img_size, img_size, 3) float32 in 0-255; greyscale is expanded to RGB."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32), (img_size, img_size), antialias=True)
-    return tf.clip_by_value(image, 0.0, 255.0)
+    """File path -> (img_size, img_size, 3) uint8, decoded by the worker's own decoder.
+
+    Training and serving share ``worker.decode`` (grey replicated to RGB, EXIF orientation,
+    16-bit and palette handling, the same resize), so a model never meets pixels at serving
+    time that were prepared differently from those it was trained on.
+    """
+    image = tf.numpy_function(_decode_file, [path, img_size], tf.uint8, stateful=False)
+    image.set_shape((img_size, img_size, 3))
+    return image
 
 
 def make_augmenter(seed: int = 0, *, flip: bool = False) -> keras.Sequential:
@@ -49,7 +67,7 @@ def decoded_dataset(
         ([str(p) for p in paths], np.asarray(labels, dtype=np.float32).reshape(-1, 1))
     )
     ds = ds.map(
-        lambda p, y: (tf.cast(tf.round(decode_resize(p, img_size)), tf.uint8), y),
+        lambda p, y: (decode_resize(p, img_size), y),
         num_parallel_calls=AUTOTUNE,
     )
     if cache:

@@ -165,28 +165,27 @@ def _link_existing(session, image_id: int, sha256: str) -> str:
 
 def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
     """Links are never followed: the link itself goes to rejected/ with a reason."""
-    _private_dirs(settings.rejected_dir, settings.rejected_dir)
-    target = settings.rejected_dir / f"link-{uuid.uuid4().hex[:12]}-{path.name}"
-    os.rename(path, target)
-    reason = "symbolic link; links are not followed (copy the file itself into the inbox)"
-    with session_scope(settings.db_url) as session:
-        image = images.record_image(
-            session, sha256="", file_name=name,
-            stored_path=str(target.relative_to(settings.data_dir.absolute())),
-            size_bytes=None, status=ImageStatus.REJECTED, error=reason,
-        )
-        image_id = image.id
-    log.info("image %s (%s) rejected: symbolic link", image_id, name)
-    return IntakeResult(image_id, name, ImageStatus.REJECTED)
+    return _reject_unopened(
+        path, name, settings, "link",
+        "symbolic link; links are not followed (copy the file itself into the inbox)",
+    )
 
 
 def _reject_unreadable(path: Path, name: str, settings: Settings) -> IntakeResult:
-    """A file the service may not read gets a row and goes to rejected/ (a rename needs no
-    read permission), instead of failing on every scan."""
+    """A file the service may not read gets a row instead of failing on every scan."""
+    return _reject_unopened(
+        path, name, settings, "unreadable",
+        "permission denied (the service cannot read the file)",
+    )
+
+
+def _reject_unopened(
+    path: Path, name: str, settings: Settings, prefix: str, reason: str
+) -> IntakeResult:
+    """Move a file we will not read to rejected/ (a rename needs no read permission), record why."""
     _private_dirs(settings.rejected_dir, settings.rejected_dir)
-    target = settings.rejected_dir / f"unreadable-{uuid.uuid4().hex[:12]}-{path.name}"
+    target = settings.rejected_dir / f"{prefix}-{uuid.uuid4().hex[:12]}-{path.name}"
     os.rename(path, target)
-    reason = "permission denied (the service cannot read the file)"
     with session_scope(settings.db_url) as session:
         image = images.record_image(
             session, sha256="", file_name=name,
@@ -194,7 +193,7 @@ def _reject_unreadable(path: Path, name: str, settings: Settings) -> IntakeResul
             size_bytes=None, status=ImageStatus.REJECTED, error=reason,
         )
         image_id = image.id
-    log.info("image %s (%s) rejected: cannot be read", image_id, name)
+    log.info("image %s (%s) rejected: %s", image_id, name, reason.split(";")[0])
     return IntakeResult(image_id, name, ImageStatus.REJECTED)
 
 
