@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, ImageStatus, Label, Prediction, utcnow
@@ -258,3 +258,101 @@ def waiting_ids(session: Session) -> list[tuple[int, str]]:
 
 def stale_cutoff(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
+
+
+# --- batch claims (the worker classifies waiting images in batches) ---------------------------
+
+HELD = "held"
+"""``claim_free``'s answer when the row is ``processing``: someone holds it (alive or dead)."""
+
+_FREE_STATUSES = (ImageStatus.RECEIVED, ImageStatus.QUEUED, ImageStatus.WAITING_MODEL)
+
+
+def _claim_columns():
+    return (Image.id, Image.sha256, Image.file_name, Image.stored_path, Image.attempts)
+
+
+def _as_claim(row) -> Claim:
+    return Claim(row.id, row.sha256, row.file_name, row.stored_path, row.attempts, False)
+
+
+def status_of(session: Session, image_id: int) -> str | None:
+    """The row's status (None when unknown): one cheap read, e.g. for a redelivered no-op."""
+    return session.scalar(select(Image.status).where(Image.id == image_id))
+
+
+def claim_free(session: Session, image_id: int, max_attempts: int) -> Claim | str | None:
+    """Claim an image nobody holds, in one conditional UPDATE (race-free on both backends).
+
+    Returns the Claim; ``HELD`` when the row is ``processing`` (another delivery's batch has
+    it, or had it and died: the caller decides when to take it over with ``claim``); None when
+    unknown or final; a ``gave_up`` Claim past ``max_attempts`` (via ``claim``).
+    """
+    row = session.execute(
+        update(Image)
+        .where(
+            Image.id == image_id,
+            Image.status.in_(_FREE_STATUSES),
+            func.coalesce(Image.attempts, 0) < max_attempts,
+        )
+        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1)
+        .returning(*_claim_columns())
+        .execution_options(synchronize_session=False)
+    ).first()
+    if row is not None:
+        return _as_claim(row)
+    if status_of(session, image_id) == ImageStatus.PROCESSING:
+        return HELD
+    return claim(session, image_id, max_attempts)
+
+
+def claim_queued(session: Session, limit: int, exclude: Iterable[int] = ()) -> list[Claim]:
+    """Claim up to ``limit`` other ``queued`` images never tried before, oldest first.
+
+    Pick the ids, then ``UPDATE ... WHERE id IN (...) AND status = 'queued'`` counting the
+    attempt: only rows still queued are taken, whoever ran first. On PostgreSQL the pick is
+    ``FOR UPDATE SKIP LOCKED``, so concurrent workers take disjoint rows without waiting (as a
+    separate statement: inside the UPDATE the planner may re-run it and exceed the limit);
+    SQLite has a single writer. Rows already tried (attempts > 0) are left to their own task,
+    which runs them alone: an image that crashed a worker never takes a batch of others down
+    with it twice.
+    """
+    if limit <= 0:
+        return []
+    pick = (
+        select(Image.id)
+        .where(
+            Image.status == ImageStatus.QUEUED,
+            func.coalesce(Image.attempts, 0) == 0,
+            Image.id.not_in(list(exclude)),
+        )
+        .order_by(Image.id)
+        .limit(limit)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    ids = list(session.scalars(pick))
+    if not ids:
+        return []
+    rows = session.execute(
+        update(Image)
+        .where(Image.id.in_(ids), Image.status == ImageStatus.QUEUED)
+        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1)
+        .returning(*_claim_columns())
+        .execution_options(synchronize_session=False)
+    ).all()
+    return sorted((_as_claim(row) for row in rows), key=lambda c: c.image_id)
+
+
+def release(session: Session, image_ids: Iterable[int]) -> int:
+    """Hand batch-claimed rows back (processing -> queued) after a batch failed; attempts stay."""
+    ids = list(image_ids)
+    if not ids:
+        return 0
+    result = session.execute(
+        update(Image)
+        .where(Image.id.in_(ids), Image.status == ImageStatus.PROCESSING)
+        .values(status=ImageStatus.QUEUED)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount

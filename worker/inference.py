@@ -1,8 +1,9 @@
 """The two-stage cascade and the per-process cache of production models.
 
 ``classify_arrays`` is batch-shaped: stage 1 runs on the whole batch, stage 2 once on the
-stage-1 positives. ``ModelCache`` loads the production bundles lazily and reloads a stage
-when the registry's production version changes (one small query per task).
+stage-1 positives, each in power-of-two chunks so only a few input shapes ever occur.
+``ModelCache`` loads the production bundles lazily (warming those shapes up) and reloads a
+stage when the registry's production version changes (one small query per batch).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from db.models import Label, Stage
 
 log = logging.getLogger(__name__)
 
+WARM_UP_BUDGET_S = 10.0
 PNEUMONIA_CLASS = "PNEUMONIA"
 VIRUS_CLASS = "VIRUS"
 
@@ -64,10 +67,44 @@ def positive_probability(proba: np.ndarray, class_names: list[str], positive: st
     raise ValueError(f"model classes {class_names} do not include {positive}")
 
 
+def bucket_sizes(n: int) -> list[int]:
+    """``n`` as descending powers of two (13 -> [8, 4, 1]).
+
+    The CPU kernels (oneDNN) are built once per input shape and the first call at a new batch
+    size costs about as much as a whole batch, so every forward pass uses one of a few sizes,
+    all warmed up when the model loads (``warm_up``), and no image is padded.
+    """
+    return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
+
+
+def predict_in_buckets(bundle, batch: np.ndarray) -> np.ndarray:
+    """``bundle.predict_proba`` over power-of-two chunks of ``batch``, in order."""
+    if len(batch) <= 1:
+        return np.asarray(bundle.predict_proba(batch)).reshape(-1)
+    out, start = [], 0
+    for size in bucket_sizes(len(batch)):
+        out.append(np.asarray(bundle.predict_proba(batch[start:start + size])).reshape(-1))
+        start += size
+    return np.concatenate(out)
+
+
+def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S) -> list[int]:
+    """Run the bucket sizes up to ``max_batch`` once, smallest first, until ``budget_s`` is
+    spent (a slow model is not held back for minutes); returns the sizes warmed."""
+    size = int(bundle.manifest.input_size)
+    started = time.perf_counter()
+    warmed, n = [], 1
+    while n <= max(1, max_batch) and time.perf_counter() - started < budget_s:
+        bundle.predict_proba(np.zeros((n, size, size, 3), dtype=np.float32))
+        warmed.append(n)
+        n *= 2
+    return warmed
+
+
 def _decide(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, np.ndarray]:
     """(p_positive, is_positive) with the manifest's threshold on p(class_names[1])."""
     manifest = stage.bundle.manifest
-    proba = np.asarray(stage.bundle.predict_proba(batch), dtype=np.float64).reshape(-1)
+    proba = np.asarray(predict_in_buckets(stage.bundle, batch), dtype=np.float64).reshape(-1)
     second_is_positive = manifest.class_names[1].upper() == positive
     is_second = proba >= stage.threshold
     is_positive = is_second if second_is_positive else ~is_second
@@ -133,9 +170,10 @@ def configure_tensorflow(threads: int | None = None) -> None:
 class ModelCache:
     """Production models for this process, reloaded when the registry says they changed."""
 
-    def __init__(self, models_dir: Path, loader=None):
+    def __init__(self, models_dir: Path, loader=None, warm_batch: int = 0):
         self.models_dir = Path(models_dir)
         self._loader = loader
+        self.warm_batch = warm_batch
         self._loaded: dict[str, StageModel] = {}
         self._lock = threading.Lock()
         self._configured = False
@@ -150,6 +188,11 @@ class ModelCache:
             self._loader = load_bundle
         bundle = self._loader(self.models_dir / row.bundle_path)
         log.info("loaded model %s", row.name)
+        if self.warm_batch > 0:
+            started = time.perf_counter()
+            sizes = warm_up(bundle, self.warm_batch)
+            log.info("warmed up model %s for batch sizes %s in %.1f s", row.name, sizes,
+                     time.perf_counter() - started)
         return StageModel(row.id, row.version, bundle)
 
     def current(self, session) -> Models:

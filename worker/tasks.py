@@ -1,8 +1,16 @@
-"""The Celery task: classify one received image by id, idempotently.
+"""The Celery task: classify a received image by id, idempotently, in a batch when others wait.
 
 ``process_image`` holds the logic (callable without Celery, e.g. from tests); the task wraps
-it with retries. A delivery is counted in the database before inference, so an image that
-keeps killing its worker ends ``failed`` instead of looping.
+it with retries. A delivery claims its own image plus up to ``batch_size - 1`` other
+``queued`` images (one conditional UPDATE, attempts counted, committed before inference, so
+an image that keeps killing its worker ends ``failed`` instead of looping), decodes them in
+threads, runs one forward pass per stage and writes every row in one transaction. The other
+images' own tasks then find their rows final and do nothing: Flower still shows one task per
+image, and each task still takes only an image id.
+
+A row found ``processing`` is held by another delivery, alive (its batch) or dead (a crash).
+Its own task first does other useful work (a batch of queued images), then takes the row
+over; the prediction upsert keeps one row per content and models even if both finish.
 """
 
 from __future__ import annotations
@@ -13,15 +21,20 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from db import images
+from db.images import FINAL_STATUSES, HELD, Claim
 from db.models import Stage
 from db.session import session_scope
-from worker.celery_app import CLASSIFY_TASK, app, settings
+from worker.celery_app import CLASSIFY_TASK, THREADS_ENV, app, settings
 from worker.exceptions import BadImageError
 from worker.inference import ModelCache, classify_arrays
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
+
+FILL_POLL_SECONDS = 0.005
 
 _cache: ModelCache | None = None
 
@@ -30,7 +43,7 @@ def model_cache() -> ModelCache:
     """This process's model cache, created on first use (after fork)."""
     global _cache
     if _cache is None:
-        _cache = ModelCache(settings.models_path)
+        _cache = ModelCache(settings.models_path, warm_batch=settings.batch_size)
     return _cache
 
 
@@ -75,92 +88,185 @@ def reject_file(settings: Settings, path: Path) -> str:
     return str(target.relative_to(settings.data_dir.absolute()))
 
 
-def process_image(image_id: int, settings: Settings, cache: ModelCache) -> str:
-    """Classify one image; returns the final or parked status. Safe to run twice.
+def decode_threads() -> int:
+    """Decode threads: this process's share of the cores (Pillow releases the GIL)."""
+    share = int(os.environ.get(THREADS_ENV, "0") or 0)
+    return max(1, share or (os.cpu_count() or 1))
+
+
+def process_image(
+    image_id: int, settings: Settings, cache: ModelCache, batch_size: int = 1
+) -> str:
+    """Classify image ``image_id`` and, when ``batch_size`` > 1, up to ``batch_size - 1`` other
+    queued images with it. Returns this image's final or parked status. Safe to run twice.
 
     The delivery is claimed (and counted) before any model is loaded, so a message waiting
-    while a model loads is never mistaken for a lost one.
+    while a model loads is never mistaken for a lost one. A redelivered image (attempts > 1)
+    runs alone, so an image that crashes the worker fails by itself.
     """
     from db import registry
-    from worker.decode import decode_image
 
     url = settings.db_url
     with session_scope(url) as session:
+        if images.status_of(session, image_id) in (*FINAL_STATUSES, None):
+            log.debug("image %s already final; delivery ignored", image_id)
+            return "noop"
         if Stage.PNEUMONIA.value not in registry.production_ids(session):
             parked = images.mark_waiting_model(session, image_id)
             if parked:
                 log.info("image %s waits for a production pneumonia model", image_id)
             return "waiting_model" if parked else "noop"
     with session_scope(url) as session:
-        claim = images.claim(session, image_id, settings.max_attempts)
-    if claim is None:
+        own = images.claim_free(session, image_id, settings.max_attempts)
+    if own == HELD:
+        if batch_size > 1:
+            _run_others(settings, cache, batch_size)
+        with session_scope(url) as session:
+            own = images.claim(session, image_id, settings.max_attempts)
+    if own is None:
         log.info("image %s already final; redelivery ignored", image_id)
         return "noop"
-    if claim.gave_up:
-        log.warning("image %s (%s) failed after %s attempts", image_id, claim.file_name,
+    if own.gave_up:
+        log.warning("image %s (%s) failed after %s attempts", image_id, own.file_name,
                     settings.max_attempts)
         return "failed"
+    claims = [own]
+    if batch_size > 1 and own.attempts <= 1:
+        claims += fill_batch(settings, batch_size - 1, exclude=[own.image_id])
     try:
-        with session_scope(url) as session:
-            models = cache.current(session)
-        if models.pneumonia is None:  # demoted in the last milliseconds
-            with session_scope(url) as session:
-                images.mark_waiting_model(session, image_id)
-            return "waiting_model"
-        return _classify_claimed(claim, models, settings, decode_image)
+        return run_batch(claims, settings, cache, own_id=image_id)[image_id]
     except Exception as exc:
-        if claim.attempts >= settings.max_attempts:
+        if own.attempts >= settings.max_attempts:
             with session_scope(url) as session:
                 images.mark_failed(session, image_id, f"{type(exc).__name__}: {exc}"[:500])
-            log.exception("image %s (%s) failed", image_id, claim.file_name)
+            log.exception("image %s (%s) failed", image_id, own.file_name)
             return "failed"
         raise
 
 
-def _classify_claimed(claim: images.Claim, models, settings: Settings, decode_image) -> str:
-    url = settings.db_url
-    path = stored_file(settings, claim.stored_path)
-    if path is None:
-        with session_scope(url) as session:
-            images.mark_rejected(session, claim.image_id, "archived file is missing")
-        log.warning("image %s (%s) rejected: archived file missing", claim.image_id,
-                    claim.file_name)
-        return "rejected"
+def fill_batch(settings: Settings, room: int, exclude: list[int]) -> list[Claim]:
+    """Claim queued images until ``room`` are claimed or no new one came for ``batch_wait_ms``.
+
+    The wait restarts whenever images arrive, so a burst still being taken from the inbox
+    fills the batch, while a lone image waits ``batch_wait_ms`` once.
+    """
+    wait = settings.batch_wait_ms / 1000.0
+    deadline = time.monotonic() + wait
+    claimed: list[Claim] = []
+    while True:
+        with session_scope(settings.db_url) as session:
+            new = images.claim_queued(
+                session, room - len(claimed), [*exclude, *(c.image_id for c in claimed)]
+            )
+        claimed += new
+        now = time.monotonic()
+        if new:
+            deadline = now + wait
+        if len(claimed) >= room or now >= deadline:
+            return claimed
+        time.sleep(FILL_POLL_SECONDS)
+
+
+def _run_others(settings: Settings, cache: ModelCache, batch_size: int) -> None:
+    """Useful work while another delivery holds this task's image: a batch of queued ones."""
+    with session_scope(settings.db_url) as session:
+        others = images.claim_queued(session, batch_size)
+    if others:
+        run_batch(others, settings, cache)
+
+
+def run_batch(
+    claims: list[Claim], settings: Settings, cache: ModelCache, own_id: int | None = None
+) -> dict[int, str]:
+    """Classify claimed images together; returns image id -> status.
+
+    On an error every claimed row but ``own_id`` is handed back to the queue (attempt counted)
+    and the error propagates for ``own_id``'s task to retry.
+    """
     try:
-        pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
-    except BadImageError as exc:
-        stored = reject_file(settings, path)
-        with session_scope(url) as session:
-            images.mark_rejected(session, claim.image_id, str(exc), stored_path=stored)
-        log.info("image %s (%s) rejected: %s", claim.image_id, claim.file_name, exc)
-        return "rejected"
-    started = time.perf_counter()
-    result = classify_arrays(pixels[None], models.pneumonia, models.infection)[0]
-    elapsed_ms = (time.perf_counter() - started) * 1000.0
-    infection = models.infection if result.p_virus is not None else None
+        return _classify_claimed(claims, settings, cache)
+    except Exception:
+        try:
+            with session_scope(settings.db_url) as session:
+                images.release(session, [c.image_id for c in claims if c.image_id != own_id])
+        except Exception as exc:  # their own tasks take them over later
+            log.warning("could not hand back a failed batch (%s)", type(exc).__name__)
+        raise
+
+
+def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache) -> dict[int, str]:
+    from worker.decode import decode_many
+
+    url = settings.db_url
     with session_scope(url) as session:
-        prediction = images.save_prediction(
-            session,
-            sha256=claim.sha256,
-            pneumonia_model_id=models.pneumonia.model_id,
-            infection_model_id=infection.model_id if infection else None,
-            p_pneumonia=result.p_pneumonia,
-            p_virus=result.p_virus,
-            label=result.label,
-            threshold=models.pneumonia.threshold,
-            infection_threshold=infection.threshold if infection else None,
-            inference_ms=elapsed_ms,
-        )
-        images.link_prediction(session, claim.image_id, prediction.id)
-    log.info("image %s (%s): %s", claim.image_id, claim.file_name, result.label)
-    return "done"
+        models = cache.current(session)
+    outcome: dict[int, str] = {}
+    if models.pneumonia is None:  # demoted in the last milliseconds
+        with session_scope(url) as session:
+            for c in claims:
+                images.mark_waiting_model(session, c.image_id)
+        return dict.fromkeys((c.image_id for c in claims), "waiting_model")
+    started = time.perf_counter()
+    paths = {c.image_id: stored_file(settings, c.stored_path) for c in claims}
+    present = [c for c in claims if paths[c.image_id] is not None]
+    decoded = decode_many([paths[c.image_id] for c in present], models.pneumonia.input_size,
+                          settings.max_image_pixels, threads=decode_threads())
+    good_claims: list[Claim] = []
+    good_pixels: list[np.ndarray] = []
+    rejections: list[tuple[Claim, str, str | None]] = []
+    for c in claims:
+        if paths[c.image_id] is None:
+            rejections.append((c, "archived file is missing", None))
+    for c, pixels in zip(present, decoded, strict=True):
+        if isinstance(pixels, BadImageError):
+            rejections.append((c, str(pixels), reject_file(settings, paths[c.image_id])))
+        else:
+            good_claims.append(c)
+            good_pixels.append(pixels)
+    decoded_at = time.perf_counter()
+    results = []
+    if good_claims:
+        results = classify_arrays(np.stack(good_pixels), models.pneumonia, models.infection)
+    forward_s = time.perf_counter() - decoded_at
+    per_image_ms = forward_s * 1000.0 / max(1, len(good_claims))
+    with session_scope(url) as session:
+        for c, reason, stored in rejections:
+            images.mark_rejected(session, c.image_id, reason, stored_path=stored)
+            outcome[c.image_id] = "rejected"
+        for c, result in zip(good_claims, results, strict=True):
+            infection = models.infection if result.p_virus is not None else None
+            prediction = images.save_prediction(
+                session,
+                sha256=c.sha256,
+                pneumonia_model_id=models.pneumonia.model_id,
+                infection_model_id=infection.model_id if infection else None,
+                p_pneumonia=result.p_pneumonia,
+                p_virus=result.p_virus,
+                label=result.label,
+                threshold=models.pneumonia.threshold,
+                infection_threshold=infection.threshold if infection else None,
+                inference_ms=per_image_ms,
+            )
+            images.link_prediction(session, c.image_id, prediction.id)
+            outcome[c.image_id] = "done"
+    for c, reason, _ in rejections:
+        log.info("image %s (%s) rejected: %s", c.image_id, c.file_name, reason)
+    for c, result in zip(good_claims, results, strict=True):
+        log.info("image %s (%s): %s", c.image_id, c.file_name, result.label)
+    log.info(
+        "batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms",
+        len(claims), (decoded_at - started) * 1000.0, forward_s * 1000.0,
+        (time.perf_counter() - started) * 1000.0,
+    )
+    return outcome
 
 
 @app.task(name=CLASSIFY_TASK, bind=True, max_retries=None, ignore_result=True)
 def classify_image(self, image_id: int) -> str:
-    """Classify image ``image_id``; unexpected errors retry with backoff up to max_attempts."""
+    """Classify image ``image_id`` (with queued others); errors retry with backoff up to
+    max_attempts."""
     try:
-        return process_image(int(image_id), settings, model_cache())
+        return process_image(int(image_id), settings, model_cache(), settings.batch_size)
     except Exception as exc:
         countdown = min(60, 2 ** max(0, self.request.retries))
         log.warning("image %s: %s; retrying in %ss", image_id, type(exc).__name__, countdown)

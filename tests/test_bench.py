@@ -1,0 +1,72 @@
+"""`cxr bench` end to end at a tiny size: the real stack, a dozen images, every field filled.
+
+No wall-clock assertions: only that each measurement happened and produced positive numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.bench import _with_comment, percentile, with_db
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def _redis_or_skip() -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url("redis://127.0.0.1:6379/12", socket_connect_timeout=1).ping()
+    except Exception:
+        pytest.skip("no Redis at 127.0.0.1:6379")
+
+
+def test_helpers():
+    assert with_db("redis://:pw@host:6380/0", 12) == "redis://:pw@host:6380/12"
+    assert with_db("redis://localhost", 3) == "redis://localhost/3"
+    jpeg = b"\xff\xd8\xff\xe0rest"
+    tagged = _with_comment(jpeg, "a")
+    assert tagged.startswith(b"\xff\xd8\xff\xfe\x00\x03a") and tagged.endswith(jpeg[2:])
+    assert percentile([1.0, 2.0, 3.0], 50) == 2.0 and percentile([], 95) == 0.0
+
+
+def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
+    from worker.cli import main
+
+    _redis_or_skip()
+    monkeypatch.setenv("CXR_BROKER_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("CXR_TF_THREADS", "1")
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--backbone", "smallcnn", "--img-size", "32", "--images", "12",
+        "--notebook-images", "4", "--latency-images", "3", "--latency-gap", "0.2",
+        "--source-px", "64", "96", "--min-time", "0.2", "--batch-size", "8",
+        "--work-dir", str(tmp_path / "work"), "--out", str(out),
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "pipeline / ceiling" in printed and "pipeline / notebook" in printed
+    assert "machine:" in printed
+    result = json.loads(out.read_text())
+    for section, keys in {
+        "ceiling": ["images_per_s", "batch_size"],
+        "notebook": ["images_per_s", "images", "seconds"],
+        "pipeline": ["images_per_s", "images", "seconds", "batches", "mean_batch", "forward_s",
+                     "forward_share"],
+        "latency": ["p50_s", "p95_s", "intake_p50_s", "images"],
+        "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook"],
+    }.items():
+        for key in keys:
+            assert result[section][key] > 0, (section, key, result[section])
+    assert set(result["ceiling"]["by_batch_size"]) == {"1", "4", "8", "16", "32"}
+    assert all(v > 0 for v in result["ceiling"]["by_batch_size"].values())
+    assert result["pipeline"]["images"] == 12 and result["latency"]["images"] == 3
+    assert result["latency"]["p95_s"] >= result["latency"]["p50_s"]
+    assert result["machine"]["cores"] >= 1 and result["machine"]["tensorflow"]
+    assert result["config"]["backbone"] == "smallcnn"
+    ratio = result["pipeline"]["images_per_s"] / result["ceiling"]["images_per_s"]
+    assert result["ratios"]["pipeline_over_ceiling"] == pytest.approx(ratio)
+    stack_log = (tmp_path / "work" / "stack.log").read_text()
+    assert "batch of" in stack_log

@@ -1,0 +1,482 @@
+"""``cxr bench``: how close the pipeline gets to the network's own speed, measured in one run.
+
+Four measurements on the same machine, same model (random weights: speed does not depend on
+them), so their ratios mean something even on a busy host:
+
+* ceiling: the compiled forward pass (``LoadedBundle.predict_proba``) on tensors already
+  decoded, at the best of a few batch sizes;
+* notebook: what the notebooks do, ``load_img`` + ``model.predict`` one file at a time;
+* pipeline: the real stack (``cxr up``: watcher + one worker, its own data dir, SQLite, a
+  private queue) from K files copied into the inbox until K rows are ``done``;
+* latency: files dropped one at a time, spaced out, from landing in the inbox to ``done``.
+
+Files are synthetic X-rays at Kaggle-like sizes; each copy gets a unique JPEG comment so its
+content hash differs (the service would otherwise link duplicates without inference).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.settings import Settings
+
+CEILING_BATCHES = (1, 4, 8, 16, 32)
+BATCH_LINE = re.compile(r"batch of (\d+): decode (\d+) ms, forward (\d+) ms")
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run. ``batch_size``/``batch_wait_ms`` configure the worker."""
+
+    backbone: str = "mobilenetv2"
+    img_size: int = 224
+    images: int = 200
+    batch_size: int = 16
+    batch_wait_ms: int = 20
+    notebook_images: int = 40
+    latency_images: int = 12
+    latency_gap_s: float = 1.0
+    stable_seconds: float = 1.0
+    source_px: tuple[int, int] = (900, 1400)
+    ceiling_batches: tuple[int, ...] = CEILING_BATCHES
+    min_time_s: float = 2.0
+    work_dir: Path | None = None
+    seed: int = 0
+    redis_db: int = 12
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, GPUs, TensorFlow/Keras versions and the load average now."""
+    import keras
+    import tensorflow as tf
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")),
+                cpu,
+            )
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append(details.get("device_name", gpu.name))
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "gpus": gpus,
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "python": platform.python_version(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def _with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same JPEG with a COM segment after SOI: same pixels, different bytes."""
+    payload = text.encode()
+    segment = b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload
+    return jpeg[:2] + segment + jpeg[2:]
+
+
+def make_sources(out: Path, n_base: int, source_px: tuple[int, int], seed: int) -> list[bytes]:
+    """``n_base`` synthetic X-ray JPEGs (bytes) at ``source_px`` sides."""
+    from trainer.synth import held_out_images
+
+    written = held_out_images(out, n_base, seed=seed, size_range=source_px)
+    return [path.read_bytes() for path, _ in written]
+
+
+def unique_files(sources: list[bytes], out: Path, prefix: str, n: int) -> list[Path]:
+    """``n`` distinct files cycling over ``sources`` (written outside the inbox)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = out / f"{prefix}-{i:05d}.jpeg"
+        path.write_bytes(_with_comment(sources[i % len(sources)], f"{prefix}-{i}-{uuid.uuid4()}"))
+        paths.append(path)
+    return paths
+
+
+def copy_into(inbox: Path, path: Path) -> float:
+    """Copy a file into the inbox the safe way (hidden temp name, then rename); the time it
+    landed (``time.time()``)."""
+    tmp = inbox / f".{path.name}.part"
+    shutil.copyfile(path, tmp)
+    os.rename(tmp, inbox / path.name)
+    return time.time()
+
+
+# --- the model ------------------------------------------------------------------------------
+
+
+def register_random_bundle(settings: Settings, backbone: str, img_size: int) -> Path:
+    """Build ``backbone`` with random weights, save it as a bundle, register and promote it."""
+    from db import registry
+    from db.session import session_scope
+    from trainer.backbones import build_classifier, get_spec
+    from trainer.bundle import Manifest, bundle_sha256, save_bundle
+
+    model, _ = build_classifier(backbone, img_size, weights="none")
+    with session_scope(settings.db_url) as session:
+        mv = registry.register_version(
+            session, stage="pneumonia", backbone=backbone, metrics={},
+            params={"bench": True, "weights": "none"}, code_version="bench",
+        )
+        manifest = Manifest(
+            stage="pneumonia", version=mv.version, class_names=["NORMAL", "PNEUMONIA"],
+            input_size=img_size, backbone=backbone, preprocessing=get_spec(backbone).preprocessing,
+            preprocessing_in_model=True, output="sigmoid", synthetic=True,
+            params={"bench": True, "weights": "none"},
+        )
+        directory = save_bundle(model, manifest, settings.models_path / mv.bundle_path)
+        mv.bundle_sha256 = bundle_sha256(directory)
+        registry.promote(session, "pneumonia", mv.version)
+    return directory
+
+
+# --- in-process measurements ----------------------------------------------------------------
+
+
+def _rate(run: Callable[[], int], min_time_s: float, warm: bool = True) -> float:
+    """Images per second of ``run`` (returns images done), repeated for ``min_time_s``."""
+    if warm:
+        run()  # tracing, allocation
+    done, started = 0, time.perf_counter()
+    while True:
+        done += run()
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_time_s and done > 0:
+            return done / elapsed
+
+
+def measure_ceiling(bundle, batches: tuple[int, ...], min_time_s: float, progress: Progress,
+                    rounds: int = 2) -> dict[str, Any]:
+    """The compiled forward pass on decoded tensors, per batch size (best of ``rounds``, taken
+    in turn so a busy moment on a shared host hits one round only); the best is the ceiling."""
+    size = bundle.manifest.input_size
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8) for n in batches}
+    by_batch: dict[str, float] = {}
+    for r in range(rounds):
+        for n, x in inputs.items():
+            rate = _rate(lambda x=x: len(bundle.predict_proba(x)), min_time_s, warm=r == 0)
+            by_batch[str(n)] = max(rate, by_batch.get(str(n), 0.0))
+            progress(f"  ceiling round {r + 1}, batch {n:>3}: {rate:8.1f} images/s")
+    best = max(by_batch, key=by_batch.get)
+    return {"images_per_s": by_batch[best], "batch_size": int(best), "by_batch_size": by_batch}
+
+
+def measure_notebook(model, files: list[Path], size: int, progress: Progress) -> dict[str, Any]:
+    """The notebooks' loop: load_img + img_to_array + ``model.predict`` on one image at a time."""
+    import keras
+
+    def one(path: Path) -> None:
+        img = keras.utils.load_img(path, color_mode="rgb", target_size=(size, size))
+        x = keras.utils.img_to_array(img)[None]
+        model.predict(x, verbose=0)
+
+    one(files[0])
+    started = time.perf_counter()
+    for i, path in enumerate(files, start=1):
+        one(path)
+        if i % 10 == 0:
+            progress(f"  notebook: {i}/{len(files)}")
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": len(files) / elapsed, "images": len(files), "seconds": elapsed}
+
+
+# --- the real stack -------------------------------------------------------------------------
+
+
+class Stack:
+    """``cxr up --no-flower`` in a private data dir; its output goes to ``stack.log``."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+        from worker.supervisor import CXR_COMMAND
+
+        self.settings = settings
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
+        self.proc = subprocess.Popen(
+            [*CXR_COMMAND, "up", "--no-flower", "--concurrency", "1"], env=env,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def statuses(self, names: list[str]) -> dict[str, tuple[str, datetime | None, datetime]]:
+        from sqlalchemy import select
+
+        from db.models import Image
+        from db.session import session_scope
+
+        with session_scope(self.settings.db_url) as session:
+            rows = session.execute(
+                select(Image.file_name, Image.status, Image.finished_at, Image.received_at)
+                .where(Image.file_name.in_(names))
+            ).all()
+        return {r.file_name: (r.status, r.finished_at, r.received_at) for r in rows}
+
+    def wait_done(self, names: list[str], timeout: float, poll: float = 0.1) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.statuses(names)
+            if len(rows) == len(names) and all(
+                s in ("done", "rejected", "failed") for s, _, _ in rows.values()
+            ):
+                bad = {n: s for n, (s, _, _) in rows.items() if s != "done"}
+                if bad:
+                    raise RuntimeError(f"bench images not classified: {bad}; see {self.log_path}")
+                return rows
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the stack exited; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(names)} images not done in {timeout:.0f} s; "
+                                   f"see {self.log_path}")
+            time.sleep(poll)
+
+    def batches(self) -> list[tuple[int, int, int]]:
+        """(size, decode ms, forward ms) of every batch the worker logged so far."""
+        text = self.log_path.read_text(errors="replace")
+        return [(int(n), int(d), int(f)) for n, d, f in BATCH_LINE.findall(text)]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def _timestamp(value: datetime) -> float:
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def measure_pipeline(stack: Stack, files: list[Path], progress: Progress) -> dict[str, Any]:
+    """K files copied into the inbox as fast as the copy goes, until K rows are ``done``."""
+    names = [p.name for p in files]
+    before = len(stack.batches())
+    started = time.perf_counter()
+    for path in files:
+        copy_into(stack.settings.inbox_dir, path)
+    copied = time.perf_counter() - started
+    progress(f"  copied {len(files)} files in {copied:.1f} s; waiting for the rows")
+    stack.wait_done(names, timeout=max(120.0, 10.0 * len(files)))
+    elapsed = time.perf_counter() - started
+    batches = stack.batches()[before:]
+    sizes = [n for n, _, _ in batches]
+    forward_s = sum(f for _, _, f in batches) / 1000.0
+    return {
+        "images_per_s": len(files) / elapsed, "images": len(files), "seconds": elapsed,
+        "copy_seconds": copied, "batches": len(sizes),
+        "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
+        "max_batch": max(sizes) if sizes else 0,
+        "forward_s": forward_s, "decode_s": sum(d for _, d, _ in batches) / 1000.0,
+        "forward_share": forward_s / elapsed,
+    }
+
+
+def measure_latency(stack: Stack, files: list[Path], gap_s: float,
+                    progress: Progress) -> dict[str, Any]:
+    """Files dropped one at a time ``gap_s`` apart: landing in the inbox -> ``done``."""
+    landed: dict[str, float] = {}
+    for i, path in enumerate(files, start=1):
+        landed[path.name] = copy_into(stack.settings.inbox_dir, path)
+        stack.wait_done([path.name], timeout=120.0, poll=0.05)
+        if i % 5 == 0:
+            progress(f"  latency: {i}/{len(files)}")
+        time.sleep(gap_s)
+    rows = stack.statuses(list(landed))
+    total = [_timestamp(rows[n][1]) - t for n, t in landed.items()]
+    intake = [_timestamp(rows[n][2]) - t for n, t in landed.items()]
+    return {
+        "p50_s": percentile(total, 50), "p95_s": percentile(total, 95),
+        "intake_p50_s": percentile(intake, 50), "images": len(files), "gap_s": gap_s,
+    }
+
+
+# --- the whole run --------------------------------------------------------------------------
+
+
+def _stack_settings(root: Path, base: Settings, cfg: BenchConfig) -> tuple[Settings, dict]:
+    broker = with_db(base.broker_url, cfg.redis_db)
+    queue = f"cxr-bench-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "CXR_DATA_DIR": str(root / "var"),
+        "CXR_DATABASE_URL": f"sqlite:///{root / 'var' / 'cxr.db'}",
+        "CXR_BROKER_URL": broker,
+        "CXR_QUEUE": queue,
+        "CXR_BATCH_SIZE": str(cfg.batch_size),
+        "CXR_BATCH_WAIT_MS": str(cfg.batch_wait_ms),
+        "CXR_STABLE_SECONDS": str(cfg.stable_seconds),
+        "CXR_WORKER_CONCURRENCY": "1",
+        "CXR_LOG_LEVEL": "INFO",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+        **cfg.extra_env,
+    }
+    for name in ("CXR_INBOX", "CXR_MODELS_DIR"):
+        env.pop(name, None)
+    settings = Settings(data_dir=root / "var", database_url=env["CXR_DATABASE_URL"],
+                        broker_url=broker, queue=queue)
+    return settings, env
+
+
+def with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db`` (the bench never uses the service's own)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def _forget_queue(settings: Settings) -> None:
+    """Delete the private queue's keys (other queues on that Redis db are left alone)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=1)
+        keys = client.keys(f"*{settings.queue}*")
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except Exception:
+        pass
+
+
+def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> dict[str, Any]:
+    """Run every measurement; returns the JSON-ready result."""
+    import tempfile
+
+    from db.migrate import upgrade
+    from trainer.bundle import load_bundle
+
+    machine = machine_info()
+    progress(f"machine: {machine['cpu']}, {machine['cores']} cores, GPU: "
+             f"{', '.join(machine['gpus']) or 'none'}, TensorFlow {machine['tensorflow']}, "
+             f"load average {machine['loadavg_start'][0]:.2f}")
+    root = Path(cfg.work_dir or tempfile.mkdtemp(prefix="cxr-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    settings, env = _stack_settings(root, base, cfg)
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    progress(f"work dir {root}; building {cfg.backbone} at {cfg.img_size} px (random weights)")
+    bundle = load_bundle(register_random_bundle(settings, cfg.backbone, cfg.img_size))
+    progress(f"rendering synthetic X-rays ({cfg.source_px[0]}-{cfg.source_px[1]} px)")
+    sources = make_sources(root / "sources", min(8, max(1, cfg.images)), cfg.source_px, cfg.seed)
+    files = root / "files"
+    warm = unique_files(sources, files, "warm", 3)
+    batch = unique_files(sources, files, "load", cfg.images)
+    spaced = unique_files(sources, files, "spaced", cfg.latency_images)
+    notebook_files = batch[: max(1, min(cfg.notebook_images, len(batch)))]
+
+    progress("ceiling: compiled forward pass on decoded tensors")
+    ceiling = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress)
+    progress(f"notebook way: load_img + model.predict on {len(notebook_files)} files")
+    notebook = measure_notebook(bundle.model, notebook_files, cfg.img_size, progress)
+
+    progress("pipeline: starting the stack (cxr up: watcher + 1 worker)")
+    stack = Stack(settings, env, root / "stack.log")
+    try:
+        for path in warm:
+            copy_into(settings.inbox_dir, path)
+        stack.wait_done([p.name for p in warm], timeout=300.0)
+        progress(f"  stack warm; copying {len(batch)} files into the inbox")
+        pipeline = measure_pipeline(stack, batch, progress)
+        progress(f"  pipeline: {pipeline['images_per_s']:.1f} images/s "
+                 f"(mean batch {pipeline['mean_batch']:.1f})")
+        progress(f"latency: {len(spaced)} files one at a time, {cfg.latency_gap_s} s apart")
+        latency = measure_latency(stack, spaced, cfg.latency_gap_s, progress)
+    finally:
+        stack.stop()
+        _forget_queue(settings)
+    progress("ceiling again, after the pipeline (the best of all rounds counts)")
+    again = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress, rounds=1)
+    ceiling = _best_ceiling(ceiling, again)
+    machine["loadavg_end"] = list(os.getloadavg())
+    config = asdict(cfg)
+    config["work_dir"] = str(root)
+    config.pop("extra_env")
+    return {
+        "machine": machine,
+        "config": config,
+        "ceiling": ceiling,
+        "notebook": notebook,
+        "pipeline": pipeline,
+        "latency": latency,
+        "ratios": {
+            "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
+            "pipeline_over_notebook": pipeline["images_per_s"] / notebook["images_per_s"],
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _best_ceiling(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    by_batch = {n: max(first["by_batch_size"][n], second["by_batch_size"][n])
+                for n in first["by_batch_size"]}
+    best = max(by_batch, key=by_batch.get)
+    return {"images_per_s": by_batch[best], "batch_size": int(best), "by_batch_size": by_batch}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The printed summary: throughputs, latency and the two ratios."""
+    c, nb, p, lat = (result[k] for k in ("ceiling", "notebook", "pipeline", "latency"))
+    cfg, m = result["config"], result["machine"]
+    rows = [
+        (f"ceiling (forward only, batch {c['batch_size']})", f"{c['images_per_s']:.1f}"),
+        ("notebook (load_img + predict, 1 by 1)", f"{nb['images_per_s']:.1f}"),
+        ("pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
+    ]
+    lines = [
+        f"cxr bench: {cfg['backbone']} at {cfg['img_size']} px, {cfg['images']} images, "
+        f"worker batch {cfg['batch_size']} / {cfg['batch_wait_ms']} ms",
+        f"machine: {m['cpu']} ({m['cores']} cores), GPU: {', '.join(m['gpus']) or 'none'}, "
+        f"TensorFlow {m['tensorflow']}, load {m['loadavg_start'][0]:.2f} -> "
+        f"{m.get('loadavg_end', [0])[0]:.2f}",
+        "",
+        f"{'measure':<40}{'images/s':>10}",
+    ]
+    lines += [f"{name:<40}{value:>10}" for name, value in rows]
+    lines += [
+        f"{'latency p50 / p95 (s, low load)':<40}{lat['p50_s']:>5.2f} / {lat['p95_s']:.2f}",
+        f"{'pipeline / ceiling':<40}{result['ratios']['pipeline_over_ceiling']:>10.2f}",
+        f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
+        f"(mean worker batch {p['mean_batch']:.1f}; forward pass {p['forward_share']:.0%} of "
+        f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,71 @@
+"""``cxr bench``: ceiling, notebook way, pipeline and latency in one run (see worker.bench)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from worker.settings import Settings
+
+
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.bench import BenchConfig, format_table, run_bench, write_json
+
+    cfg = BenchConfig(
+        backbone=args.backbone,
+        img_size=args.img_size,
+        images=args.images,
+        batch_size=args.batch_size or settings.batch_size,
+        batch_wait_ms=settings.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms,
+        notebook_images=args.notebook_images,
+        latency_images=args.latency_images,
+        latency_gap_s=args.latency_gap,
+        stable_seconds=settings.stable_seconds if args.stable_seconds is None
+        else args.stable_seconds,
+        source_px=tuple(args.source_px),
+        min_time_s=args.min_time,
+        work_dir=args.work_dir,
+        redis_db=args.redis_db,
+    )
+    result = run_bench(cfg, settings, progress=lambda line: print(line, flush=True))
+    print()
+    print(format_table(result))
+    if args.out:
+        write_json(result, args.out)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure forward-pass ceiling, notebook way, pipeline throughput and latency",
+        description="In one run on this machine: the model's forward throughput on decoded "
+        "tensors (best batch size), the notebooks' load_img + model.predict loop, the real "
+        "stack (cxr up with one worker, private data dir, SQLite, a private Redis queue) from "
+        "K files copied into the inbox to K rows done, and inbox-to-done latency at low load. "
+        "Prints a table with the ratios and optionally writes JSON. Random weights.",
+    )
+    p.add_argument("--backbone", default="mobilenetv2", help="backbone (default mobilenetv2)")
+    p.add_argument("--img-size", type=int, default=224, help="model input size (default 224)")
+    p.add_argument("--images", type=int, default=200, help="files for the pipeline run (K)")
+    p.add_argument("--batch-size", type=int, help="worker batch size (default CXR_BATCH_SIZE)")
+    p.add_argument("--batch-wait-ms", type=int,
+                   help="worker wait to fill a batch (default CXR_BATCH_WAIT_MS)")
+    p.add_argument("--notebook-images", type=int, default=40,
+                   help="files for the one-by-one notebook loop (default 40)")
+    p.add_argument("--latency-images", type=int, default=12,
+                   help="files dropped one at a time for latency (default 12)")
+    p.add_argument("--latency-gap", type=float, default=1.0,
+                   help="seconds between latency drops (default 1.0)")
+    p.add_argument("--stable-seconds", type=float,
+                   help="watcher quiet period for the stack (default CXR_STABLE_SECONDS)")
+    p.add_argument("--source-px", type=int, nargs=2, default=(900, 1400), metavar=("MIN", "MAX"),
+                   help="side of the synthetic source X-rays in pixels (default 900 1400)")
+    p.add_argument("--min-time", type=float, default=2.0,
+                   help="seconds per ceiling batch-size measurement (default 2)")
+    p.add_argument("--redis-db", type=int, default=12,
+                   help="Redis database number for the bench's private queue (default 12)")
+    p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here")
+    p.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench)
