@@ -202,7 +202,7 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
           f"runs (user {user!r}, password {password!r})")
 
 
-def _report_flower(settings: Settings, names: set[str], timeout: float = 10.0) -> None:
+def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -> None:
     """Read Flower's API once: the demo's tasks should be there, under their readable name."""
     import base64
     import json
