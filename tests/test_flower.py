@@ -242,11 +242,12 @@ def test_flower_shows_worker_and_finished_tasks(tmp_path, redis_db, processes):
     auth = (USER, PASSWORD)
     wait_for("Flower to answer", lambda: http_get(f"{base}/healthcheck")[0] == 200, logs)
 
-    def worker_listed():
-        status, body = http_get(f"{base}/api/workers?refresh=1", auth)
-        return status == 200 and node in body
+    def worker_heard():
+        # status=1 answers from Flower's event state: tasks sent from now on will be seen.
+        status, body = http_get(f"{base}/api/workers?status=1", auth)
+        return status == 200 and isinstance(body, dict) and body.get(node) is True
 
-    wait_for("the worker in /api/workers", worker_listed, logs)
+    wait_for("the worker's heartbeat in /api/workers", worker_heard, logs)
 
     names = {i: f"scan-{i}.png" for i in IMAGE_IDS}
     enqueue = f"from worker.tasks import enqueue\nfor i, n in {names!r}.items(): enqueue(i, n)"

@@ -8,6 +8,8 @@ wait for every result, print them with a summary, and stop (unless --keep-runnin
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import secrets
 import shutil
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -64,6 +67,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     print(f"\n[{_elapsed(started)}] starting the stack (cxr up); its log: {log_path}", flush=True)
     stack = _start_stack(settings, log_path)
     try:
+        if not _wait_for_flower(settings, stack):
+            print("Flower did not answer; continuing without it", flush=True)
         names = _drop_images(settings, args.images)
         print(f"[{_elapsed(started)}] copied {len(names)} held-out images into "
               f"{settings.inbox_dir}", flush=True)
@@ -204,15 +209,7 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
 
 def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -> None:
     """Read Flower's API once: the demo's tasks should be there, under their readable name."""
-    import base64
-    import json
-    import urllib.request
-
-    url = f"http://{settings.flower_address}:{settings.flower_port}/api/tasks?limit=100000"
-    request = urllib.request.Request(url)
-    if settings.flower_basic_auth:
-        token = base64.b64encode(settings.flower_basic_auth.encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+    request = _flower_request(settings, "/api/tasks?limit=100000")
     deadline = time.monotonic() + timeout
     seen: list[dict] = []
     while time.monotonic() < deadline:
@@ -229,3 +226,28 @@ def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -
     states = Counter(t.get("state") for t in seen)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(states.items(), key=str)) or "none"
     print(f"Flower saw {len(seen)} cxr.classify_image task(s) for the demo images ({summary})")
+
+
+def _flower_request(settings: Settings, path: str) -> urllib.request.Request:
+    url = f"http://{settings.flower_address}:{settings.flower_port}{path}"
+    request = urllib.request.Request(url)
+    if settings.flower_basic_auth:
+        token = base64.b64encode(settings.flower_basic_auth.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _wait_for_flower(settings: Settings, stack: subprocess.Popen, timeout: float = 60) -> bool:
+    """Flower only sees events sent while it listens: drop images once a worker's heartbeat
+    has reached it (`status=1` answers from Flower's event state, not from a broadcast)."""
+    request = _flower_request(settings, "/api/workers?status=1")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and stack.poll() is None:
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if any(json.loads(response.read() or b"{}").values()):
+                    return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    return False
