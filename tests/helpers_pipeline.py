@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
 POSTGRES_URL = os.environ.get("CXR_TEST_POSTGRES_URL")
@@ -41,6 +43,23 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+SHARED_REDIS = "127.0.0.1:6379"
+
+
+def shared_redis(db: int):
+    """A client on db ``db`` of the Redis every test machine runs (never db 0: other people's
+    brokers live there); the caller flushes it. Tests that stop Redis use ``RedisServer``."""
+    import redis
+
+    assert db != 0
+    client = redis.Redis.from_url(f"redis://{SHARED_REDIS}/{db}", socket_connect_timeout=1)
+    try:
+        client.ping()
+    except Exception as exc:
+        pytest.fail(f"no Redis at {SHARED_REDIS} ({exc}); `make services` starts it")
+    return client
 
 
 def free_port() -> int:
@@ -244,7 +263,8 @@ class Pipeline:
     root: Path
     env: dict[str, str]
     db_url: str
-    redis: RedisServer
+    redis: RedisServer | None
+    """None when the pipeline's broker is the shared Redis (nothing of its own to stop)."""
     worker: subprocess.Popen | None = None
     watcher: subprocess.Popen | None = None
     test_layers: bool = False

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers_pipeline import SHARED_REDIS, shared_redis
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -29,7 +30,6 @@ from worker.settings import Settings
 from worker.tasks import process_image
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_HOST = "127.0.0.1:6379"
 BATCH_LINE = re.compile(r"batch of (\d+):")
 
 
@@ -194,17 +194,6 @@ def test_a_failed_batch_hands_the_others_back(settings, monkeypatch):
 # --- a real worker ---------------------------------------------------------------------------
 
 
-def _redis(db: int):
-    import redis
-
-    try:
-        client = redis.Redis.from_url(f"redis://{REDIS_HOST}/{db}", socket_connect_timeout=1)
-        client.ping()
-    except Exception:
-        pytest.skip(f"no Redis at {REDIS_HOST}")
-    return client
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
@@ -212,9 +201,9 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     db_number = random.randint(4, 15)
-    client = _redis(db_number)
+    client = shared_redis(db_number)
     queue = f"cxr-test-batch-{uuid.uuid4().hex[:8]}"
-    broker = f"redis://{REDIS_HOST}/{db_number}"
+    broker = f"redis://{SHARED_REDIS}/{db_number}"
     app = make_app(Settings(broker_url=broker, queue=queue))
 
     def enqueue(image_id: int, file_name: str) -> None:
