@@ -141,7 +141,8 @@ def test_database_unreachable_for_a_while(tmp_path):
                 _assert_exactly_once(p, expected)
                 assert p.alive()
                 assert "retrying in" in p.log("worker")
-                assert "stays in the inbox" in p.log("watcher")
+                assert "database unreachable" in p.log("watcher")
+                assert "Traceback" not in p.log("watcher")
     finally:
         proxy.cut()
 

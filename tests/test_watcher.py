@@ -202,3 +202,24 @@ def test_symlink_out_of_the_inbox_is_rejected_not_followed(settings, tmp_path):
     assert secret.read_bytes() == b"outside"
     assert not (settings.inbox_dir / "link.jpeg").exists()
     assert not any(Path(settings.archive_dir).rglob("*.jpeg"))
+
+
+def test_database_outage_logs_one_line_per_pass_and_keeps_every_file(tmp_path, caplog):
+    """Nothing listens on port 1: every intake would fail alike, so one warning, no tracebacks."""
+    settings = Settings(data_dir=tmp_path / "var", stable_seconds=0.0,
+                        database_url="postgresql+psycopg://nobody@127.0.0.1:1/none")
+    settings.ensure_dirs()
+    names = [f"scan-{i}.jpeg" for i in range(3)]
+    for name in names:
+        (settings.inbox_dir / name).write_bytes(name.encode())
+    watcher = Watcher(settings, enqueue=lambda *_: pytest.fail("nothing is recorded"))
+    watcher.reconcile_once()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="worker.watcher"):
+        watcher._take_due()
+    warnings = [r for r in caplog.records if r.name == "worker.watcher"]
+    assert len(warnings) == 1 and "database unreachable" in warnings[0].getMessage()
+    assert "3 file(s) stay in the inbox" in warnings[0].getMessage()
+    assert warnings[0].exc_info is None
+    assert sorted(p.name for p in settings.inbox_dir.iterdir()) == names
+    assert watcher.taken == 0

@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from worker.filters import is_candidate
@@ -103,9 +104,15 @@ class Watcher:
                 self.tracker.touch(path, closed=closed)
 
     def _take_due(self) -> None:
-        for path in self.tracker.due():
+        due = self.tracker.due()
+        for n, path in enumerate(due):
             try:
                 result = intake_file(path, self.settings, self.enqueue)
+            except OperationalError as exc:
+                # One line per pass, not a traceback per file: every file would fail alike.
+                log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
+                            "next scan", type(exc.orig or exc).__name__, len(due) - n)
+                return
             except Exception:
                 log.exception("could not take %s; it stays in the inbox for the next scan",
                               path.name)
