@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -127,8 +127,11 @@ def mark_queued(session: Session, image_id: int) -> bool:
     )
 
 
-def claim(session: Session, image_id: int, max_attempts: int) -> Claim | None:
-    """Count one delivery and mark the image processing (or failed past ``max_attempts``).
+def claim(
+    session: Session, image_id: int, max_attempts: int, holder: str | None = None
+) -> Claim | None:
+    """Count one delivery and mark the image processing (or failed past ``max_attempts``),
+    whoever held it before: the caller has decided to take it over.
 
     None when the image is unknown or already final: a redelivered task is then a no-op.
     The caller commits before inference so a delivery that kills the worker still counts.
@@ -137,6 +140,7 @@ def claim(session: Session, image_id: int, max_attempts: int) -> Claim | None:
     if image is None or image.status in FINAL_STATUSES:
         return None
     image.attempts = (image.attempts or 0) + 1
+    image.claimed_by, image.claimed_at = holder, utcnow()
     gave_up = image.attempts > max_attempts
     if gave_up:
         image.status = ImageStatus.FAILED
@@ -262,8 +266,23 @@ def stale_cutoff(seconds: float) -> datetime:
 
 # --- batch claims (the worker classifies waiting images in batches) ---------------------------
 
-HELD = "held"
-"""``claim_free``'s answer when the row is ``processing``: someone holds it (alive or dead)."""
+@dataclass(frozen=True)
+class Held:
+    """``claim_free``'s answer when the row is ``processing``: someone holds it, alive or dead.
+
+    ``holder`` is the ``host:pid`` that claimed it (None for rows claimed before claims were
+    recorded) and ``since`` when; the caller decides whether to wait or take the row over.
+    """
+
+    holder: str | None
+    since: datetime | None
+
+    def age_seconds(self) -> float | None:
+        """Seconds since the claim (SQLite hands back naive UTC datetimes)."""
+        if self.since is None:
+            return None
+        since = self.since if self.since.tzinfo else self.since.replace(tzinfo=UTC)
+        return (utcnow() - since).total_seconds()
 
 _FREE_STATUSES = (ImageStatus.RECEIVED, ImageStatus.QUEUED, ImageStatus.WAITING_MODEL)
 
@@ -281,10 +300,12 @@ def status_of(session: Session, image_id: int) -> str | None:
     return session.scalar(select(Image.status).where(Image.id == image_id))
 
 
-def claim_free(session: Session, image_id: int, max_attempts: int) -> Claim | str | None:
+def claim_free(
+    session: Session, image_id: int, max_attempts: int, holder: str | None = None
+) -> Claim | Held | None:
     """Claim an image nobody holds, in one conditional UPDATE (race-free on both backends).
 
-    Returns the Claim; ``HELD`` when the row is ``processing`` (another delivery's batch has
+    Returns the Claim; ``Held`` when the row is ``processing`` (another delivery's batch has
     it, or had it and died: the caller decides when to take it over with ``claim``); None when
     unknown or final; a ``gave_up`` Claim past ``max_attempts`` (via ``claim``).
     """
@@ -295,18 +316,25 @@ def claim_free(session: Session, image_id: int, max_attempts: int) -> Claim | st
             Image.status.in_(_FREE_STATUSES),
             func.coalesce(Image.attempts, 0) < max_attempts,
         )
-        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1)
+        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1,
+                claimed_by=holder, claimed_at=utcnow())
         .returning(*_claim_columns())
         .execution_options(synchronize_session=False)
     ).first()
     if row is not None:
         return _as_claim(row)
-    if status_of(session, image_id) == ImageStatus.PROCESSING:
-        return HELD
-    return claim(session, image_id, max_attempts)
+    held = session.execute(
+        select(Image.claimed_by, Image.claimed_at)
+        .where(Image.id == image_id, Image.status == ImageStatus.PROCESSING)
+    ).first()
+    if held is not None:
+        return Held(held.claimed_by, held.claimed_at)
+    return claim(session, image_id, max_attempts, holder)
 
 
-def claim_queued(session: Session, limit: int, exclude: Iterable[int] = ()) -> list[Claim]:
+def claim_queued(
+    session: Session, limit: int, exclude: Iterable[int] = (), holder: str | None = None
+) -> list[Claim]:
     """Claim up to ``limit`` other ``queued`` images never tried before, oldest first.
 
     Pick the ids, then ``UPDATE ... WHERE id IN (...) AND status = 'queued'`` counting the
@@ -337,7 +365,8 @@ def claim_queued(session: Session, limit: int, exclude: Iterable[int] = ()) -> l
     rows = session.execute(
         update(Image)
         .where(Image.id.in_(ids), Image.status == ImageStatus.QUEUED)
-        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1)
+        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1,
+                claimed_by=holder, claimed_at=utcnow())
         .returning(*_claim_columns())
         .execution_options(synchronize_session=False)
     ).all()

@@ -76,6 +76,9 @@ class Image(Base):
     prediction_id: Mapped[int | None] = mapped_column(ForeignKey("predictions.id"))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    """``host:pid`` of the worker process that last claimed the row (not patient data)."""
+    claimed_at: Mapped[datetime | None]
 
     prediction: Mapped[Prediction | None] = relationship()
 

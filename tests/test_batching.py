@@ -8,11 +8,13 @@ import os
 import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,7 @@ from trainer.testing import register_tiny_bundle
 from worker.inference import ModelCache
 from worker.intake import intake_file
 from worker.settings import Settings
-from worker.tasks import process_image
+from worker.tasks import holder_gone, holder_id, process_image, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_LINE = re.compile(r"batch of (\d+):")
@@ -80,10 +82,12 @@ def test_claim_free_answers_for_every_state(db_url):
         [final] = _add(session, 1, ImageStatus.REJECTED)
         [spent] = _add(session, 1, ImageStatus.QUEUED, attempts=2)
     with session_scope(db_url) as session:
-        claim = images.claim_free(session, free, max_attempts=2)
+        claim = images.claim_free(session, free, max_attempts=2, holder="host-a:11")
         assert claim.image_id == free and claim.attempts == 1 and not claim.gave_up
-        assert images.claim_free(session, free, max_attempts=2) == images.HELD
-        assert images.claim_free(session, held, max_attempts=2) == images.HELD
+        again = images.claim_free(session, free, max_attempts=2, holder="host-b:22")
+        assert isinstance(again, images.Held) and again.holder == "host-a:11"
+        assert 0 <= again.age_seconds() < 60
+        assert images.claim_free(session, held, max_attempts=2) == images.Held(None, None)
         assert images.claim_free(session, final, max_attempts=2) is None
         assert images.claim_free(session, 10_000, max_attempts=2) is None
         assert images.claim_free(session, spent, max_attempts=2).gave_up
@@ -189,6 +193,61 @@ def test_a_failed_batch_hands_the_others_back(settings, monkeypatch):
     monkeypatch.undo()
     assert [process_image(i, settings, cache, batch_size=3) for i in ids] == ["done"] * 3
     assert {n for _, n in _rows(settings.db_url).values()} == {2}  # retried rows ran alone
+
+
+def _claim_for(settings: Settings, image_id: int, holder: str) -> images.Claim:
+    with session_scope(settings.db_url) as session:
+        return images.claim_free(session, image_id, settings.max_attempts, holder)
+
+
+def _count_predictions(settings: Settings) -> int:
+    with session_scope(settings.db_url) as session:
+        return session.scalar(select(func.count()).select_from(Prediction))
+
+
+def test_a_task_waits_for_a_live_holder_instead_of_classifying_twice(settings):
+    """Another worker's batch holds the image: its own task waits, then finds it done."""
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "held.png", 250)
+    claim = _claim_for(settings, image_id, "another-host:4242")
+    outcome: list[str] = []
+    waiter = threading.Thread(
+        target=lambda: outcome.append(
+            process_image(image_id, settings, ModelCache(settings.models_path), batch_size=1)
+        )
+    )
+    waiter.start()
+    time.sleep(1.0)
+    assert waiter.is_alive() and _count_predictions(settings) == 0
+    holder_result = run_batch([claim], settings, ModelCache(settings.models_path))
+    waiter.join(30)
+    assert holder_result == {image_id: "done"} and outcome == ["noop"]
+    assert _count_predictions(settings) == 1
+    assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 1)  # no second attempt
+
+
+def test_a_holder_that_exited_on_this_host_is_taken_over_at_once(settings):
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "orphan.png", 250)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _claim_for(settings, image_id, f"{socket.gethostname()}:{gone.pid}")
+    started = time.monotonic()
+    assert process_image(image_id, settings, ModelCache(settings.models_path)) == "done"
+    assert time.monotonic() - started < settings.claim_lease_seconds
+    assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 2)
+
+
+def test_a_holder_past_its_lease_is_taken_over(settings):
+    """A hung worker or a dead host: after the lease the image's own task classifies it."""
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "stuck.png", 250)
+    _claim_for(settings, image_id, "host-that-died:77")
+    short = settings.model_copy(update={"claim_lease_seconds": 0.5})
+    assert holder_gone(images.Held("host-that-died:77", None), holder_id(), 600)
+    assert not holder_gone(images.Held("host-that-died:77", datetime.now(UTC)), holder_id(), 600)
+    assert process_image(image_id, short, ModelCache(settings.models_path)) == "done"
+    assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 2)
 
 
 # --- a real worker ---------------------------------------------------------------------------

@@ -16,6 +16,28 @@ from db.session import get_engine, session_scope
 from worker.exceptions import CxrError, ModelNotFoundError, SchemaBehindError
 
 
+def test_migrations_build_exactly_the_models(db_url):
+    """A column added to db/models.py without a migration (or the reverse) fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.models import Base
+
+    with get_engine(db_url).connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_the_claims_migration_steps_down_and_up_with_the_results_view(empty_db_url):
+    upgrade(empty_db_url)
+    downgrade(empty_db_url, "0001")
+    columns = {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns("images")}
+    assert "claimed_by" not in columns
+    with get_engine(empty_db_url).connect() as conn:
+        conn.execute(text("SELECT * FROM results")).all()
+    upgrade(empty_db_url)
+    assert current_revision(empty_db_url) == head_revision()
+
+
 def _register(url: str, stage: str = "pneumonia", **kw) -> int:
     with session_scope(url) as s:
         return registry.register_version(s, stage=stage, backbone="smallcnn", **kw).version

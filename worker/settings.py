@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         16, description="Images a worker classifies in one forward pass at most."
     )
     batch_wait_ms: int = Field(20, description="How long (ms) a worker waits to fill a batch.")
+    claim_lease_seconds: float = Field(
+        600.0, description="How long an image stays with the worker that claimed it before "
+        "another worker may take it over (only matters if that worker hangs or its host dies)."
+    )
     worker_concurrency: int = Field(
         1, description="Worker processes per `cxr worker` (one per GPU on GPU hosts)."
     )

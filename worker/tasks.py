@@ -9,8 +9,10 @@ images' own tasks then find their rows final and do nothing: Flower still shows 
 image, and each task still takes only an image id.
 
 A row found ``processing`` is held by another delivery, alive (its batch) or dead (a crash).
-Its own task first does other useful work (a batch of queued images), then takes the row
-over; the prediction upsert keeps one row per content and models even if both finish.
+Each claim records its holder (``host:pid``) and time, so the row's own task waits for a live
+holder (doing other queued work meanwhile) and takes the row over at once from a holder that
+has exited, or after ``claim_lease_seconds`` from one that hangs or whose host died. The
+prediction upsert keeps one row per content and models even if two deliveries both finish.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
 from db import images
-from db.images import FINAL_STATUSES, HELD, Claim
+from db.images import FINAL_STATUSES, Claim, Held
 from db.models import Stage
 from db.session import session_scope
 from worker.celery_app import CLASSIFY_TASK, THREADS_ENV, app, settings
@@ -35,6 +38,7 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 FILL_POLL_SECONDS = 0.005
+HELD_POLL_SECONDS = 0.2
 
 _cache: ModelCache | None = None
 
@@ -116,13 +120,8 @@ def process_image(
             if parked:
                 log.info("image %s waits for a production pneumonia model", image_id)
             return "waiting_model" if parked else "noop"
-    with session_scope(url) as session:
-        own = images.claim_free(session, image_id, settings.max_attempts)
-    if own == HELD:
-        if batch_size > 1:
-            _run_others(settings, cache, batch_size)
-        with session_scope(url) as session:
-            own = images.claim(session, image_id, settings.max_attempts)
+    me = holder_id()
+    own = _claim_own(settings, cache, image_id, batch_size, me)
     if own is None:
         log.info("image %s already final; redelivery ignored", image_id)
         return "noop"
@@ -132,7 +131,7 @@ def process_image(
         return "failed"
     claims = [own]
     if batch_size > 1 and own.attempts <= 1:
-        claims += fill_batch(settings, batch_size - 1, exclude=[own.image_id])
+        claims += fill_batch(settings, batch_size - 1, exclude=[own.image_id], holder=me)
     try:
         return run_batch(claims, settings, cache, own_id=image_id)[image_id]
     except Exception as exc:
@@ -144,7 +143,61 @@ def process_image(
         raise
 
 
-def fill_batch(settings: Settings, room: int, exclude: list[int]) -> list[Claim]:
+def holder_id() -> str:
+    """This process as a claim holder, ``host:pid`` (what ``images.claimed_by`` records)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def holder_gone(held: Held, me: str, lease_seconds: float) -> bool:
+    """True when nobody works on a held row any more, so its own task may take it over.
+
+    That is: the holder is this very process (an earlier delivery here raised), a process on
+    this host that has exited (a crash), unknown, or past its lease (hung, or its host died).
+    """
+    if held.holder is None or held.holder == me:
+        return True
+    host, _, pid = held.holder.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    age = held.age_seconds()
+    return age is None or age >= lease_seconds
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_own(
+    settings: Settings, cache: ModelCache, image_id: int, batch_size: int, me: str
+) -> Claim | None:
+    """Claim this task's image; while a live holder has it, do other queued work or wait.
+
+    Returns None once the image is final (the holder classified it: nothing left to do).
+    """
+    url = settings.db_url
+    while True:
+        with session_scope(url) as session:
+            own = images.claim_free(session, image_id, settings.max_attempts, me)
+        if not isinstance(own, Held):
+            return own
+        if holder_gone(own, me, settings.claim_lease_seconds):
+            if own.holder != me:
+                log.info("image %s: taking it over from %s", image_id, own.holder or "unknown")
+            with session_scope(url) as session:
+                return images.claim(session, image_id, settings.max_attempts, me)
+        if not (batch_size > 1 and _run_others(settings, cache, batch_size, me)):
+            time.sleep(HELD_POLL_SECONDS)
+
+
+def fill_batch(
+    settings: Settings, room: int, exclude: list[int], holder: str | None = None
+) -> list[Claim]:
     """Claim queued images until ``room`` are claimed or no new one came for ``batch_wait_ms``.
 
     The wait restarts whenever images arrive, so a burst still being taken from the inbox
@@ -156,7 +209,7 @@ def fill_batch(settings: Settings, room: int, exclude: list[int]) -> list[Claim]
     while True:
         with session_scope(settings.db_url) as session:
             new = images.claim_queued(
-                session, room - len(claimed), [*exclude, *(c.image_id for c in claimed)]
+                session, room - len(claimed), [*exclude, *(c.image_id for c in claimed)], holder
             )
         claimed += new
         now = time.monotonic()
@@ -167,12 +220,14 @@ def fill_batch(settings: Settings, room: int, exclude: list[int]) -> list[Claim]
         time.sleep(FILL_POLL_SECONDS)
 
 
-def _run_others(settings: Settings, cache: ModelCache, batch_size: int) -> None:
-    """Useful work while another delivery holds this task's image: a batch of queued ones."""
+def _run_others(settings: Settings, cache: ModelCache, batch_size: int, me: str) -> bool:
+    """Useful work while another delivery holds this task's image: a batch of queued ones.
+    False when there was none."""
     with session_scope(settings.db_url) as session:
-        others = images.claim_queued(session, batch_size)
+        others = images.claim_queued(session, batch_size, holder=me)
     if others:
         run_batch(others, settings, cache)
+    return bool(others)
 
 
 def run_batch(
