@@ -61,6 +61,16 @@ def record_image(
     return image
 
 
+def has_image(session: Session, sha256: str, file_name: str, stored_path: str) -> bool:
+    """Whether this file (content, name and place) already has a row."""
+    found = session.scalar(
+        select(Image.id).where(
+            Image.sha256 == sha256, Image.file_name == file_name, Image.stored_path == stored_path
+        ).limit(1)
+    )
+    return found is not None
+
+
 def find_prediction(
     session: Session, sha256: str, pneumonia_model_id: int, infection_model_id: int | None
 ) -> Prediction | None:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -15,7 +18,14 @@ from db import images
 from db.models import Image, ImageStatus
 from db.session import session_scope
 from trainer.testing import register_tiny_bundle
-from worker.intake import archive_relpath, inbox_name, intake_file, reconcile, requeue_waiting
+from worker.intake import (
+    adopt_pending,
+    archive_relpath,
+    inbox_name,
+    intake_file,
+    reconcile,
+    requeue_waiting,
+)
 from worker.settings import Settings
 
 
@@ -182,3 +192,50 @@ def test_queued_rows_whose_message_was_lost_are_sent_again(settings):
     assert reconcile(settings, sent, grace_seconds=0, queue_empty=lambda: False) == 0
     assert reconcile(settings, sent, grace_seconds=0, queue_empty=lambda: True) == 1
     assert sent.sent == [(result.image_id, "lost.png")] * 2
+
+
+KILL_BEFORE_COMMIT = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from db import images
+    from worker.intake import intake_file
+    from worker.settings import Settings
+
+    def die(*args, **kwargs):  # the watcher is killed after the move, before the commit
+        os._exit(9)
+
+    images.record_image = die
+    settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
+    intake_file(settings.inbox_dir / sys.argv[3], settings, lambda *_: None)
+""")
+
+
+def test_a_watcher_killed_between_archive_and_commit_loses_nothing(settings):
+    path = settings.inbox_dir / "sub" / "Patient 7.jpeg"
+    path.parent.mkdir()
+    path.write_bytes(b"moved but never recorded")
+    crashed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_COMMIT, str(settings.data_dir), settings.db_url,
+         "sub/Patient 7.jpeg"], capture_output=True, text=True, timeout=120,
+    )
+    assert crashed.returncode == 9, crashed.stderr
+    assert not path.exists()
+    assert [p.name for p in settings.archive_dir.rglob("*.jpeg")]
+    with session_scope(settings.db_url) as session:
+        assert session.query(Image).count() == 0
+    sent = Recorder()
+    assert adopt_pending(settings, sent) == 0  # too fresh: could be another watcher's intake
+    assert adopt_pending(settings, sent, min_age_seconds=0) == 1
+    [(image_id, name)] = sent.sent
+    row = _row(settings.db_url, image_id)
+    assert (name, row.file_name, row.status) == ("sub/Patient 7.jpeg", name, ImageStatus.QUEUED)
+    assert (settings.data_dir / row.stored_path).read_bytes() == b"moved but never recorded"
+    assert not list((settings.archive_dir / ".pending").iterdir())
+    assert adopt_pending(settings, sent, min_age_seconds=0) == 0
+
+
+def test_a_completed_intake_leaves_no_pending_note(settings):
+    path = settings.inbox_dir / "ok.jpeg"
+    path.write_bytes(b"fine")
+    intake_file(path, settings, Recorder())
+    assert not list((settings.archive_dir / ".pending").iterdir())

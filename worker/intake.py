@@ -3,17 +3,21 @@
 Hash, move into the content-addressed archive (``archive/ab/<sha256>.<ext>``), record the row,
 then enqueue and mark it queued. The row is committed before the enqueue, so a broker outage
 leaves rows ``received`` for the reconcile pass; a database outage moves the file back into
-the inbox for the next scan. Nothing taken from the inbox is lost.
+the inbox for the next scan. A note in ``archive/.pending/`` lives from just before the move
+until the row is committed, so a watcher killed in between leaves the name behind and the
+reconcile pass records the file (``adopt_pending``). Nothing taken from the inbox is lost.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import shutil
 import stat
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int, str], None]
 RECEIVED_GRACE_SECONDS = 10.0
+PENDING_MIN_AGE_SECONDS = 60.0
+"""A pending note this old belongs to a watcher that died (an intake takes milliseconds)."""
 CHUNK = 1 << 20
 
 
@@ -121,10 +127,11 @@ def intake_file(
     target = data_dir / rel
     _private_dirs(settings.archive_dir, target.parent)
     twin_archived = target.exists()
-    if not twin_archived:
-        _move(path, target)
-    os.chmod(target, 0o600)
+    note = None if twin_archived else _write_pending(settings, name, rel, sha256, st.st_size)
     try:
+        if not twin_archived:
+            _move(path, target)
+        os.chmod(target, 0o600)
         with session_scope(settings.db_url) as session:
             image = images.record_image(
                 session, sha256=sha256, file_name=name, stored_path=rel.as_posix(),
@@ -133,10 +140,13 @@ def intake_file(
             image_id = image.id
             status = _link_existing(session, image_id, sha256)
     except Exception:
-        if not path.exists():  # give the file back to the inbox for the next scan
+        if not path.exists() and target.exists():  # back to the inbox for the next scan
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target, path)
         raise
+    finally:
+        if note is not None:
+            note.unlink(missing_ok=True)
     if twin_archived:
         path.unlink(missing_ok=True)  # only now: the row that points at the twin is committed
     if status == ImageStatus.DONE:
@@ -144,6 +154,63 @@ def intake_file(
         return IntakeResult(image_id, name, status)
     status = send(settings, image_id, name, enqueue)
     return IntakeResult(image_id, name, status)
+
+
+def _pending_dir(settings: Settings) -> Path:
+    return settings.archive_dir / ".pending"
+
+
+def _write_pending(settings: Settings, name: str, rel: Path, sha256: str, size: int) -> Path:
+    """The note that survives a crash between the move into the archive and the commit."""
+    folder = _pending_dir(settings)
+    _private_dirs(settings.archive_dir, folder)
+    note = folder / f"{uuid.uuid4().hex}.json"
+    fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"name": name, "stored_path": rel.as_posix(), "sha256": sha256,
+                   "size": size}, fh)
+    return note
+
+
+def adopt_pending(
+    settings: Settings,
+    enqueue: Enqueue | None = None,
+    min_age_seconds: float = PENDING_MIN_AGE_SECONDS,
+) -> int:
+    """Record (and enqueue) files a killed watcher moved into the archive but never recorded.
+
+    Only notes older than ``min_age_seconds``, so a second watcher's intake in flight is never
+    mistaken for a crash. A note whose file never reached the archive, or went back to the
+    inbox, or whose row was committed, is simply removed. Returns the number recorded.
+    """
+    folder = _pending_dir(settings)
+    if not folder.is_dir():
+        return 0
+    data_dir = settings.data_dir.absolute()
+    adopted: list[tuple[int, str]] = []
+    for note in sorted(folder.glob("*.json")):
+        try:
+            if time.time() - note.stat().st_mtime < min_age_seconds:
+                continue
+            entry = json.loads(note.read_text())
+        except FileNotFoundError:
+            continue
+        except ValueError:  # cut short while being written: the move had not happened yet
+            note.unlink(missing_ok=True)
+            continue
+        name, stored = entry["name"], entry["stored_path"]
+        if (data_dir / stored).is_file() and not (settings.inbox_dir / name).exists():
+            with session_scope(settings.db_url) as session:
+                if not images.has_image(session, entry["sha256"], name, stored):
+                    image = images.record_image(session, sha256=entry["sha256"], file_name=name,
+                                                stored_path=stored, size_bytes=entry["size"])
+                    adopted.append((image.id, name))
+        note.unlink(missing_ok=True)
+    for image_id, name in adopted:
+        log.warning("image %s (%s): recorded after a crash between archive and database",
+                    image_id, name)
+        send(settings, image_id, name, enqueue)
+    return len(adopted)
 
 
 def _link_existing(session, image_id: int, sha256: str) -> str:

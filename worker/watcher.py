@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from worker.filters import is_candidate
-from worker.intake import Enqueue, intake_file, reconcile
+from worker.intake import Enqueue, adopt_pending, intake_file, reconcile
 from worker.settings import Settings
 from worker.stability import StabilityTracker
 
@@ -130,6 +130,7 @@ class Watcher:
         except Exception:
             log.exception("inbox scan failed")
         try:
+            adopt_pending(self.settings, self.enqueue)
             sent = reconcile(self.settings, self.enqueue)
             if sent:
                 log.info("re-enqueued %s image(s) left received or waiting for a model", sent)
