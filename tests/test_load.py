@@ -101,3 +101,22 @@ def test_two_thousand_files_at_once(tmp_path):
               f"{w_last / 1024:.0f} MiB, peak {w_peak / 1024:.0f} MiB")
         assert w_last <= w_first * 1.25 + SLACK_KIB, (w_first, w_last)
         assert w_peak < 600 * 1024
+
+
+def test_two_worker_processes_share_a_burst_without_doing_an_image_twice(tmp_path):
+    """Batches take other images' rows, whose tasks then reach the other process: each such
+    task must wait for the live holder, never take the row over (no second attempt)."""
+    files = 240
+    env = {"CXR_BATCH_SIZE": "8", "CXR_BATCH_WAIT_MS": "50"}
+    with pipeline_session(tmp_path, env=env, concurrency=2) as p:
+        register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")
+        names = [f"pair-{i:04d}.png" for i in range(files)]
+        for i, name in enumerate(names):
+            drop(p.inbox, name, _unique_png(i))
+        p.wait_final(names, timeout=300)
+        assert p.count("SELECT count(*) FROM images WHERE status = 'done'") == files
+        assert p.count("SELECT count(*) FROM predictions") == files
+        assert p.count("SELECT max(attempts) FROM images") == 1, "an image was taken over"
+        holders = p.count("SELECT count(DISTINCT claimed_by) FROM images")
+        assert holders == 2, f"both worker processes should have claimed images ({holders})"
+        assert "taking it over" not in p.log("worker")
