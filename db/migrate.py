@@ -1,6 +1,7 @@
 """Alembic, driven from code: upgrade, downgrade, and the schema-behind guard.
 
-Every command that touches the database calls ``check_schema`` first, so an old database
+Every command that touches the database calls ``check_schema`` first (``ensure_schema`` for
+the ones that create things, which also set up a brand-new database), so an old database
 fails with the command that fixes it instead of a confusing SQL error later.
 """
 
@@ -48,6 +49,22 @@ def downgrade(url: str, revision: str = "base") -> None:
 def is_fresh(url: str) -> bool:
     """True for a database that has never been migrated (safe to upgrade without asking)."""
     return current_revision(url) is None
+
+
+def ensure_schema(url: str) -> bool:
+    """Check the schema; a brand-new database is upgraded automatically. True if upgraded.
+
+    Commands that create things (``cxr up``, ``cxr train``, ``cxr models import``) start from
+    an empty data dir without a separate step; an old schema still refuses, naming the fix.
+    """
+    try:
+        check_schema(url)
+        return False
+    except SchemaBehindError:
+        if not is_fresh(url):
+            raise
+    upgrade(url)
+    return True
 
 
 def check_schema(url: str) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from db.migrate import ensure_schema
 from worker.supervisor import (
     CXR_COMMAND,
     BrokerUnavailableError,
     ChildSpec,
     Supervisor,
     broker_answers,
-    ensure_schema,
     private_redis,
 )
 

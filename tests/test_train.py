@@ -151,12 +151,28 @@ def test_cli_trains_both_stages_promotes_and_fine_tunes_from_a_version(
 
 
 def test_cli_refuses_a_database_behind(empty_db_url, tmp_path, monkeypatch, capsys):
+    from db.migrate import current_revision, upgrade
     from worker.cli import main
 
+    upgrade(empty_db_url, "0001")
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("CXR_DATABASE_URL", empty_db_url)
     assert main(["train", "--data", str(tmp_path), "--backbone", "smallcnn"]) == 2
     assert "cxr db upgrade" in capsys.readouterr().err
+    assert current_revision(empty_db_url) == "0001", "an old schema is never upgraded silently"
+
+
+def test_cli_gives_a_brand_new_database_its_schema(tmp_path, monkeypatch, capsys):
+    from db.migrate import current_revision, head_revision
+    from worker.cli import main
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("CXR_DATABASE_URL", url)
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--backbone", "smallcnn"]) == 2
+    out = capsys.readouterr()
+    assert "created the database schema" in out.out and "nowhere" in out.err
+    assert current_revision(url) == head_revision()
 
 
 def test_head_split_shares_layers_with_the_model():

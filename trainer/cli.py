@@ -104,10 +104,11 @@ def cmd_synth(args: argparse.Namespace, settings) -> int:
 
 
 def cmd_models_import(args: argparse.Namespace, settings) -> int:
-    from db.migrate import check_schema
+    from db.migrate import ensure_schema
     from trainer.importer import import_model
 
-    check_schema(settings.db_url)
+    if ensure_schema(settings.db_url):
+        print("created the database schema (first use of this database)")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     version = import_model(
         args.file, stage=args.stage, class_names=classes, input_size=args.input_size,
@@ -149,10 +150,11 @@ def resolve_init_from(value: str | None, stage: str, settings):
 
 
 def cmd_train(args: argparse.Namespace, settings) -> int:
-    from db.migrate import check_schema
+    from db.migrate import ensure_schema
     from worker.exceptions import CxrError
 
-    check_schema(settings.db_url)
+    if ensure_schema(settings.db_url):
+        print("created the database schema (first use of this database)")
     from trainer.backbones import get_spec
     from trainer.data import (
         dataset_fingerprint,

@@ -182,23 +182,21 @@ def split_head(model, base):
     return features, keras.Model(inputs, x, name="head")
 
 
+@tf.function(reduce_retracing=True)
+def _infer(model, x):
+    """One compiled function for every model: a new ``tf.function`` per call would trace anew
+    each time (and TensorFlow warns about it); here each model traces once or twice."""
+    return model(x, training=False)
+
+
 def predict_scores(model, dataset: tf.data.Dataset) -> np.ndarray:
     """Positive-class probabilities for a dataset, via one compiled function (no ``predict``)."""
-
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        return model(x, training=False)
-
-    chunks = [np.asarray(step(x)).reshape(-1) for x, _ in dataset]
+    chunks = [np.asarray(_infer(model, x)).reshape(-1) for x, _ in dataset]
     return np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.float32)
 
 
 def _features(features_model, dataset: tf.data.Dataset) -> np.ndarray:
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        return features_model(x, training=False)
-
-    return np.concatenate([np.asarray(step(x)) for x, _ in dataset])
+    return np.concatenate([np.asarray(_infer(features_model, x)) for x, _ in dataset])
 
 
 def _timed_image_batches(model, dataset: tf.data.Dataset, steps: int, n_batches: int) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.exceptions import CxrError, SchemaBehindError
+from worker.exceptions import CxrError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -193,20 +193,6 @@ def private_redis(url: str, data_dir: Path) -> ChildSpec:
     return ChildSpec("redis", [server, str(config)])
 
 
-def ensure_schema(url: str) -> bool:
-    """Check the schema; a brand-new database is upgraded automatically. True if upgraded."""
-    from db.migrate import check_schema, is_fresh, upgrade
-
-    try:
-        check_schema(url)
-        return False
-    except SchemaBehindError:
-        if not is_fresh(url):
-            raise
-    upgrade(url)
-    return True
-
-
 def child_env(settings: Settings) -> dict[str, str]:
     """Environment for children: the same settings, with paths made absolute."""
     env = dict(os.environ)
@@ -270,6 +256,8 @@ def up(settings: Settings, *, flower: bool = True, polling: bool = False,
         print(f"cxr up: started a private redis-server (pid {redis_proc.pid})", flush=True)
         _wait_for_broker(settings.broker_url, lambda: redis_proc.poll() is None)
     try:
+        from db.migrate import ensure_schema
+
         if ensure_schema(settings.db_url):
             print("cxr up: created the database schema", flush=True)
         specs = child_specs(settings, flower=flower, polling=polling, concurrency=concurrency)
