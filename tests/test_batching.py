@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers_pipeline import SHARED_REDIS, shared_redis
+from helpers_pipeline import SHARED_REDIS, shared_redis, stop_process
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
@@ -300,12 +299,7 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
             raise AssertionError(log_path.read_text()[-3000:])
         time.sleep(1.0)  # the last no-op deliveries
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_process(worker, timeout=30)
         client.delete(queue, *client.keys(f"*{queue}*"))
         client.close()
     text = log_path.read_text()
