@@ -13,15 +13,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Image, ImageStatus, Label, Prediction, utcnow
-
-FINAL_STATUSES = (ImageStatus.DONE, ImageStatus.REJECTED, ImageStatus.FAILED)
-OPEN_STATUSES = (
-    ImageStatus.RECEIVED,
-    ImageStatus.QUEUED,
-    ImageStatus.PROCESSING,
-    ImageStatus.WAITING_MODEL,
-)
+from db.models import Image, Prediction, utcnow
+from db.vocabulary import FINAL_STATUSES, OPEN_STATUSES, ImageStatus, Label
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from db.session import get_engine
-from worker.exceptions import SchemaBehindError
+from db.exceptions import SchemaBehindError
+from db.session import get_engine, redacted_url
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -73,7 +73,7 @@ def check_schema(url: str) -> None:
     head = head_revision()
     if current == head:
         return
-    where = _redacted(url)
+    where = redacted_url(url)
     if current is None:
         raise SchemaBehindError(
             f"the database at {where} has no cxr-triage schema yet. Run: cxr db upgrade"
@@ -82,9 +82,3 @@ def check_schema(url: str) -> None:
         f"the database at {where} is at schema {current}, this code needs {head}. "
         "Run: cxr db upgrade"
     )
-
-
-def _redacted(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

@@ -6,7 +6,6 @@ The ``results`` view (see migrations) joins them into one readable row per recei
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -23,37 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.vocabulary import ImageStatus, ModelStatus
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-class ImageStatus(StrEnum):
-    RECEIVED = "received"
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    DONE = "done"
-    WAITING_MODEL = "waiting_model"
-    REJECTED = "rejected"
-    FAILED = "failed"
-
-
-class Stage(StrEnum):
-    PNEUMONIA = "pneumonia"
-    INFECTION = "infection"
-
-
-class ModelStatus(StrEnum):
-    CANDIDATE = "candidate"
-    PRODUCTION = "production"
-    ARCHIVED = "archived"
-
-
-class Label(StrEnum):
-    NORMAL = "NORMAL"
-    BACTERIA = "BACTERIA"
-    VIRUS = "VIRUS"
-    PNEUMONIA = "PNEUMONIA"
 
 
 class Base(DeclarativeBase):

@@ -15,8 +15,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from db.models import ModelStatus, ModelVersion, Stage, utcnow
-from worker.exceptions import CxrError, ModelNotFoundError
+from db.exceptions import CxrError, ModelNotFoundError
+from db.models import ModelVersion, utcnow
+from db.vocabulary import ModelStatus, Stage
 
 VERSION_RETRIES = 20
 T = TypeVar("T")

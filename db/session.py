@@ -24,6 +24,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password hidden: the only form in which a URL is printed or logged."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return "(unparsable URL)"
+
+
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; SQLite files get their folder created and the pragmas above."""
     if url.startswith("sqlite"):

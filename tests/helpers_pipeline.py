@@ -460,21 +460,15 @@ def drop(inbox: Path, name: str, data: bytes) -> Path:
 
 
 def register_bundle(db_url: str, models_dir: Path, stage: str, model, **manifest_extra) -> int:
-    """Register and promote ``model`` (any Keras model, raw RGB 32 px in, sigmoid out)."""
-    from db import registry
-    from db.session import session_scope
-    from trainer.bundle import bundle_sha256, save_bundle
-    from trainer.testing import tiny_manifest
+    """Publish and promote ``model`` (any Keras model, raw RGB 32 px in, sigmoid out)."""
+    from helpers_models import tiny_manifest
 
-    with session_scope(db_url) as session:
-        mv = registry.register_version(session, stage=stage, backbone="tiny", metrics={},
-                                       params={"test": True}, code_version="test")
-        manifest = tiny_manifest(stage, mv.version, int(model.inputs[0].shape[1]),
-                                 **manifest_extra)
-        directory = save_bundle(model, manifest, Path(models_dir) / mv.bundle_path)
-        mv.bundle_sha256 = bundle_sha256(directory)
-        registry.promote(session, stage, mv.version)
-        return mv.version
+    from trainer.publish import publish_model
+
+    manifest = tiny_manifest(stage, 0, int(model.inputs[0].shape[1]), params={"test": True},
+                             code_version="test", **manifest_extra)
+    return publish_model(model, manifest, models_dir=models_dir, db_url=db_url,
+                         promote=True).version
 
 
 def build_slow_model(input_size: int = 32, upsample: int = 32, layers: int = 4):
@@ -538,8 +532,7 @@ def _crash_layer_class():
 def build_crash_model(input_size: int = 32):
     """The tiny brightness model with ``CrashOnBright`` in front (bright images kill the worker)."""
     import keras
-
-    from trainer.testing import build_tiny_model
+    from helpers_models import build_tiny_model
 
     tiny = build_tiny_model(input_size)
     inputs = keras.Input((input_size, input_size, 3))

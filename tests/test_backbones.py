@@ -6,13 +6,13 @@ import urllib.error
 
 import numpy as np
 import pytest
-
-from trainer.testing import limit_tf_threads
+from helpers_models import limit_tf_threads
 
 limit_tf_threads()
 
 import keras  # noqa: E402
 
+from db.exceptions import WeightsUnavailableError  # noqa: E402
 from trainer.backbones import (  # noqa: E402
     BACKBONES,
     build_classifier,
@@ -22,7 +22,6 @@ from trainer.backbones import (  # noqa: E402
     weights_file_name,
 )
 from trainer.preprocessing import Preprocess  # noqa: E402
-from worker.exceptions import WeightsUnavailableError  # noqa: E402
 
 SLOW = {"xception", "inceptionv3", "densenet121", "resnet50", "resnet50v2", "efficientnetb0"}
 REQUIRED = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import (
     POSTGRES_URL,
     drop,
@@ -24,8 +25,6 @@ from helpers_pipeline import (
     wait_until,
 )
 from PIL import Image
-
-from trainer.testing import register_tiny_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

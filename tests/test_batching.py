@@ -17,14 +17,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import SHARED_REDIS, shared_redis, stop_process
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
 from db import images
-from db.models import Image, ImageStatus, Label, Prediction
+from db.models import Image, Prediction
 from db.session import session_scope
-from trainer.testing import register_tiny_bundle
+from db.vocabulary import ImageStatus, Label
 from worker.inference import ModelCache
 from worker.intake import intake_file
 from worker.settings import Settings
@@ -318,9 +319,9 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
 
 def test_forward_passes_use_power_of_two_batches(tmp_path):
     import numpy as np
+    from helpers_models import make_tiny_bundle
 
     from trainer.bundle import load_bundle
-    from trainer.testing import make_tiny_bundle
     from worker.inference import bucket_sizes, predict_in_buckets, warm_up
 
     assert bucket_sizes(13) == [8, 4, 1] and bucket_sizes(16) == [16] and bucket_sizes(0) == []

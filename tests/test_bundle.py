@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import pytest
-
-from trainer.testing import limit_tf_threads
+from helpers_models import limit_tf_threads
 
 limit_tf_threads()
 
 import keras  # noqa: E402
+from helpers_models import make_tiny_bundle, tiny_probability  # noqa: E402
 
+from db.exceptions import ModelNotFoundError  # noqa: E402
 from trainer.bundle import (  # noqa: E402
     Manifest,
     bundle_sha256,
@@ -20,8 +21,6 @@ from trainer.bundle import (  # noqa: E402
     save_bundle,
 )
 from trainer.preprocessing import BACKBONE_MODES, Preprocess, resolve_mode  # noqa: E402
-from trainer.testing import make_tiny_bundle, tiny_probability  # noqa: E402
-from worker.exceptions import ModelNotFoundError  # noqa: E402
 
 APPLICATION_PREPROCESS = {
     "vgg16": keras.applications.vgg16.preprocess_input,
@@ -239,9 +238,10 @@ def test_lambda_models_are_refused_in_safe_mode(tmp_path):
 
 
 def test_register_tiny_bundle_registers_promotes_and_hashes(db_url, tmp_path):
+    from helpers_models import register_tiny_bundle
+
     from db import registry
     from db.session import session_scope
-    from trainer.testing import register_tiny_bundle
 
     first = register_tiny_bundle(db_url, tmp_path, "pneumonia")
     second = register_tiny_bundle(db_url, tmp_path, "pneumonia", promote=False, bias=1.0)

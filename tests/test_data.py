@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from db.exceptions import DatasetError
+from db.vocabulary import CASCADE_CLASSES
 from trainer import data
-from worker.exceptions import DatasetError
 
 
 def _jpeg(path: Path, value: int = 128, size: int = 40, mode: str = "L") -> None:
@@ -101,7 +102,7 @@ def test_no_patient_in_two_splits_and_stratified(tmp_path_factory, seed):
     assert not groups["val"] & groups["test"]
     assert len(splits.train) + len(splits.val) + len(splits.test) == len(records)
     assert all(r.split == "test" for r in splits.test)
-    for label in data.LABELS3:
+    for label in CASCADE_CLASSES:
         pool = sum(r.label3 == label for r in records if r.split != "test")
         in_val = sum(r.label3 == label for r in splits.val)
         assert 0 < in_val < pool, label

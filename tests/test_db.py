@@ -9,11 +9,12 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from db import registry
+from db.exceptions import CxrError, ModelNotFoundError, SchemaBehindError
 from db.migrate import check_schema, current_revision, downgrade, head_revision, upgrade
-from db.models import Image, ImageStatus, ModelStatus, ModelVersion, Prediction
+from db.models import Image, ModelVersion, Prediction
 from db.results import RESULT_COLUMNS, count_by, list_results
 from db.session import get_engine, session_scope
-from worker.exceptions import CxrError, ModelNotFoundError, SchemaBehindError
+from db.vocabulary import ImageStatus, ModelStatus
 
 
 def test_migrations_build_exactly_the_models(db_url):

@@ -9,8 +9,9 @@ import json
 import pytest
 
 from db import registry
-from db.models import Image, ImageStatus
+from db.models import Image
 from db.session import session_scope
+from db.vocabulary import ImageStatus
 from worker.cli import main
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from worker.decode import (
+from db.exceptions import BadImageError
+from trainer.decode import (
     MIN_SIDE,
     declared_size,
     decode_bytes,
@@ -28,7 +29,6 @@ from worker.decode import (
     sniff,
     sniff_bytes,
 )
-from worker.exceptions import BadImageError
 
 SIZE = 32
 LIMIT = 60_000_000
@@ -333,8 +333,8 @@ def test_unreadable_file_is_permission_denied(tmp_path):
         pytest.skip("running as root without setpriv: root can read a chmod 000 file")
     drop = "-dac_override,-dac_read_search"
     code = (
-        "import json, sys; from pathlib import Path; from worker.decode import decode_image\n"
-        "from worker.exceptions import BadImageError\nout = []\n"
+        "import json, sys; from pathlib import Path; from trainer.decode import decode_image\n"
+        "from db.exceptions import BadImageError\nout = []\n"
         "for name in sys.argv[1:]:\n"
         "    try: out.append(decode_image(Path(name), 32, 10**6).shape[0])\n"
         "    except BadImageError as e: out.append(str(e))\n"

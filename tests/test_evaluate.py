@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from trainer import evaluate
+from trainer.cascade import cascade_labels
 
 Y = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8, 0.9, 0.7, 0.65, 0.3, 0.85, 0.95]
@@ -77,7 +78,10 @@ def test_cascade_three_class():
     labels = ["NORMAL", "NORMAL", "BACTERIA", "BACTERIA", "VIRUS", "VIRUS"]
     p1 = [0.1, 0.8, 0.9, 0.2, 0.9, 0.7]
     p2 = [0.9, 0.1, 0.3, 0.9, 0.8, 0.2]
-    assert evaluate.cascade_labels(p1, p2, 0.5, 0.5).tolist() == [0, 1, 1, 0, 2, 1]
+    assert cascade_labels(p1, p2, 0.5, 0.5) == [
+        "NORMAL", "BACTERIA", "BACTERIA", "NORMAL", "VIRUS", "BACTERIA"
+    ]
+    assert cascade_labels(p1, None, 0.5, None)[:2] == ["NORMAL", "PNEUMONIA"]
     out = evaluate.evaluate_cascade(labels, p1, p2, 0.5, 0.5)
     assert out["confusion"] == [[1, 1, 0], [1, 1, 0], [0, 1, 1]]
     assert out["accuracy"] == pytest.approx(3 / 6)

@@ -11,6 +11,7 @@ import signal
 import time
 
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import (
     CRASH_EXIT_CODE,
     POSTGRES_URL,
@@ -25,8 +26,6 @@ from helpers_pipeline import (
     postgres_schema_url,
     wait_until,
 )
-
-from trainer.testing import register_tiny_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

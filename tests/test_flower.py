@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from db.exceptions import FlowerConfigError
 from worker.cli import build_parser
 from worker.flower import (
-    FlowerConfigError,
     check_flower_settings,
     flower_command,
     flower_env,

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from trainer.testing import limit_tf_threads
+from helpers_models import limit_tf_threads
 
 limit_tf_threads()
 
 import keras  # noqa: E402
 
 from db import registry  # noqa: E402
+from db.exceptions import ImportModelError  # noqa: E402
 from db.session import session_scope  # noqa: E402
 from trainer.bundle import bundle_sha256, load_bundle  # noqa: E402
-from trainer.data import file_sha256  # noqa: E402
-from trainer.importer import ImportModelError, import_model  # noqa: E402
+from trainer.checksum import sha256_file  # noqa: E402
+from trainer.importer import import_model  # noqa: E402
 
 SIZE = 16
 
@@ -60,7 +60,7 @@ def test_import_matches_manual_preprocessing(
         row = registry.get_version(session, "infection", 1)
         assert row.status == "candidate" and row.backbone == "imported"
         assert row.params["source_file"] == src.name
-        assert row.params["source_sha256"] == file_sha256(src)
+        assert row.params["source_sha256"] == sha256_file(src)
         directory = models_dir / row.bundle_path
         assert row.bundle_sha256 == bundle_sha256(directory)
     bundle = load_bundle(directory)

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_models import make_tiny_bundle, register_tiny_bundle, tiny_probability
 from PIL import Image as PILImage
 
 from db import images, registry
-from db.models import Image, ImageStatus, Label, Prediction
+from db.models import Image, Prediction
 from db.session import session_scope
+from db.vocabulary import ImageStatus, Label
 from trainer.bundle import load_bundle
-from trainer.testing import make_tiny_bundle, register_tiny_bundle, tiny_probability
-from worker.inference import (
-    ModelCache,
-    StageModel,
-    classify_arrays,
-    positive_probability,
-)
+from trainer.cascade import positive_probability
+from worker.inference import ModelCache, StageModel, classify_arrays
 from worker.intake import intake_file
 from worker.settings import Settings
 from worker.tasks import process_image
@@ -161,7 +158,8 @@ def test_prediction_upsert_never_writes_twice(settings):
 
 
 def test_cxr_classify_prints_labels_versions_and_disclaimer(settings, monkeypatch, capsys):
-    from worker.cli import DISCLAIMER, main
+    from db.vocabulary import DISCLAIMER
+    from worker.cli import main
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=-20.0)

@@ -13,11 +13,12 @@ import sys
 import textwrap
 
 import pytest
+from helpers_models import register_tiny_bundle
 
 from db import images
-from db.models import Image, ImageStatus
+from db.models import Image
 from db.session import session_scope
-from trainer.testing import register_tiny_bundle
+from db.vocabulary import ImageStatus
 from worker.intake import (
     adopt_pending,
     archive_relpath,

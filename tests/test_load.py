@@ -11,9 +11,8 @@ import statistics
 import threading
 
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import child_pids, drop, pipeline_session, rss_kib, wait_until
-
-from trainer.testing import register_tiny_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import (
     POSTGRES_URL,
     ROOT,
@@ -27,9 +28,9 @@ from helpers_pipeline import (
 )
 from sqlalchemy import update
 
-from db.models import Image, ImageStatus, Label, ModelStatus, ModelVersion
+from db.models import Image, ModelVersion
 from db.session import dispose_engines, session_scope
-from trainer.testing import register_tiny_bundle
+from db.vocabulary import ImageStatus, Label, ModelStatus
 from worker.supervisor import CXR_COMMAND
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

@@ -15,9 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers_models import register_tiny_bundle
 from helpers_pipeline import drop, pipeline_session, png_bytes, wait_until
-
-from trainer.testing import register_tiny_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

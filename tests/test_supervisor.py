@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from db.exceptions import BrokerUnavailableError
 from db.migrate import ensure_schema
 from worker.supervisor import (
     CXR_COMMAND,
-    BrokerUnavailableError,
     ChildSpec,
     Supervisor,
     broker_answers,
@@ -141,10 +141,10 @@ def test_brand_new_sqlite_database_is_created(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_cxr_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
+    from helpers_models import register_tiny_bundle
     from sqlalchemy import text
 
     from db.session import dispose_engines, session_scope
-    from trainer.testing import register_tiny_bundle
 
     port = _free_port()
     data = tmp_path / "var"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from db.exceptions import DatasetError
 from trainer.synth import (
     MARKER,
     README,
@@ -18,7 +19,6 @@ from trainer.synth import (
     plan_dataset,
     render_xray,
 )
-from worker.exceptions import DatasetError
 
 PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_\d+\.jpeg$")
 NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d{4})-\d{4}\.jpeg$")

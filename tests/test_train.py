@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from trainer.testing import limit_tf_threads
+from helpers_models import limit_tf_threads
 
 limit_tf_threads(2)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from db import images
-from db.models import Image, ImageStatus
+from db.models import Image
 from db.session import session_scope
+from db.vocabulary import ImageStatus
 from worker.filters import is_candidate
 from worker.settings import Settings
 from worker.stability import StabilityTracker, file_signature

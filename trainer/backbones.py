@@ -14,8 +14,8 @@ from pathlib import Path
 
 import keras
 
+from db.exceptions import WeightsUnavailableError
 from trainer.preprocessing import BACKBONE_MODES, Preprocess
-from worker.exceptions import WeightsUnavailableError
 
 MOBILENET_V2_ROWS = (96, 128, 160, 192, 224)
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from worker.exceptions import ModelNotFoundError
+from db.exceptions import ModelNotFoundError
+from trainer.checksum import hash_stream
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
@@ -138,8 +139,7 @@ def bundle_sha256(directory: Path) -> str:
     for name in (MODEL_FILE, MANIFEST_FILE):
         digest.update(name.encode() + b"\0")
         with open(Path(directory) / name, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+            hash_stream(fh, digest)
     return digest.hexdigest()
 
 
@@ -183,12 +183,18 @@ class LoadedBundle:
         return f"LoadedBundle({self.manifest.stage}/v{self.manifest.version}, {self.directory})"
 
 
-def load_bundle(directory: Path) -> LoadedBundle:
-    """Load a bundle in safe mode; a missing or unreadable one raises ModelNotFoundError."""
+def load_keras_model(path: Path | str):
+    """Load a ``.keras`` (or ``.h5``) file uncompiled, in safe mode, with this project's layers
+    registered: the only way a model file is opened, so none can run code on load."""
     import keras
 
     import trainer.preprocessing  # noqa: F401  (registers the Preprocess layer)
 
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+
+
+def load_bundle(directory: Path) -> LoadedBundle:
+    """Load a bundle in safe mode; a missing or unreadable one raises ModelNotFoundError."""
     directory = Path(directory)
     model_path, manifest_path = directory / MODEL_FILE, directory / MANIFEST_FILE
     for path in (model_path, manifest_path):
@@ -200,7 +206,7 @@ def load_bundle(directory: Path) -> LoadedBundle:
         msg = f"model bundle manifest {manifest_path} is invalid: {exc}"
         raise ModelNotFoundError(msg) from exc
     try:
-        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+        model = load_keras_model(model_path)
     except Exception as exc:
         raise ModelNotFoundError(f"model bundle {model_path} cannot be loaded: {exc}") from exc
     try:

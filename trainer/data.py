@@ -15,19 +15,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.exceptions import DatasetError
+from db.exceptions import DatasetError
+from db.vocabulary import CASCADE_CLASSES, Stage
+from trainer.checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 FOLDERS = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
-LABELS3 = ("NORMAL", "BACTERIA", "VIRUS")
-STAGES = ("pneumonia", "infection")
-STAGE_CLASSES: dict[str, list[str]] = {
-    "pneumonia": ["NORMAL", "PNEUMONIA"],
-    "infection": ["BACTERIA", "VIRUS"],
-}
 
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_\d+$", re.IGNORECASE)
 _NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)
@@ -98,7 +94,7 @@ def scan_dataset(root: Path | str) -> list[Record]:
 
 def _check_classes(records: list[Record], where: str) -> None:
     counts = Counter(r.label3 for r in records)
-    empty = [c for c in LABELS3 if counts[c] == 0]
+    empty = [c for c in CASCADE_CLASSES if counts[c] == 0]
     if empty:
         missing = ", ".join(empty)
         raise DatasetError(f"{where} has no {missing} image (class counts: {dict(counts)})")
@@ -160,7 +156,7 @@ def stage_view(records: list[Record], stage: str) -> tuple[list[Path], list[int]
         chosen = [r for r in records if r.label3 != "NORMAL"]
         labels = [1 if r.label3 == "VIRUS" else 0 for r in chosen]
     else:
-        raise DatasetError(f"unknown stage {stage!r} (choose from {', '.join(STAGES)})")
+        raise DatasetError(f"unknown stage {stage!r} (choose from {', '.join(Stage)})")
     return [r.path for r in chosen], labels
 
 
@@ -174,14 +170,6 @@ def class_weights(labels: list[int]) -> dict[int, float]:
     return {c: n / (2.0 * counts[c]) for c in (0, 1)}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def dataset_fingerprint(records: list[Record], root: Path | str) -> str:
     """sha256 over sorted (relative path, content hash): changes when any file or name changes."""
     root = Path(root)
@@ -189,7 +177,7 @@ def dataset_fingerprint(records: list[Record], root: Path | str) -> str:
     for rel, path in sorted((r.path.relative_to(root).as_posix(), r.path) for r in records):
         h.update(rel.encode())
         h.update(b"\0")
-        h.update(file_sha256(path).encode())
+        h.update(sha256_file(path).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -199,7 +187,7 @@ def summarize(splits: Splits) -> dict[str, dict[str, int]]:
     out = {}
     for name in ("train", "val", "test"):
         counts = Counter(r.label3 for r in getattr(splits, name))
-        out[name] = {c: counts[c] for c in LABELS3}
+        out[name] = {c: counts[c] for c in CASCADE_CLASSES}
     return out
 
 

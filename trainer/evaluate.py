@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-CASCADE_CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
+from db.vocabulary import CASCADE_CLASSES
+from trainer.cascade import cascade_labels
+
 BOOTSTRAP_METRICS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auc")
 
 
@@ -137,28 +139,19 @@ def evaluate_binary(
     return metrics
 
 
-def cascade_labels(
-    p_pneumonia, p_virus, pneumonia_threshold: float, infection_threshold: float
-) -> np.ndarray:
-    """The served decision rule: NORMAL below stage-1 threshold, else BACTERIA/VIRUS by stage 2."""
-    p1 = np.asarray(p_pneumonia, dtype=np.float64).ravel()
-    p2 = np.asarray(p_virus, dtype=np.float64).ravel()
-    return np.where(
-        p1 < pneumonia_threshold, 0, np.where(p2 >= infection_threshold, 2, 1)
-    ).astype(int)
-
-
 def evaluate_cascade(
     labels3, p_pneumonia, p_virus, pneumonia_threshold: float, infection_threshold: float
 ) -> dict[str, Any]:
-    """End-to-end three-class result of both stages on the same images.
+    """End-to-end three-class result of both stages on the same images, decided by the rule
+    the workers serve (``trainer.cascade``).
 
     ``labels3`` are names from ``CASCADE_CLASSES`` or their indices.
     """
     truth = np.asarray(
         [CASCADE_CLASSES.index(v) if isinstance(v, str) else int(v) for v in labels3], dtype=int
     )
-    pred = cascade_labels(p_pneumonia, p_virus, pneumonia_threshold, infection_threshold)
+    labels = cascade_labels(p_pneumonia, p_virus, pneumonia_threshold, infection_threshold)
+    pred = np.asarray([CASCADE_CLASSES.index(label) for label in labels], dtype=int)
     m = np.zeros((3, 3), dtype=int)
     np.add.at(m, (truth, pred), 1)
     recall = {c: _ratio(m[i, i], m[i].sum()) for i, c in enumerate(CASCADE_CLASSES)}

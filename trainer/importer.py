@@ -8,38 +8,29 @@ a ``Lambda`` (arbitrary code) is refused.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from trainer.bundle import Manifest, bundle_sha256, load_bundle, save_bundle
-from trainer.data import file_sha256
-from worker.exceptions import CxrError
+from db.exceptions import ImportModelError
+from db.vocabulary import STAGE_CLASSES
+from trainer.bundle import Manifest, load_keras_model
+from trainer.checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".keras", ".h5", ".hdf5")
-DEFAULT_CLASS_NAMES = {"pneumonia": ["NORMAL", "PNEUMONIA"], "infection": ["BACTERIA", "VIRUS"]}
-
-
-class ImportModelError(CxrError):
-    """The model file cannot be imported as declared (the message says why)."""
 
 
 def load_external_model(src: Path):
     """Load ``src`` in safe mode without compiling; errors become ImportModelError."""
-    import keras
-
-    import trainer.preprocessing  # noqa: F401  (registers Preprocess)
-
     src = Path(src)
     if src.suffix.lower() not in SUFFIXES:
         raise ImportModelError(f"{src.name}: expected a .keras or .h5 model file")
     if not src.is_file():
         raise ImportModelError(f"{src} does not exist")
     try:
-        return keras.saving.load_model(src, compile=False, safe_mode=True)
+        return load_keras_model(src)
     except Exception as exc:
         raise ImportModelError(f"cannot load {src.name} in safe mode: {exc}") from exc
 
@@ -98,16 +89,15 @@ def import_model(
     ``preprocess`` is a mode or backbone name (trainer.preprocessing); ``class_names`` defaults
     to the stage's classes, in the model's output order.
     """
-    from db import registry
-    from db.session import session_scope
     from trainer.preprocessing import resolve_mode
+    from trainer.publish import publish_model
 
     src = Path(src)
     try:
         resolve_mode(preprocess)
     except ValueError as exc:
         raise ImportModelError(str(exc)) from None
-    names = list(class_names or DEFAULT_CLASS_NAMES.get(stage, []))
+    names = list(class_names or STAGE_CLASSES.get(stage, ()))
     if len(names) != 2:
         raise ImportModelError(f"need exactly 2 class names in output order, got {names}")
     model = load_external_model(src)
@@ -115,38 +105,17 @@ def import_model(
     params = {
         "imported": True,
         "source_file": src.name,
-        "source_sha256": file_sha256(src),
+        "source_sha256": sha256_file(src),
         "preprocessing": preprocess,
         "output": output,
     }
-    directory: Path | None = None
-    try:
-        with session_scope(db_url) as session:
-            mv = registry.register_version(
-                session, stage=stage, backbone="imported", metrics={}, params=params
-            )
-            manifest = Manifest(
-                stage=mv.stage,
-                version=mv.version,
-                class_names=names,
-                input_size=input_size,
-                threshold=threshold,
-                backbone="imported",
-                preprocessing=preprocess,
-                preprocessing_in_model=False,
-                output=output,
-                params=params,
-                code_version=mv.code_version,
-            )
-            directory = save_bundle(model, manifest, Path(models_dir) / mv.bundle_path)
-            load_bundle(directory)
-            mv.bundle_sha256 = bundle_sha256(directory)
-            if promote:
-                registry.promote(session, mv.stage, mv.version)
-            version = mv.version
-    except BaseException:
-        if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
-        raise
-    log.info("imported %s as %s/v%d", src.name, stage, version)
-    return version
+    manifest = Manifest(
+        stage=stage, version=0, class_names=names, input_size=input_size, threshold=threshold,
+        backbone="imported", preprocessing=preprocess, preprocessing_in_model=False,
+        output=output, params=params,
+    )
+    published = publish_model(
+        model, manifest, models_dir=models_dir, db_url=db_url, promote=promote, verify_load=True
+    )
+    log.info("imported %s as %s", src.name, published.name)
+    return published.version

@@ -20,8 +20,8 @@ TRAIN_MAX_PIXELS = 200_000_000
 
 
 def _decode_file(path: bytes, img_size: np.ndarray) -> np.ndarray:
-    from worker.decode import decode_image
-    from worker.exceptions import BadImageError, DatasetError
+    from db.exceptions import BadImageError, DatasetError
+    from trainer.decode import decode_image
 
     try:
         return decode_image(Path(path.decode()), int(img_size), TRAIN_MAX_PIXELS)

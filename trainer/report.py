@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-DISCLAIMER = (
-    "**Decision support only, not a medical device.** These figures describe a model on one "
-    "data set; they are not a clinical validation."
+from db.vocabulary import DISCLAIMER
+
+VALIDITY_NOTE = (
+    f"**{DISCLAIMER}** These figures describe a model on one data set; they are not a clinical "
+    "validation."
 )
 SYNTHETIC_NOTE = (
     "**Synthetic data.** This model was trained and tested on generated images; its figures "
@@ -81,5 +83,5 @@ def render_report(metrics: dict[str, Any], params: dict[str, Any], *, synthetic:
         f"- epochs run: {metrics.get('epochs_run')}, seed {params.get('seed')}, "
         f"weights {params.get('weights')}, best validation AUC {_fmt(metrics.get('best_val_auc'))}"
     )
-    lines += ["", DISCLAIMER, ""]
+    lines += ["", VALIDITY_NOTE, ""]
     return "\n".join(lines)

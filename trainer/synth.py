@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from worker.exceptions import DatasetError
+from db.exceptions import DatasetError
 
 MARKER = "SYNTHETIC"
 README = "README.txt"

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,10 +22,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from db.exceptions import DatasetError
+from db.vocabulary import STAGE_CLASSES
 from trainer import evaluate, plots, report
-from trainer.data import STAGE_CLASSES, Splits, class_weights, stage_view
+from trainer.data import Splits, class_weights, stage_view
 from trainer.pipeline import batches, decoded_dataset, make_dataset
-from worker.exceptions import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +143,9 @@ def build_model(config: TrainConfig, init_model_path: Path | None = None):
 
     if init_model_path is None:
         return build_classifier(config.backbone, config.img_size, config.weights)
-    import trainer.preprocessing  # noqa: F401  (registers Preprocess for safe-mode loading)
+    from trainer.bundle import load_keras_model
 
-    model = keras.saving.load_model(init_model_path, compile=False, safe_mode=True)
+    model = load_keras_model(init_model_path)
     size = model.inputs[0].shape[1]
     if size != config.img_size:
         raise DatasetError(
@@ -461,28 +460,6 @@ def _json_safe(value):
     return value
 
 
-def code_version() -> str:
-    """The git commit that trained (``-dirty`` when modified), else the package version."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-            text=True, timeout=5, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-            capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-        return f"{sha}-dirty" if dirty else sha
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return f"cxr-triage {version('cxr-triage')}"
-        except PackageNotFoundError:
-            return "unknown"
-
-
 def publish(
     result: TrainResult,
     *,
@@ -491,52 +468,27 @@ def publish(
     dataset_fingerprint: str | None,
     promote: bool = False,
 ):
-    """Register a version, write its bundle at ``models_dir/<bundle_path>`` with the run's
-    outputs, record the bundle hash, and promote it if asked; all in one transaction.
-
-    Returns the ModelVersion (detached, with its final status).
-    """
-    from db import registry
-    from db.session import session_scope
-    from trainer.bundle import Manifest, bundle_sha256, save_bundle
+    """Register this run's model with its evaluation outputs (``trainer.publish``)."""
+    from trainer.bundle import Manifest
     from trainer.preprocessing import BACKBONE_MODES
+    from trainer.publish import publish_model
 
     config = result.config
-    models_dir = Path(models_dir)
     params = _json_safe(asdict(config))
-    metrics = _json_safe(result.metrics)
-    bundle_dir: Path | None = None
-    try:
-        with session_scope(db_url) as session:
-            mv = registry.register_version(
-                session, stage=config.stage, backbone=config.backbone, metrics=metrics,
-                params=params, dataset_fingerprint=dataset_fingerprint,
-                parent_version=result.parent_version, code_version=code_version(),
-            )
-            manifest = Manifest(
-                stage=config.stage, version=mv.version, class_names=STAGE_CLASSES[config.stage],
-                input_size=config.img_size, threshold=float(result.threshold),
-                backbone=config.backbone,
-                preprocessing=BACKBONE_MODES.get(config.backbone, "none"),
-                preprocessing_in_model=True, output="sigmoid", metrics=metrics, params=params,
-                dataset_fingerprint=dataset_fingerprint, parent_version=result.parent_version,
-                code_version=mv.code_version, synthetic=result.synthetic,
-            )
-            bundle_dir = save_bundle(result.model, manifest, models_dir / mv.bundle_path)
-            for name in OUTPUT_FILES:
-                source = result.out_dir / name
-                if source.exists():
-                    shutil.copy2(source, bundle_dir / name)
-            mv.bundle_sha256 = bundle_sha256(bundle_dir)
-            if promote:
-                mv = registry.promote(session, config.stage, mv.version)
-            session.flush()
-    except BaseException:
-        if bundle_dir is not None and bundle_dir.exists():
-            shutil.rmtree(bundle_dir, ignore_errors=True)
-        raise
-    log.info("registered %s (%s) at %s", mv.name, mv.status, bundle_dir)
-    return mv
+    manifest = Manifest(
+        stage=config.stage, version=0, class_names=list(STAGE_CLASSES[config.stage]),
+        input_size=config.img_size, threshold=float(result.threshold), backbone=config.backbone,
+        preprocessing=BACKBONE_MODES.get(config.backbone, "none"), preprocessing_in_model=True,
+        output="sigmoid", metrics=_json_safe(result.metrics), params=params,
+        dataset_fingerprint=dataset_fingerprint, parent_version=result.parent_version,
+        synthetic=result.synthetic,
+    )
+    published = publish_model(
+        result.model, manifest, models_dir=models_dir, db_url=db_url,
+        extra_files=[result.out_dir / name for name in OUTPUT_FILES], promote=promote,
+    )
+    log.info("registered %s (%s) at %s", published.name, published.status, published.bundle_dir)
+    return published
 
 
 def score_paths(predict, paths: list[Path], img_size: int, batch_size: int = 32) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from db.vocabulary import STAGE_CLASSES, Stage
 from worker.settings import Settings
 
 CEILING_BATCHES = (1, 4, 8, 16, 32)
@@ -138,28 +139,20 @@ def copy_into(inbox: Path, path: Path) -> float:
 
 
 def register_random_bundle(settings: Settings, backbone: str, img_size: int) -> Path:
-    """Build ``backbone`` with random weights, save it as a bundle, register and promote it."""
-    from db import registry
-    from db.session import session_scope
+    """Build ``backbone`` with random weights and publish it as the production pneumonia model."""
     from trainer.backbones import build_classifier, get_spec
-    from trainer.bundle import Manifest, bundle_sha256, save_bundle
+    from trainer.bundle import Manifest
+    from trainer.publish import publish_model
 
     model, _ = build_classifier(backbone, img_size, weights="none")
-    with session_scope(settings.db_url) as session:
-        mv = registry.register_version(
-            session, stage="pneumonia", backbone=backbone, metrics={},
-            params={"bench": True, "weights": "none"}, code_version="bench",
-        )
-        manifest = Manifest(
-            stage="pneumonia", version=mv.version, class_names=["NORMAL", "PNEUMONIA"],
-            input_size=img_size, backbone=backbone, preprocessing=get_spec(backbone).preprocessing,
-            preprocessing_in_model=True, output="sigmoid", synthetic=True,
-            params={"bench": True, "weights": "none"},
-        )
-        directory = save_bundle(model, manifest, settings.models_path / mv.bundle_path)
-        mv.bundle_sha256 = bundle_sha256(directory)
-        registry.promote(session, "pneumonia", mv.version)
-    return directory
+    manifest = Manifest(
+        stage=Stage.PNEUMONIA, version=0, class_names=list(STAGE_CLASSES[Stage.PNEUMONIA]),
+        input_size=img_size, backbone=backbone, preprocessing=get_spec(backbone).preprocessing,
+        preprocessing_in_model=True, output="sigmoid", synthetic=True,
+        params={"bench": True, "weights": "none"}, code_version="bench",
+    )
+    return publish_model(model, manifest, models_dir=settings.models_path,
+                         db_url=settings.db_url, promote=True).bundle_dir
 
 
 # --- in-process measurements ----------------------------------------------------------------

@@ -16,15 +16,11 @@ import sys
 from collections.abc import Mapping
 from typing import NoReturn
 
-from worker.exceptions import CxrError
+from db.exceptions import FlowerConfigError
 from worker.settings import Settings
 
 PURGE_OFFLINE_WORKERS_S = 300
 """Seconds after which Flower forgets a worker that went offline (restarts give new names)."""
-
-
-class FlowerConfigError(CxrError):
-    """Flower settings that would be unsafe or that Flower would misread."""
 
 
 def is_loopback(address: str) -> bool:

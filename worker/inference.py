@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from db.models import Label, Stage
+from db.vocabulary import POSITIVE_CLASS, Label, Stage
+from trainer.cascade import cascade_labels, positive_probability, positive_threshold
 
 log = logging.getLogger(__name__)
 
 WARM_UP_BUDGET_S = 10.0
-PNEUMONIA_CLASS = "PNEUMONIA"
-VIRUS_CLASS = "VIRUS"
 
 
 @dataclass(frozen=True)
@@ -55,16 +54,6 @@ class CascadeResult:
     label: Label
     p_pneumonia: float
     p_virus: float | None
-
-
-def positive_probability(proba: np.ndarray, class_names: list[str], positive: str) -> np.ndarray:
-    """p(positive) from ``predict_proba`` (which gives p(class_names[1])), whatever the order."""
-    names = [name.upper() for name in class_names]
-    if names[1] == positive:
-        return proba
-    if names[0] == positive:
-        return 1.0 - proba
-    raise ValueError(f"model classes {class_names} do not include {positive}")
 
 
 def bucket_sizes(n: int) -> list[int]:
@@ -101,14 +90,12 @@ def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S) -> list[
     return warmed
 
 
-def _decide(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, np.ndarray]:
-    """(p_positive, is_positive) with the manifest's threshold on p(class_names[1])."""
-    manifest = stage.bundle.manifest
-    proba = np.asarray(predict_in_buckets(stage.bundle, batch), dtype=np.float64).reshape(-1)
-    second_is_positive = manifest.class_names[1].upper() == positive
-    is_second = proba >= stage.threshold
-    is_positive = is_second if second_is_positive else ~is_second
-    return positive_probability(proba, manifest.class_names, positive), is_positive
+def _positive(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, float]:
+    """(p(positive) per image, the manifest's threshold on that probability)."""
+    names = stage.bundle.manifest.class_names
+    proba = predict_in_buckets(stage.bundle, batch)
+    return (positive_probability(proba, names, positive),
+            positive_threshold(stage.threshold, names, positive))
 
 
 def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
@@ -124,29 +111,24 @@ def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
 def classify_arrays(
     batch: np.ndarray, pneumonia: StageModel, infection: StageModel | None
 ) -> list[CascadeResult]:
-    """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each."""
+    """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each; the
+    labels come from the cascade rule the trainer evaluates with (``trainer.cascade``)."""
     batch = np.asarray(batch)
     if batch.ndim != 4:
         raise ValueError(f"expected (N, S, S, 3) pixels, got shape {batch.shape}")
-    p_pneu, is_pneu = _decide(pneumonia, resize_batch(batch, pneumonia.input_size), PNEUMONIA_CLASS)
-    p_virus: list[float | None] = [None] * len(batch)
-    is_virus = [False] * len(batch)
-    positives = np.flatnonzero(is_pneu)
+    p_pneu, t_pneu = _positive(pneumonia, resize_batch(batch, pneumonia.input_size),
+                               POSITIVE_CLASS[Stage.PNEUMONIA])
+    p_virus = np.full(len(batch), np.nan)
+    t_virus = None
+    positives = np.flatnonzero(p_pneu >= t_pneu)
     if infection is not None and positives.size:
         second = resize_batch(batch[positives], infection.input_size)
-        pv, iv = _decide(infection, second, VIRUS_CLASS)
-        for k, i in enumerate(positives):
-            p_virus[i], is_virus[i] = float(pv[k]), bool(iv[k])
-    results = []
-    for i in range(len(batch)):
-        if not is_pneu[i]:
-            label = Label.NORMAL
-        elif infection is None:
-            label = Label.PNEUMONIA
-        else:
-            label = Label.VIRUS if is_virus[i] else Label.BACTERIA
-        results.append(CascadeResult(label, float(p_pneu[i]), p_virus[i]))
-    return results
+        p_virus[positives], t_virus = _positive(infection, second, POSITIVE_CLASS[Stage.INFECTION])
+    labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
+    return [
+        CascadeResult(label, float(p1), None if np.isnan(p2) else float(p2))
+        for label, p1, p2 in zip(labels, p_pneu, p_virus, strict=True)
+    ]
 
 
 def configure_tensorflow(threads: int | None = None) -> None:

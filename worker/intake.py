@@ -11,7 +11,6 @@ reconcile pass records the file (``adopt_pending``). Nothing taken from the inbo
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from db import images
-from db.models import ImageStatus, Stage
 from db.session import session_scope
+from db.vocabulary import ImageStatus, Stage
+from trainer.checksum import sha256_file
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ Enqueue = Callable[[int, str], None]
 RECEIVED_GRACE_SECONDS = 10.0
 PENDING_MIN_AGE_SECONDS = 60.0
 """A pending note this old belongs to a watcher that died (an intake takes milliseconds)."""
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,6 @@ class IntakeResult:
     image_id: int
     file_name: str
     status: str
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def archive_relpath(sha256: str, suffix: str) -> Path:

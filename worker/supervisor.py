@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker.exceptions import CxrError
+from db.exceptions import BrokerUnavailableError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", ""})
 REDIS_START_TIMEOUT_S = 10.0
 CXR_COMMAND = [sys.executable, "-c", "import sys; from worker.cli import main; sys.exit(main())"]
 """Runs ``cxr`` with this interpreter (no dependence on the console script being on PATH)."""
-
-
-class BrokerUnavailableError(CxrError):
-    """Nothing answers at the broker URL and no private Redis can be started."""
 
 
 @dataclass

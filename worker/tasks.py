@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from db import images
-from db.images import FINAL_STATUSES, Claim, Held
-from db.models import Stage
+from db.exceptions import BadImageError
+from db.images import Claim, Held
 from db.session import session_scope
+from db.vocabulary import FINAL_STATUSES, Stage
 from worker.celery_app import CLASSIFY_TASK, THREADS_ENV, app, settings
-from worker.exceptions import BadImageError
 from worker.inference import ModelCache, classify_arrays
 from worker.settings import Settings
 
@@ -250,7 +250,7 @@ def run_batch(
 
 
 def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache) -> dict[int, str]:
-    from worker.decode import decode_many
+    from trainer.decode import decode_many
 
     url = settings.db_url
     with session_scope(url) as session:

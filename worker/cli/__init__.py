@@ -1,9 +1,8 @@
-"""The ``cxr`` command: one argparse parser, subcommands contributed by each package.
+"""The ``cxr`` command: one argparse parser, one module per group of subcommands.
 
-Each module in ``COMMAND_MODULES`` has ``register(subparsers)`` and may have
-``register_models(models_subparsers)`` for `cxr models ...` actions; every handler has the
-signature ``handler(args, settings) -> int``. Heavy imports (TensorFlow) stay inside handlers
-so ``cxr --help`` is instant.
+Each module in ``COMMAND_MODULES`` has ``register(subparsers)``; every handler has the
+signature ``handler(args, settings) -> int``. All parsing and presentation lives in this
+package; heavy imports (TensorFlow) stay inside handlers so ``cxr --help`` is instant.
 """
 
 from __future__ import annotations
@@ -14,17 +13,18 @@ import logging
 import os
 import sys
 
+from db.vocabulary import DISCLAIMER
+
 COMMAND_MODULES = [
     "worker.cli.demo",  # demo
     "worker.cli.pipeline",  # up, watch, worker, classify
     "worker.cli.flower",  # flower
-    "db.cli",  # db upgrade, results, models list/show/promote/rollback
-    "trainer.cli",  # synth, train, models import
+    "worker.cli.db",  # db upgrade|current, results
+    "worker.cli.models",  # models list|show|promote|rollback|import
+    "worker.cli.train",  # synth, train
     "worker.cli.bench",  # bench
     "worker.cli.config",  # settings
 ]
-
-DISCLAIMER = "Decision support only, not a medical device."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,30 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Settings come from CXR_* environment variables or a .env file; see the README.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = []
     for name in COMMAND_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-    for module in modules:
-        module.register(sub)
-    models = sub.add_parser(
-        "models",
-        help="model registry: list, show, promote, rollback, import",
-        description="Versioned model bundles per stage (pneumonia, infection).",
-    )
-    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
-    for module in modules:
-        if hasattr(module, "register_models"):
-            module.register_models(models_sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    from worker.exceptions import CxrError
+    from db.exceptions import CxrError
     from worker.settings import Settings
 
     args = build_parser().parse_args(argv)

@@ -21,13 +21,12 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
+from db.vocabulary import DISCLAIMER, FINAL_STATUSES
 from worker.settings import Settings
 
-FINAL = ("done", "rejected", "failed")
-BANNER = (
-    "cxr demo: models here are trained on SYNTHETIC images in a few minutes. They show how the "
-    "service works and are NOT for clinical use. cxr-triage is decision support, not a medical "
-    "device."
+SYNTHETIC_NOTE = (
+    "Models here are trained on SYNTHETIC images in a few minutes: they show how the service "
+    "works and are NOT for clinical use."
 )
 
 
@@ -53,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from db.migrate import upgrade
 
-    print(BANNER, flush=True)
+    print(f"cxr demo: {SYNTHETIC_NOTE} {DISCLAIMER}", flush=True)
     started = time.monotonic()
     if not settings.flower_basic_auth:
         password = secrets.token_urlsafe(9)
@@ -81,7 +80,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
                   f"kill -INT {stack.pid}")
         else:
             _stop_stack(stack)
-    print(f"\ndemo finished in {_elapsed(started)}. {BANNER.split('. ', 1)[1]}")
+    print(f"\ndemo finished in {_elapsed(started)}. {SYNTHETIC_NOTE} {DISCLAIMER}")
     return 0
 
 
@@ -172,7 +171,7 @@ def _wait_for_results(
         while True:
             with session_scope(settings.db_url) as session:
                 rows = [r for r in list_results(session, limit=None) if r["file_name"] in names]
-            finished = [r for r in rows if r["status"] in FINAL]
+            finished = [r for r in rows if r["status"] in FINAL_STATUSES]
             bar.update(len(finished) - bar.n)
             if len(finished) == len(names):
                 return finished
@@ -188,7 +187,7 @@ def _wait_for_results(
 def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None:
     from sqlalchemy.engine import make_url
 
-    from db.cli import format_results_table
+    from worker.cli.format import format_results_table
 
     rows = sorted(rows, key=lambda r: r["id"])
     print()

@@ -37,10 +37,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from db.exceptions import BadImageError, ModelNotFoundError
     from db.session import session_scope
-    from worker.cli import DISCLAIMER
-    from worker.decode import decode_image
-    from worker.exceptions import BadImageError, ModelNotFoundError
+    from db.vocabulary import DISCLAIMER
+    from trainer.decode import decode_image
     from worker.inference import ModelCache, classify_arrays
 
     with session_scope(settings.db_url) as session:

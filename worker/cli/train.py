@@ -1,4 +1,4 @@
-"""`cxr synth`, `cxr train` and `cxr models import`."""
+"""`cxr synth` and `cxr train`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from db.vocabulary import DISCLAIMER
+
 STAGE_CHOICES = ("pneumonia", "infection", "both")
-DISCLAIMER = "Decision support only, not a medical device."
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,29 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
 
-def register_models(models_sub: argparse._SubParsersAction) -> None:
-    """Adds `cxr models import` to the `models` group created by db.cli."""
-    imp = models_sub.add_parser(
-        "import",
-        help="wrap an existing Keras model (.keras or .h5) as a registered bundle",
-        description="Register a model trained elsewhere so the workers can serve it. Its "
-        "preprocessing is declared (applied by the loader, not inside the model).",
-    )
-    imp.add_argument("file", type=Path, help="a .keras or .h5 model")
-    imp.add_argument("--stage", choices=("pneumonia", "infection"), required=True)
-    imp.add_argument("--classes", required=True,
-                     help="class names in output order, e.g. NORMAL,PNEUMONIA")
-    imp.add_argument("--input-size", type=int, required=True, help="square input size")
-    imp.add_argument("--preprocess", required=True,
-                     help="what the model expects applied to RGB 0-255 pixels: none, scale01, "
-                     "tf, caffe, torch, efficientnet, or a backbone name (vgg16, xception, ...)")
-    imp.add_argument("--logits", action="store_true", help="the model outputs raw logits")
-    imp.add_argument("--threshold", type=float, default=0.5,
-                     help="decision threshold on the probability of the second class")
-    imp.add_argument("--promote", action="store_true", help="make it the production model")
-    imp.set_defaults(func=cmd_models_import)
-
-
 def cmd_synth(args: argparse.Namespace, settings) -> int:
     from trainer.synth import generate_dataset
 
@@ -103,27 +81,9 @@ def cmd_synth(args: argparse.Namespace, settings) -> int:
     return 0
 
 
-def cmd_models_import(args: argparse.Namespace, settings) -> int:
-    from db.migrate import ensure_schema
-    from trainer.importer import import_model
-
-    if ensure_schema(settings.db_url):
-        print("created the database schema (first use of this database)")
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    version = import_model(
-        args.file, stage=args.stage, class_names=classes, input_size=args.input_size,
-        preprocess=args.preprocess, logits=args.logits, models_dir=settings.models_path,
-        db_url=settings.db_url, threshold=args.threshold, promote=args.promote,
-    )
-    status = "production" if args.promote else "candidate"
-    print(f"imported {args.file} as {args.stage}/v{version} ({status}) "
-          f"in {settings.models_path / args.stage / f'v{version}'}")
-    return 0
-
-
 def resolve_init_from(value: str | None, stage: str, settings):
     """(model file, parent version, manifest or None) for ``--init-from STAGE:VERSION|FILE``."""
-    from worker.exceptions import CxrError
+    from db.exceptions import CxrError
 
     if not value:
         return None, None, None
@@ -150,8 +110,8 @@ def resolve_init_from(value: str | None, stage: str, settings):
 
 
 def cmd_train(args: argparse.Namespace, settings) -> int:
+    from db.exceptions import CxrError
     from db.migrate import ensure_schema
-    from worker.exceptions import CxrError
 
     if ensure_schema(settings.db_url):
         print("created the database schema (first use of this database)")
@@ -214,11 +174,9 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
 
 
 def _model_input_size(path: Path) -> int:
-    import keras
+    from trainer.bundle import load_keras_model
 
-    import trainer.preprocessing  # noqa: F401
-
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    model = load_keras_model(path)
     return int(model.inputs[0].shape[1])
 
 

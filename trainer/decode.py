@@ -39,7 +39,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from worker.exceptions import BadImageError
+from db.exceptions import BadImageError
 
 MIN_SIDE = 32
 """Smallest accepted width or height. Below this a file is an icon or a placeholder, not a

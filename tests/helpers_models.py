@@ -1,4 +1,4 @@
-"""Tiny real model bundles for tests and demos, whose answer the caller controls by brightness.
+"""Tiny real model bundles for tests, whose answer the caller controls by brightness.
 
 The tiny model is ``Preprocess("scale01") -> GlobalAveragePooling2D -> Dense(1, sigmoid)`` with
 fixed weights, so for an image whose mean pixel value (over all pixels and channels) is ``m``
@@ -18,12 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.bundle import Manifest, bundle_sha256, save_bundle
+from db.vocabulary import STAGE_CLASSES
+from trainer.bundle import Manifest, save_bundle
 
-CLASS_NAMES: dict[str, list[str]] = {
-    "pneumonia": ["NORMAL", "PNEUMONIA"],
-    "infection": ["BACTERIA", "VIRUS"],
-}
 BRIGHTNESS_GAIN = 12.0
 
 
@@ -71,7 +68,7 @@ def tiny_manifest(
     values = dict(
         stage=stage,
         version=version,
-        class_names=list(CLASS_NAMES[stage]),
+        class_names=list(STAGE_CLASSES[stage]),
         input_size=input_size,
         threshold=threshold,
         backbone="tiny",
@@ -110,25 +107,11 @@ def register_tiny_bundle(
     threshold: float = 0.5,
     bias: float = 0.0,
 ) -> int:
-    """Register a tiny bundle in the model registry (optionally promoted); returns its version."""
-    from db import registry
-    from db.session import session_scope
+    """Publish a tiny bundle in the model registry (optionally promoted); returns its version."""
+    from trainer.publish import publish_model
 
-    with session_scope(db_url) as session:
-        mv = registry.register_version(
-            session,
-            stage=stage,
-            backbone="tiny",
-            metrics={},
-            params={"tiny": True, "bias": bias},
-            code_version="test",
-        )
-        model = build_tiny_model(input_size, bias)
-        manifest = tiny_manifest(
-            stage, mv.version, input_size, threshold, params={"tiny": True, "bias": bias}
-        )
-        directory = save_bundle(model, manifest, Path(models_dir) / mv.bundle_path)
-        mv.bundle_sha256 = bundle_sha256(directory)
-        if promote:
-            registry.promote(session, stage, mv.version)
-        return mv.version
+    manifest = tiny_manifest(stage, 0, input_size, threshold, params={"tiny": True, "bias": bias},
+                             code_version="test")
+    published = publish_model(build_tiny_model(input_size, bias), manifest, models_dir=models_dir,
+                              db_url=db_url, promote=promote)
+    return published.version

@@ -1,45 +1,23 @@
-"""`cxr db upgrade`, `cxr results` and `cxr models list|show|promote|rollback`."""
+"""`cxr models list|show|promote|rollback|import`: the model registry from the command line."""
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import sys
-from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from db.models import ImageStatus, Label, Stage
-
-DISCLAIMER = "Decision support only, not a medical device: a clinician reads every image."
+from db.vocabulary import Stage
+from worker.cli.format import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    db = sub.add_parser("db", help="database schema: `cxr db upgrade`", description=__doc__)
-    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
-    up = db_sub.add_parser(
-        "upgrade",
-        help="create or migrate the database to this code's schema",
-        description="Create the database (SQLite by default) or migrate it to the latest schema.",
+    models = sub.add_parser(
+        "models",
+        help="model registry: list, show, promote, rollback, import",
+        description="Versioned model bundles per stage (pneumonia, infection).",
     )
-    up.set_defaults(func=cmd_db_upgrade)
-    cur = db_sub.add_parser("current", help="show the schema revision of the database")
-    cur.set_defaults(func=cmd_db_current)
-
-    res = sub.add_parser(
-        "results",
-        help="print classified images from the results table",
-        description="Rows of the `results` view, newest first. " + DISCLAIMER,
-    )
-    res.add_argument("--status", choices=[s.value for s in ImageStatus])
-    res.add_argument("--label", choices=[label.value for label in Label], type=str.upper)
-    res.add_argument("--since", type=_parse_iso, help="ISO date/time; local time if no zone")
-    res.add_argument("--limit", type=int, default=50, help="at most N rows (0: all; default 50)")
-    res.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    res.set_defaults(func=cmd_results)
-
-
-def register_models(models_sub: argparse._SubParsersAction) -> None:
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     stages = [s.value for s in Stage]
     ls = models_sub.add_parser("list", help="list registered model versions")
     ls.add_argument("--stage", choices=stages)
@@ -62,13 +40,25 @@ def register_models(models_sub: argparse._SubParsersAction) -> None:
     )
     rollback.add_argument("stage", choices=stages)
     rollback.set_defaults(func=cmd_models_rollback)
-
-
-def _parse_iso(value: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
+    imp = models_sub.add_parser(
+        "import",
+        help="wrap an existing Keras model (.keras or .h5) as a registered bundle",
+        description="Register a model trained elsewhere so the workers can serve it. Its "
+        "preprocessing is declared (applied by the loader, not inside the model).",
+    )
+    imp.add_argument("file", type=Path, help="a .keras or .h5 model")
+    imp.add_argument("--stage", choices=stages, required=True)
+    imp.add_argument("--classes", required=True,
+                     help="class names in output order, e.g. NORMAL,PNEUMONIA")
+    imp.add_argument("--input-size", type=int, required=True, help="square input size")
+    imp.add_argument("--preprocess", required=True,
+                     help="what the model expects applied to RGB 0-255 pixels: none, scale01, "
+                     "tf, caffe, torch, efficientnet, or a backbone name (vgg16, xception, ...)")
+    imp.add_argument("--logits", action="store_true", help="the model outputs raw logits")
+    imp.add_argument("--threshold", type=float, default=0.5,
+                     help="decision threshold on the probability of the second class")
+    imp.add_argument("--promote", action="store_true", help="make it the production model")
+    imp.set_defaults(func=cmd_models_import)
 
 
 def _parse_version(value: str) -> int:
@@ -76,94 +66,6 @@ def _parse_version(value: str) -> int:
         return int(value.lower().removeprefix("v"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a version number: {value!r}") from None
-
-
-def cmd_db_upgrade(args: argparse.Namespace, settings: Any) -> int:
-    from db.migrate import _redacted, current_revision, upgrade
-
-    settings.ensure_dirs()
-    upgrade(settings.db_url)
-    print(f"database {_redacted(settings.db_url)} is at schema {current_revision(settings.db_url)}")
-    return 0
-
-
-def cmd_db_current(args: argparse.Namespace, settings: Any) -> int:
-    from db.migrate import current_revision, head_revision
-
-    current = current_revision(settings.db_url)
-    print(f"current: {current or '(empty)'}  head: {head_revision()}")
-    return 0 if current == head_revision() else 1
-
-
-def cmd_results(args: argparse.Namespace, settings: Any) -> int:
-    from db.migrate import check_schema
-    from db.results import RESULT_COLUMNS, list_results
-    from db.session import session_scope
-
-    check_schema(settings.db_url)
-    with session_scope(settings.db_url) as session:
-        rows = list_results(
-            session,
-            status=args.status,
-            label=args.label,
-            since=args.since,
-            limit=args.limit or None,
-        )
-    if args.format == "json":
-        json.dump(rows, sys.stdout, default=str, indent=2)
-        print()
-    elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=RESULT_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        print(format_results_table(rows))
-        print(f"\n{len(rows)} row(s). {DISCLAIMER}")
-    return 0
-
-
-def format_results_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width table of the columns a person reads first."""
-    headers = ["id", "file_name", "status", "label", "p_pneumonia", "p_virus", "models", "error"]
-    lines = []
-    for row in rows:
-        models = ""
-        if row["pneumonia_model"] is not None:
-            models = f"p:v{row['pneumonia_model']}"
-            if row["infection_model"] is not None:
-                models += f" i:v{row['infection_model']}"
-        lines.append(
-            [
-                str(row["id"]),
-                _clip(row["file_name"], 40),
-                row["status"],
-                row["label"] or "",
-                _prob(row["p_pneumonia"]),
-                _prob(row["p_virus"]),
-                models,
-                _clip(row["error"] or "", 60),
-            ]
-        )
-    return format_table(headers, lines)
-
-
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in out)
-
-
-def _prob(value: float | None) -> str:
-    return "" if value is None else f"{value:.3f}"
-
-
-def _clip(value: str, width: int) -> str:
-    value = value.replace("\n", "\\n")
-    return value if len(value) <= width else value[: width - 1] + "…"
 
 
 def cmd_models_list(args: argparse.Namespace, settings: Any) -> int:
@@ -271,10 +173,8 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Any) -> int:
 
 def _requeue_waiting(settings: Any) -> None:
     """Images parked as waiting_model go back to the queue now, not at the next reconcile."""
-    try:
-        from worker.intake import requeue_waiting
-    except ImportError:
-        return
+    from worker.intake import requeue_waiting
+
     try:
         n = requeue_waiting(settings)
     except Exception as exc:  # the broker may be down; the watcher's reconcile pass retries
@@ -282,3 +182,21 @@ def _requeue_waiting(settings: Any) -> None:
         return
     if n:
         print(f"re-queued {n} image(s) that were waiting for a model")
+
+
+def cmd_models_import(args: argparse.Namespace, settings) -> int:
+    from db.migrate import ensure_schema
+    from trainer.importer import import_model
+
+    if ensure_schema(settings.db_url):
+        print("created the database schema (first use of this database)")
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    version = import_model(
+        args.file, stage=args.stage, class_names=classes, input_size=args.input_size,
+        preprocess=args.preprocess, logits=args.logits, models_dir=settings.models_path,
+        db_url=settings.db_url, threshold=args.threshold, promote=args.promote,
+    )
+    status = "production" if args.promote else "candidate"
+    print(f"imported {args.file} as {args.stage}/v{version} ({status}) "
+          f"in {settings.models_path / args.stage / f'v{version}'}")
+    return 0

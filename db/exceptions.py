@@ -1,4 +1,4 @@
-"""Errors the CLI shows to the user as one readable line (no traceback)."""
+"""Errors every floor raises; the CLI shows them to the user as one line (no traceback)."""
 
 
 class CxrError(Exception):
@@ -23,3 +23,15 @@ class WeightsUnavailableError(CxrError):
 
 class DatasetError(CxrError):
     """The training data folder has the wrong layout or an empty class."""
+
+
+class ImportModelError(CxrError):
+    """A model file cannot be imported as declared (the message says why)."""
+
+
+class BrokerUnavailableError(CxrError):
+    """Nothing answers at the broker URL and no private Redis can be started."""
+
+
+class FlowerConfigError(CxrError):
+    """Flower settings that would be unsafe or that Flower would misread."""

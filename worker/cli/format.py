@@ -1,0 +1,66 @@
+"""How the command line shows rows: fixed-width tables, CSV and JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in out)
+
+
+def format_results_table(rows: list[dict[str, Any]]) -> str:
+    """The columns of the ``results`` view a person reads first."""
+    headers = ["id", "file_name", "status", "label", "p_pneumonia", "p_virus", "models", "error"]
+    lines = []
+    for row in rows:
+        models = ""
+        if row["pneumonia_model"] is not None:
+            models = f"p:v{row['pneumonia_model']}"
+            if row["infection_model"] is not None:
+                models += f" i:v{row['infection_model']}"
+        lines.append(
+            [
+                str(row["id"]),
+                clip(row["file_name"], 40),
+                row["status"],
+                row["label"] or "",
+                probability(row["p_pneumonia"]),
+                probability(row["p_virus"]),
+                models,
+                clip(row["error"] or "", 60),
+            ]
+        )
+    return format_table(headers, lines)
+
+
+def write_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> None:
+    """``rows`` to stdout as ``json`` or ``csv`` (the table form is the caller's)."""
+    if fmt == "json":
+        json.dump(rows, sys.stdout, default=str, indent=2)
+        print()
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+def probability(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def clip(value: str, width: int) -> str:
+    value = value.replace("\n", "\\n")
+    return value if len(value) <= width else value[: width - 1] + "…"
