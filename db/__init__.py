@@ -1,1 +1,2 @@
-"""Database layer: models, sessions, migrations and every query the app runs."""
+"""The ground floor: schema, sessions, migrations, the registry and every query, plus the
+vocabulary (stages, labels, statuses) and the errors every floor shares."""

@@ -54,11 +54,3 @@ def list_results(
     if since:
         query = query.bindparams(bindparam("since", type_=DateTime(timezone=True)))
     return [dict(row._mapping) for row in session.execute(query, params)]
-
-
-def count_by(session: Session, column: str) -> dict[str | None, int]:
-    """How many rows per ``status`` or ``label``: the demo's per-class summary."""
-    if column not in ("status", "label"):
-        raise ValueError(column)
-    rows = session.execute(text(f"SELECT {column}, COUNT(*) FROM results GROUP BY {column}"))
-    return {key: n for key, n in rows}

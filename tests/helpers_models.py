@@ -14,6 +14,7 @@ dark ones NORMAL or BACTERIA. ``bias`` shifts every probability (positive -> hig
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,14 @@ def register_tiny_bundle(
     published = publish_model(build_tiny_model(input_size, bias), manifest, models_dir=models_dir,
                               db_url=db_url, promote=promote)
     return published.version
+
+
+def load_images(paths: Sequence[Path | str], img_size: int, batch_size: int = 64) -> np.ndarray:
+    """All images through the training pipeline, as one (N, S, S, 3) float32 array."""
+    from trainer.pipeline import make_dataset
+
+    ds = make_dataset(paths, [0] * len(paths), img_size, batch_size, cache=False)
+    chunks = [x.numpy() for x, _ in ds]
+    if not chunks:
+        return np.zeros((0, img_size, img_size, 3), dtype=np.float32)
+    return np.concatenate(chunks)

@@ -26,10 +26,11 @@ from db import images
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
+from worker.batch import process_image, run_batch
+from worker.claims import holder_gone, holder_id
 from worker.inference import ModelCache
 from worker.intake import intake_file
 from worker.settings import Settings
-from worker.tasks import holder_gone, holder_id, process_image, run_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH_LINE = re.compile(r"batch of (\d+):")
@@ -156,7 +157,7 @@ def test_one_delivery_classifies_a_batch_and_the_others_no_op(settings, caplog):
     ids = {name: _drop(settings, name, level) for name, level in levels.items()}
     cache = ModelCache(settings.models_path)
     calls: list[int] = []
-    with caplog.at_level("INFO", logger="worker.tasks"):
+    with caplog.at_level("INFO", logger="worker.batch"):
         assert process_image(ids["a.png"], settings, cache, batch_size=5) == "done"
         bundle = cache._loaded["pneumonia"].bundle
         original = bundle.predict_proba
@@ -179,12 +180,12 @@ def test_a_failed_batch_hands_the_others_back(settings, monkeypatch):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     ids = [_drop(settings, f"{k}.png", 200) for k in range(3)]
     cache = ModelCache(settings.models_path)
-    import worker.tasks
+    import worker.batch
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("forward pass failed")
 
-    monkeypatch.setattr(worker.tasks, "classify_arrays", boom)
+    monkeypatch.setattr(worker.batch, "classify_arrays", boom)
     with pytest.raises(RuntimeError):
         process_image(ids[0], settings, cache, batch_size=3)
     rows = _rows(settings.db_url)

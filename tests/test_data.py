@@ -162,7 +162,9 @@ def test_fingerprint_changes_with_content_and_names(tmp_path):
 
 
 def test_pipeline_decodes_grey_and_rgb_to_raw_pixels(tmp_path):
-    from trainer.pipeline import load_images, make_dataset
+    from helpers_models import load_images
+
+    from trainer.pipeline import make_dataset
 
     grey, rgb = tmp_path / "g.png", tmp_path / "c.jpeg"
     _jpeg(grey, 200, size=40)
@@ -184,7 +186,7 @@ def test_pipeline_decodes_grey_and_rgb_to_raw_pixels(tmp_path):
 
 
 def test_pipeline_names_an_undecodable_training_file(tmp_path):
-    from trainer.pipeline import load_images
+    from helpers_models import load_images
 
     bad = tmp_path / "person1_virus_1.jpeg"
     bad.write_text("<html>not an x-ray</html>")

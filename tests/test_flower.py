@@ -250,7 +250,7 @@ def test_flower_shows_worker_and_finished_tasks(tmp_path, redis_db, processes):
     wait_for("the worker's heartbeat in /api/workers", worker_heard, logs)
 
     names = {i: f"scan-{i}.png" for i in IMAGE_IDS}
-    enqueue = f"from worker.tasks import enqueue\nfor i, n in {names!r}.items(): enqueue(i, n)"
+    enqueue = f"from worker.broker import enqueue\nfor i, n in {names!r}.items(): enqueue(i, n)"
     subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=tmp_path, check=True,
                    timeout=120)
 

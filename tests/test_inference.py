@@ -17,10 +17,10 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
 from trainer.bundle import load_bundle
 from trainer.cascade import positive_probability
+from worker.batch import process_image
 from worker.inference import ModelCache, StageModel, classify_arrays
 from worker.intake import intake_file
 from worker.settings import Settings
-from worker.tasks import process_image
 
 
 def _stage(models_dir, stage, model_id, bias=0.0, threshold=0.5, size=32) -> StageModel:

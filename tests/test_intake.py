@@ -21,13 +21,13 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus
 from worker.intake import (
     adopt_pending,
-    archive_relpath,
     inbox_name,
     intake_file,
     reconcile,
     requeue_waiting,
 )
 from worker.settings import Settings
+from worker.storage import archive_relpath
 
 
 @pytest.fixture

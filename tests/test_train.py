@@ -69,11 +69,12 @@ def test_smallcnn_learns_pneumonia_on_synthetic_data(pneumonia_result, synth_roo
 @pytest.mark.slow
 def test_publish_registers_and_bundle_round_trips(pneumonia_result, synth_root, synth_splits,
                                                    db_url, tmp_path):
+    from helpers_models import load_images
+
     from db import registry
     from db.session import session_scope
     from trainer.bundle import bundle_sha256, load_bundle
     from trainer.data import dataset_fingerprint, scan_dataset
-    from trainer.pipeline import load_images
     from trainer.train import OUTPUT_FILES, publish
 
     result = pneumonia_result

@@ -1,1 +1,2 @@
-"""Training side: synthetic data, datasets, backbones, training, evaluation, model bundles."""
+"""The middle floor: the model bundle contract, the pixels a model sees (one decoder for
+training and serving), data sets, backbones, training, evaluation, publishing, synthetic data."""

@@ -18,8 +18,9 @@ Choices that matter for the model:
   would clip to white.
 * Transparent pixels are composited on black (the background of a radiograph).
 * The EXIF orientation is applied, so a rotated phone capture reaches the model upright.
-* The image is squashed to ``size x size`` with an antialiased bilinear filter, the same geometry
-  as the trainer's ``tf.image.resize(..., antialias=True)``, so training and serving agree.
+* The image is squashed to ``size x size`` with Pillow's antialiased bilinear filter. The
+  trainer's input pipeline calls this same function, so a model sees the same pixels in training
+  and in serving.
 * Large JPEGs are decoded at a reduced DCT scale (draft mode) that still leaves at least twice the
   output resolution, which makes a 4000x4000 file several times faster to decode.
 """
@@ -98,18 +99,6 @@ def _sniff_text(head: bytes) -> str | None:
     if start.startswith("<?xml"):
         return "XML"
     return "text"
-
-
-def sniff(path: Path) -> str | None:
-    """Name the real format of the file at ``path`` from its magic bytes.
-
-    None if the format is unknown or the file cannot be read.
-    """
-    try:
-        with open(path, "rb") as fp:
-            return sniff_bytes(fp.read(_HEAD_BYTES))
-    except OSError:
-        return None
 
 
 def declared_size(data: bytes) -> tuple[int, int] | None:

@@ -32,7 +32,7 @@ def _decode_file(path: bytes, img_size: np.ndarray) -> np.ndarray:
 def decode_resize(path: tf.Tensor, img_size: int) -> tf.Tensor:
     """File path -> (img_size, img_size, 3) uint8, decoded by the worker's own decoder.
 
-    Training and serving share ``worker.decode`` (grey replicated to RGB, EXIF orientation,
+    Training and serving share ``trainer.decode`` (grey replicated to RGB, EXIF orientation,
     16-bit and palette handling, the same resize), so a model never meets pixels at serving
     time that were prepared differently from those it was trained on.
     """
@@ -119,12 +119,3 @@ def make_dataset(
     """``decoded_dataset`` then ``batches``: (pixels 0-255 float32, label float32 (N, 1))."""
     decoded = decoded_dataset(paths, labels, img_size, cache=cache)
     return batches(decoded, batch_size, training=training, augment=augment, flip=flip, seed=seed)
-
-
-def load_images(paths: Sequence[Path | str], img_size: int, batch_size: int = 64) -> np.ndarray:
-    """All images as one (N, img_size, img_size, 3) float32 array (evaluation, round trips)."""
-    ds = make_dataset(paths, [0] * len(paths), img_size, batch_size, cache=False)
-    chunks = [x.numpy() for x, _ in ds]
-    if not chunks:
-        return np.zeros((0, img_size, img_size, 3), dtype=np.float32)
-    return np.concatenate(chunks)

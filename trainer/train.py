@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class TrainResult:
     out_dir: Path
     synthetic: bool = False
     parent_version: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class KeepBest(keras.callbacks.Callback):

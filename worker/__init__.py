@@ -1,7 +1,8 @@
-"""Inference side: Celery app and tasks, the inbox watcher, image decoding, the cascade, the CLI.
+"""The service (top floor): watcher, intake, Celery tasks, the cascade, supervisor, bench, demo,
+and the whole command line (``worker.cli``).
 
 ``celery -A worker worker`` finds the app here; it is imported lazily so that light users of
-this package (the CLI's ``--help``, ``worker.exceptions``) do not pay for Celery.
+this package (the CLI's ``--help``) do not pay for Celery.
 """
 
 from typing import Any

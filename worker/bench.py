@@ -21,8 +21,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +33,7 @@ import numpy as np
 
 from db.vocabulary import STAGE_CLASSES, Stage
 from worker.settings import Settings
+from worker.stack import LocalStack
 
 CEILING_BATCHES = (1, 4, 8, 16, 32)
 BATCH_LINE = re.compile(r"batch of (\d+): decode (\d+) ms, forward (\d+) ms")
@@ -210,18 +209,12 @@ def measure_notebook(model, files: list[Path], size: int, progress: Progress) ->
 
 
 class Stack:
-    """``cxr up --no-flower`` in a private data dir; its output goes to ``stack.log``."""
+    """``cxr up --no-flower`` in a private data dir, and what the bench reads of it."""
 
     def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
-        from worker.supervisor import CXR_COMMAND
-
         self.settings = settings
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115  (closed in stop)
-        self.proc = subprocess.Popen(
-            [*CXR_COMMAND, "up", "--no-flower", "--concurrency", "1"], env=env,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.local = LocalStack(env, log_path, "--no-flower", "--concurrency", "1")
 
     def statuses(self, names: list[str]) -> dict[str, tuple[str, datetime | None, datetime]]:
         from sqlalchemy import select
@@ -247,7 +240,7 @@ class Stack:
                 if bad:
                     raise RuntimeError(f"bench images not classified: {bad}; see {self.log_path}")
                 return rows
-            if self.proc.poll() is not None:
+            if not self.local.running():
                 raise RuntimeError(f"the stack exited; see {self.log_path}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(names)} images not done in {timeout:.0f} s; "
@@ -260,14 +253,7 @@ class Stack:
         return [(int(n), int(d), int(f)) for n, d, f in BATCH_LINE.findall(text)]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
+        self.local.stop(timeout=30)
 
 
 def _timestamp(value: datetime) -> float:

@@ -12,12 +12,14 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_process_init
 from kombu import Queue
 
+from trainer.runtime import quiet_native_logs
 from worker.settings import Settings
 
 CLASSIFY_TASK = "cxr.classify_image"
 THREADS_ENV = "CXR_TF_THREADS"
 
 settings = Settings()
+quiet_native_logs(debug=settings.log_level.upper() == "DEBUG")
 
 
 def make_app(settings: Settings) -> Celery:

@@ -163,7 +163,11 @@ class ModelCache:
     def _load(self, row) -> StageModel:
         if self._loader is None:
             if not self._configured:
+                from trainer.runtime import describe_device, load_backend
+
+                load_backend()
                 configure_tensorflow()
+                log.info("%s", describe_device())
                 self._configured = True
             from trainer.bundle import load_bundle
 

@@ -10,7 +10,6 @@ reconcile pass records the file (``adopt_pending``). Nothing taken from the inbo
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from trainer.checksum import sha256_file
 from worker.settings import Settings
+from worker.storage import archive_relpath, move, private_dirs, reject_unread
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ class IntakeResult:
     status: str
 
 
-def archive_relpath(sha256: str, suffix: str) -> Path:
-    """``archive/ab/<sha256>.<ext>``, relative to the data dir."""
-    ext = suffix.lower().lstrip(".")
-    ext = ext if ext.isalnum() and len(ext) <= 8 else "bin"
-    return Path("archive") / sha256[:2] / f"{sha256}.{ext}"
-
-
 def inbox_name(inbox: Path, path: Path) -> str | None:
     """The path relative to the inbox, or None when it lies (or its folder resolves) outside."""
     inbox = inbox.resolve()
@@ -61,31 +54,8 @@ def inbox_name(inbox: Path, path: Path) -> str | None:
     return (parent / path.name).relative_to(inbox).as_posix()
 
 
-def _private_dirs(root: Path, target_dir: Path) -> None:
-    target_dir.mkdir(parents=True, exist_ok=True)
-    current = target_dir
-    while True:
-        os.chmod(current, 0o700)
-        if current == root or root not in current.parents:
-            break
-        current = current.parent
-
-
-def _move(src: Path, dst: Path) -> None:
-    """Atomic rename; across filesystems copy to a temp name in place, then rename."""
-    try:
-        os.replace(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        src.unlink()
-
-
 def _enqueue_default() -> Enqueue:
-    from worker.tasks import enqueue
+    from worker.broker import enqueue
 
     return enqueue
 
@@ -116,12 +86,12 @@ def intake_file(
     rel = archive_relpath(sha256, path.suffix)
     data_dir = settings.data_dir.absolute()
     target = data_dir / rel
-    _private_dirs(settings.archive_dir, target.parent)
+    private_dirs(settings.archive_dir, target.parent)
     twin_archived = target.exists()
     note = None if twin_archived else _write_pending(settings, name, rel, sha256, st.st_size)
     try:
         if not twin_archived:
-            _move(path, target)
+            move(path, target)
         os.chmod(target, 0o600)
         with session_scope(settings.db_url) as session:
             image = images.record_image(
@@ -154,7 +124,7 @@ def _pending_dir(settings: Settings) -> Path:
 def _write_pending(settings: Settings, name: str, rel: Path, sha256: str, size: int) -> Path:
     """The note that survives a crash between the move into the archive and the commit."""
     folder = _pending_dir(settings)
-    _private_dirs(settings.archive_dir, folder)
+    private_dirs(settings.archive_dir, folder)
     note = folder / f"{uuid.uuid4().hex}.json"
     fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -224,7 +194,7 @@ def _link_existing(session, image_id: int, sha256: str) -> str:
 def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
     """Links are never followed: the link itself goes to rejected/ with a reason."""
     return _reject_unopened(
-        path, name, settings, "link",
+        path, name, settings,
         "symbolic link; links are not followed (copy the file itself into the inbox)",
     )
 
@@ -232,22 +202,19 @@ def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
 def _reject_unreadable(path: Path, name: str, settings: Settings) -> IntakeResult:
     """A file the service may not read gets a row instead of failing on every scan."""
     return _reject_unopened(
-        path, name, settings, "unreadable",
+        path, name, settings,
         "permission denied (the service cannot read the file)",
     )
 
 
 def _reject_unopened(
-    path: Path, name: str, settings: Settings, prefix: str, reason: str
+    path: Path, name: str, settings: Settings, reason: str
 ) -> IntakeResult:
-    """Move a file we will not read to rejected/ (a rename needs no read permission), record why."""
-    _private_dirs(settings.rejected_dir, settings.rejected_dir)
-    target = settings.rejected_dir / f"{prefix}-{uuid.uuid4().hex[:12]}-{path.name}"
-    os.rename(path, target)
+    """Record why a file we will not read is refused; the file is kept in rejected/."""
+    stored = reject_unread(settings, path)
     with session_scope(settings.db_url) as session:
         image = images.record_image(
-            session, sha256="", file_name=name,
-            stored_path=str(target.relative_to(settings.data_dir.absolute())),
+            session, sha256="", file_name=name, stored_path=stored,
             size_bytes=None, status=ImageStatus.REJECTED, error=reason,
         )
         image_id = image.id
@@ -310,7 +277,7 @@ def reconcile(
 
 
 def _queue_empty_default() -> Callable[[], bool]:
-    from worker.tasks import queue_is_empty
+    from worker.broker import queue_is_empty
 
     return queue_is_empty
 

@@ -66,9 +66,6 @@ class StabilityTracker:
         elif closed:
             entry.closed = True
 
-    def forget(self, path: Path) -> None:
-        self._entries.pop(Path(path), None)
-
     def due(self) -> list[Path]:
         """Files complete now (removed from tracking); vanished files are dropped."""
         now = self._clock()

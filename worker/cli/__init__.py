@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 
 from db.vocabulary import DISCLAIMER
@@ -39,13 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NEEDS_MODELS = frozenset({"train", "classify", "demo", "bench", "models import"})
+"""Commands that load Keras in this process (``cxr worker`` loads it in its pool children)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     from db.exceptions import CxrError
+    from trainer.runtime import load_backend, quiet_native_logs
     from worker.settings import Settings
 
     args = build_parser().parse_args(argv)
     settings = Settings()
+    quiet_native_logs(debug=settings.log_level.upper() == "DEBUG")
+    command = " ".join(filter(None, [args.command, getattr(args, "models_command", None)]))
+    if command in NEEDS_MODELS:
+        load_backend()
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

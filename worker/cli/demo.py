@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import urllib.request
@@ -23,6 +20,7 @@ from pathlib import Path
 
 from db.vocabulary import DISCLAIMER, FINAL_STATUSES
 from worker.settings import Settings
+from worker.stack import LocalStack
 
 SYNTHETIC_NOTE = (
     "Models here are trained on SYNTHETIC images in a few minutes: they show how the service "
@@ -121,27 +119,18 @@ def _train_both(settings: Settings, data: Path, args: argparse.Namespace) -> Non
     train_args.func(train_args, settings)
 
 
-def _start_stack(settings: Settings, log_path: Path) -> subprocess.Popen:
-    from worker.supervisor import CXR_COMMAND, child_env
+def _start_stack(settings: Settings, log_path: Path) -> LocalStack:
+    from worker.supervisor import child_env
 
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     env = child_env(settings)
     env["CXR_FLOWER_BASIC_AUTH"] = settings.flower_basic_auth or ""
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([*CXR_COMMAND, "up"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return LocalStack(env, log_path)
 
 
-def _stop_stack(stack: subprocess.Popen) -> None:
-    if stack.poll() is not None:
-        return
-    print("\nstopping the stack", flush=True)
-    stack.send_signal(signal.SIGINT)
-    try:
-        stack.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(stack.pid, signal.SIGKILL)
-        stack.wait()
+def _stop_stack(stack: LocalStack) -> None:
+    if stack.running():
+        print("\nstopping the stack", flush=True)
+    stack.stop(timeout=60)
 
 
 def _drop_images(settings: Settings, n: int) -> dict[str, str]:
@@ -159,7 +148,7 @@ def _drop_images(settings: Settings, n: int) -> dict[str, str]:
 
 
 def _wait_for_results(
-    settings: Settings, names: dict[str, str], stack: subprocess.Popen, timeout: float
+    settings: Settings, names: dict[str, str], stack: LocalStack, timeout: float
 ) -> list[dict]:
     from tqdm import tqdm
 
@@ -175,7 +164,7 @@ def _wait_for_results(
             bar.update(len(finished) - bar.n)
             if len(finished) == len(names):
                 return finished
-            if stack.poll() is not None:
+            if not stack.running():
                 raise SystemExit(f"cxr up exited with code {stack.returncode}; see its log")
             if time.monotonic() > deadline:
                 bar.close()
@@ -236,12 +225,12 @@ def _flower_request(settings: Settings, path: str) -> urllib.request.Request:
     return request
 
 
-def _wait_for_flower(settings: Settings, stack: subprocess.Popen, timeout: float = 60) -> bool:
+def _wait_for_flower(settings: Settings, stack: LocalStack, timeout: float = 60) -> bool:
     """Flower only sees events sent while it listens: drop images once a worker's heartbeat
     has reached it (`status=1` answers from Flower's event state, not from a broadcast)."""
     request = _flower_request(settings, "/api/workers?status=1")
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and stack.poll() is None:
+    while time.monotonic() < deadline and stack.running():
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 if any(json.loads(response.read() or b"{}").values()):

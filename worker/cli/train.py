@@ -123,6 +123,7 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
         split_records,
         summarize,
     )
+    from trainer.runtime import describe_device
     from trainer.train import TrainConfig, publish, train_stage
 
     stages = ["pneumonia", "infection"] if args.stage == "both" else [args.stage]
@@ -137,6 +138,7 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
     synthetic = is_synthetic(args.data)
     fingerprint = dataset_fingerprint(records, args.data)
     print(f"data {args.data}{' (synthetic)' if synthetic else ''}: {summarize(splits)}")
+    print(describe_device())
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="cxr-train-") as tmp:

@@ -1,0 +1,43 @@
+"""The architecture's rules, checked: imports only go down a floor, and the product packages
+hold no test-only code."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(exe)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+
+
+def test_imports_only_go_down_a_floor():
+    result = _lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+
+
+def test_the_contract_catches_an_upward_import(tmp_path):
+    """The check is not vacuous: db importing worker breaks it."""
+    for name in ("db", "trainer", "worker", "pyproject.toml"):
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, tmp_path / name)
+    with open(tmp_path / "db" / "results.py", "a") as fh:
+        fh.write("\nfrom worker.settings import Settings  # noqa: E402,F401\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "db.results -> worker.settings" in result.stdout
+
+
+def test_no_test_helpers_in_the_product():
+    product = [p for name in ("db", "trainer", "worker") for p in (ROOT / name).rglob("*.py")]
+    assert not [p for p in product if p.stem in ("testing", "fixtures") or "tiny" in p.stem]
