@@ -22,7 +22,7 @@ services:
 	@sh .ci/services.sh
 
 test: $(BIN)/cxr services
-	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra
+	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra --durations=30
 
 lint: $(BIN)/cxr
 	$(BIN)/ruff check .

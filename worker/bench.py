@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from db.vocabulary import STAGE_CLASSES, Stage
+from db.vocabulary import FINAL_STATUSES, STAGE_CLASSES, Stage
 from worker.settings import Settings
 from worker.stack import LocalStack
 
@@ -234,7 +234,7 @@ class Stack:
         while True:
             rows = self.statuses(names)
             if len(rows) == len(names) and all(
-                s in ("done", "rejected", "failed") for s, _, _ in rows.values()
+                s in FINAL_STATUSES for s, _, _ in rows.values()
             ):
                 bad = {n: s for n, (s, _, _) in rows.items() if s != "done"}
                 if bad:

@@ -171,7 +171,7 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
             )
             for stage, result in results.items()
         }
-    _print_summary(results, versions, settings.models_path, synthetic)
+    _print_summary(results, versions, synthetic)
     return 0
 
 
@@ -219,7 +219,7 @@ def _fmt(value) -> str:
     return "  n/a" if value is None or value != value else f"{value:.3f}"
 
 
-def _print_summary(results: dict, versions: dict, models_path: Path, synthetic: bool) -> None:
+def _print_summary(results: dict, versions: dict, synthetic: bool) -> None:
     print("\nTest split" + (" (SYNTHETIC DATA)" if synthetic else "") + ":")
     header = ("model", "status", "acc", "sens", "spec", "prec", "f1", "auc", "auc 95% CI",
               "threshold")
@@ -236,9 +236,8 @@ def _print_summary(results: dict, versions: dict, models_path: Path, synthetic: 
     if cascade:
         print(f"three-class cascade accuracy {_fmt(cascade['accuracy'])} on {cascade['n']} "
               "test images")
-    for stage, mv in versions.items():
-        print(f"{stage}: bundle, metrics.json, report.md and plots in "
-              f"{models_path / mv.bundle_path}")
+    for stage, published in versions.items():
+        print(f"{stage}: bundle, metrics.json, report.md and plots in {published.bundle_dir}")
     timing = [r.metrics["timing"] for r in results.values() if "epoch_time_ratio" in
               r.metrics["timing"]]
     for t in timing:
