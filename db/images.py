@@ -120,6 +120,29 @@ def _set_status(
     return result.rowcount == 1
 
 
+def mark_queued_many(session: Session, image_ids: Iterable[int]) -> int:
+    """received/waiting_model -> queued for every id (after a successful enqueue)."""
+    result = session.execute(
+        update(Image)
+        .where(Image.id.in_(list(image_ids)),
+               Image.status.in_((ImageStatus.RECEIVED, ImageStatus.WAITING_MODEL)))
+        .values(status=ImageStatus.QUEUED)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount
+
+
+def has_rejection(session: Session, file_name: str, reason: str) -> bool:
+    """Whether this refusal (a file left in the inbox) was already recorded."""
+    found = session.scalar(
+        select(Image.id).where(
+            Image.file_name == file_name, Image.status == ImageStatus.REJECTED,
+            Image.error == reason, Image.stored_path.is_(None),
+        ).limit(1)
+    )
+    return found is not None
+
+
 def mark_queued(session: Session, image_id: int) -> bool:
     """received/waiting_model -> queued (after a successful enqueue)."""
     return _set_status(
@@ -131,7 +154,8 @@ def mark_queued(session: Session, image_id: int) -> bool:
 
 
 def claim(
-    session: Session, image_id: int, max_attempts: int, holder: str | None = None
+    session: Session, image_id: int, max_attempts: int, holder: str | None = None,
+    task_id: str | None = None,
 ) -> Claim | None:
     """Count one delivery and mark the image processing (or failed past ``max_attempts``),
     whoever held it before: the caller has decided to take it over.
@@ -143,7 +167,7 @@ def claim(
     if image is None or image.status in FINAL_STATUSES:
         return None
     image.attempts = (image.attempts or 0) + 1
-    image.claimed_by, image.claimed_at = holder, utcnow()
+    image.claimed_by, image.claimed_at, image.task_id = holder, utcnow(), task_id
     gave_up = image.attempts > max_attempts
     if gave_up:
         image.status = ImageStatus.FAILED
@@ -157,18 +181,19 @@ def claim(
     )
 
 
-def mark_waiting_model(session: Session, image_id: int) -> bool:
-    """No production stage-1 model: park the image; the delivery does not count as an attempt."""
+def mark_waiting_model(session: Session, image_ids: Iterable[int]) -> int:
+    """No production stage-1 model: park the images; the delivery does not count as an attempt."""
     result = session.execute(
         update(Image)
-        .where(Image.id == image_id, Image.status.in_(OPEN_STATUSES))
+        .where(Image.id.in_(list(image_ids)), Image.status.in_(OPEN_STATUSES))
         .values(
             status=ImageStatus.WAITING_MODEL,
             error="no production pneumonia model",
             attempts=0,
         )
+        .execution_options(synchronize_session=False)
     )
-    return result.rowcount == 1
+    return result.rowcount
 
 
 def mark_rejected(
@@ -267,16 +292,17 @@ def stale_cutoff(seconds: float) -> datetime:
     return utcnow() - timedelta(seconds=seconds)
 
 
-# --- batch claims (the worker classifies waiting images in batches) ---------------------------
+# --- claims (a delivery claims the images its message names) ----------------------------------
 
 @dataclass(frozen=True)
 class Held:
-    """``claim_free``'s answer when the row is ``processing``: someone holds it, alive or dead.
+    """An image found ``processing``: someone holds it, alive or dead.
 
     ``holder`` is the ``host:pid`` that claimed it (None for rows claimed before claims were
-    recorded) and ``since`` when; the caller decides whether to wait or take the row over.
+    recorded) and ``since`` when; the caller decides whether to leave it or take it over.
     """
 
+    image_id: int
     holder: str | None
     since: datetime | None
 
@@ -286,6 +312,7 @@ class Held:
             return None
         since = self.since if self.since.tzinfo else self.since.replace(tzinfo=UTC)
         return (utcnow() - since).total_seconds()
+
 
 _FREE_STATUSES = (ImageStatus.RECEIVED, ImageStatus.QUEUED, ImageStatus.WAITING_MODEL)
 
@@ -298,93 +325,70 @@ def _as_claim(row) -> Claim:
     return Claim(row.id, row.sha256, row.file_name, row.stored_path, row.attempts, False)
 
 
-def status_of(session: Session, image_id: int) -> str | None:
-    """The row's status (None when unknown): one cheap read, e.g. for a redelivered no-op."""
-    return session.scalar(select(Image.status).where(Image.id == image_id))
-
-
 def claim_free(
-    session: Session, image_id: int, max_attempts: int, holder: str | None = None
-) -> Claim | Held | None:
-    """Claim an image nobody holds, in one conditional UPDATE (race-free on both backends).
+    session: Session, image_ids: Iterable[int], max_attempts: int, holder: str | None = None,
+    task_id: str | None = None,
+) -> tuple[list[Claim], list[Held]]:
+    """Claim every listed image nobody holds, in one conditional UPDATE (race-free on both
+    backends: a row another delivery took first no longer matches).
 
-    Returns the Claim; ``Held`` when the row is ``processing`` (another delivery's batch has
-    it, or had it and died: the caller decides when to take it over with ``claim``); None when
-    unknown or final; a ``gave_up`` Claim past ``max_attempts`` (via ``claim``).
+    Returns the claims (attempt counted) and the rows found ``processing`` (held by another
+    delivery, alive or dead). Rows past ``max_attempts``, unknown or final are in neither:
+    ``claim`` them one by one to mark them failed (it returns None for final ones).
     """
-    row = session.execute(
+    ids = sorted(set(image_ids))
+    if not ids:
+        return [], []
+    rows = session.execute(
         update(Image)
         .where(
-            Image.id == image_id,
+            Image.id.in_(ids),
             Image.status.in_(_FREE_STATUSES),
             func.coalesce(Image.attempts, 0) < max_attempts,
         )
         .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1,
-                claimed_by=holder, claimed_at=utcnow())
-        .returning(*_claim_columns())
-        .execution_options(synchronize_session=False)
-    ).first()
-    if row is not None:
-        return _as_claim(row)
-    held = session.execute(
-        select(Image.claimed_by, Image.claimed_at)
-        .where(Image.id == image_id, Image.status == ImageStatus.PROCESSING)
-    ).first()
-    if held is not None:
-        return Held(held.claimed_by, held.claimed_at)
-    return claim(session, image_id, max_attempts, holder)
-
-
-def claim_queued(
-    session: Session, limit: int, exclude: Iterable[int] = (), holder: str | None = None
-) -> list[Claim]:
-    """Claim up to ``limit`` other ``queued`` images never tried before, oldest first.
-
-    Pick the ids, then ``UPDATE ... WHERE id IN (...) AND status = 'queued'`` counting the
-    attempt: only rows still queued are taken, whoever ran first. On PostgreSQL the pick is
-    ``FOR UPDATE SKIP LOCKED``, so concurrent workers take disjoint rows without waiting (as a
-    separate statement: inside the UPDATE the planner may re-run it and exceed the limit);
-    SQLite has a single writer. Rows already tried (attempts > 0) are left to their own task,
-    which runs them alone: an image that crashed a worker never takes a batch of others down
-    with it twice.
-    """
-    if limit <= 0:
-        return []
-    pick = (
-        select(Image.id)
-        .where(
-            Image.status == ImageStatus.QUEUED,
-            func.coalesce(Image.attempts, 0) == 0,
-            Image.id.not_in(list(exclude)),
-        )
-        .order_by(Image.id)
-        .limit(limit)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
-    ids = list(session.scalars(pick))
-    if not ids:
-        return []
-    rows = session.execute(
-        update(Image)
-        .where(Image.id.in_(ids), Image.status == ImageStatus.QUEUED)
-        .values(status=ImageStatus.PROCESSING, attempts=func.coalesce(Image.attempts, 0) + 1,
-                claimed_by=holder, claimed_at=utcnow())
+                claimed_by=holder, claimed_at=utcnow(), task_id=task_id)
         .returning(*_claim_columns())
         .execution_options(synchronize_session=False)
     ).all()
-    return sorted((_as_claim(row) for row in rows), key=lambda c: c.image_id)
+    claims = sorted((_as_claim(row) for row in rows), key=lambda c: c.image_id)
+    held = [
+        Held(r.id, r.claimed_by, r.claimed_at)
+        for r in session.execute(
+            select(Image.id, Image.claimed_by, Image.claimed_at)
+            .where(Image.id.in_(ids), Image.status == ImageStatus.PROCESSING,
+                   Image.id.not_in([c.image_id for c in claims]))
+            .order_by(Image.id)
+        )
+    ]
+    return claims, held
 
 
-def release(session: Session, image_ids: Iterable[int]) -> int:
-    """Hand batch-claimed rows back (processing -> queued) after a batch failed; attempts stay."""
-    ids = list(image_ids)
-    if not ids:
-        return 0
+def unclaimable(session: Session, image_ids: Iterable[int]) -> list[int]:
+    """Of these ids, the open rows that are neither free to claim nor held: the ones past
+    their attempts, which ``claim`` turns into ``failed``."""
+    return list(session.scalars(
+        select(Image.id).where(
+            Image.id.in_(list(image_ids)),
+            Image.status.in_(_FREE_STATUSES),
+        ).order_by(Image.id)
+    ))
+
+
+def requeue(session: Session, image_ids: Iterable[int], reason: str) -> int:
+    """processing -> queued with ``reason`` noted, for images to try again later (their
+    attempts stay counted)."""
     result = session.execute(
         update(Image)
-        .where(Image.id.in_(ids), Image.status == ImageStatus.PROCESSING)
-        .values(status=ImageStatus.QUEUED)
+        .where(Image.id.in_(list(image_ids)), Image.status == ImageStatus.PROCESSING)
+        .values(status=ImageStatus.QUEUED, error=reason)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount
+
+
+def open_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
+    """Of these ids, the ones not final yet (a redelivered message's remaining work)."""
+    return list(session.scalars(
+        select(Image.id).where(Image.id.in_(list(image_ids)), Image.status.in_(OPEN_STATUSES))
+    ))

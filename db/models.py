@@ -1,6 +1,7 @@
 """SQLAlchemy 2 models: received images, the model registry and predictions.
 
-The ``results`` view (see migrations) joins them into one readable row per received file.
+The ``results`` view (``db.views``, made by the migrations) joins them into one readable row
+per received file.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Image(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     """``host:pid`` of the worker process that last claimed the row (not patient data)."""
     claimed_at: Mapped[datetime | None]
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    """The Celery task (one message, several images) that last claimed the row."""
 
     prediction: Mapped[Prediction | None] = relationship()
 
@@ -120,27 +123,3 @@ class Prediction(Base):
 
     pneumonia_model: Mapped[ModelVersion] = relationship(foreign_keys=[pneumonia_model_id])
     infection_model: Mapped[ModelVersion | None] = relationship(foreign_keys=[infection_model_id])
-
-
-RESULTS_VIEW_SQL = """
-CREATE VIEW results AS
-SELECT i.id AS id,
-       i.file_name AS file_name,
-       i.sha256 AS sha256,
-       i.status AS status,
-       p.label AS label,
-       p.p_pneumonia AS p_pneumonia,
-       p.p_virus AS p_virus,
-       m1.version AS pneumonia_model,
-       m2.version AS infection_model,
-       i.received_at AS received_at,
-       i.finished_at AS finished_at,
-       i.error AS error,
-       i.attempts AS attempts,
-       p.threshold AS threshold,
-       p.inference_ms AS inference_ms
-FROM images i
-LEFT JOIN predictions p ON p.id = i.prediction_id
-LEFT JOIN model_versions m1 ON m1.id = p.pneumonia_model_id
-LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
-"""

@@ -6,8 +6,10 @@ PostgreSQL URLs work unchanged.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,33 +26,55 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "key", "sslpassword"})
+
+
 def redacted_url(url: str) -> str:
-    """``url`` with its password hidden: the only form in which a URL is printed or logged."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+    """``url`` with every secret hidden (the password in the authority and query parameters
+    such as ``?password=``): the only form in which a URL is printed or logged. A URL that
+    does not parse is not echoed at all."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
 
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user = parts.username or ""
+            host = netloc.rpartition("@")[2]
+            netloc = f"{user}:***@{host}"
+        query = urlencode(
+            [(k, "***" if k.lower() in SECRET_PARAMS else v)
+             for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+            safe="*",
+        )
+        text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else url
+        return text + (f"?{query}" if query else "")
+    except ValueError:
         return "(unparsable URL)"
 
 
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; SQLite files get their folder created and the pragmas above."""
     if url.startswith("sqlite"):
-        from pathlib import Path
-
         from sqlalchemy.engine import make_url
 
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(database))
         engine = create_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _create_private(database: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (its -wal and -shm files copy the mode):
+    it holds file names and results, which no other local user may read."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(FileExistsError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 _engines: dict[str, Engine] = {}

@@ -209,33 +209,6 @@ def test_every_bad_input_gets_a_reason_and_nothing_else_is_lost(tmp_path):
         assert p.alive()
 
 
-def test_unreadable_file_is_rejected_with_a_reason(tmp_path, monkeypatch):
-    """What a non-root service sees for a mode-000 file (this suite may run as root, which
-    reads anything): a rejected row and the file in rejected/, not an error on every scan."""
-    import worker.intake as intake
-    from db.migrate import upgrade
-    from db.session import dispose_engines
-    from worker.settings import Settings
-
-    settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path}/c.db")
-    settings.ensure_dirs()
-    upgrade(settings.db_url)
-    path = drop(settings.inbox_dir, "IM-locked.png", png_bytes(BRIGHT))
-    os.chmod(path, 0)
-    if os.geteuid() == 0:
-        def denied(_path):
-            raise PermissionError(13, "Permission denied")
-
-        monkeypatch.setattr(intake, "sha256_file", denied)
-    sent = []
-    result = intake.intake_file(path, settings, lambda i, n: sent.append(i))
-    dispose_engines()
-    assert result is not None and result.status == "rejected" and sent == []
-    assert not path.exists()
-    [kept] = settings.rejected_dir.iterdir()
-    assert kept.name.endswith("IM-locked.png")
-
-
 @pytest.mark.skipif(not POSTGRES_URL, reason="CXR_TEST_POSTGRES_URL not set")
 def test_bad_input_smoke_on_postgresql(tmp_path):
     with postgres_schema() as (_, url), pipeline_session(tmp_path, url) as p:

@@ -1,5 +1,5 @@
 """Batched inference keeps the guarantees: the claim queries directly, the task logic in
-process, and a real Celery worker that drains many queued images in batches on both backends.
+process, and a real Celery worker that drains messages of several images on both backends.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from db import images
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
-from worker.batch import process_image, run_batch
-from worker.claims import holder_gone, holder_id
+from worker.batch import classify_claimed, process_images
+from worker.claims import LiveHosts, holder_gone, holder_id
 from worker.inference import ModelCache
-from worker.intake import intake_file
+from worker.intake import intake_file, intake_files
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,80 +52,49 @@ def _rows(db_url: str) -> dict[int, tuple[str, int]]:
         return {i.id: (i.status, i.attempts) for i in session.scalars(select(Image))}
 
 
-def test_claim_queued_takes_untried_queued_rows_oldest_first(db_url):
+def test_claim_free_takes_every_free_row_in_one_update(db_url):
     with session_scope(db_url) as session:
-        queued = _add(session, 5)
-        [tried] = _add(session, 1, attempts=1)
-        [received] = _add(session, 1, ImageStatus.RECEIVED)
-        [done] = _add(session, 1, ImageStatus.DONE)
-    with session_scope(db_url) as session:
-        first = images.claim_queued(session, 3, exclude=[queued[0]])
-    assert [c.image_id for c in first] == queued[1:4]
-    assert all(c.attempts == 1 and not c.gave_up for c in first)
-    with session_scope(db_url) as session:
-        rest = images.claim_queued(session, 10)
-    assert [c.image_id for c in rest] == [queued[0], queued[4]]
-    rows = _rows(db_url)
-    assert all(rows[i] == (ImageStatus.PROCESSING, 1) for i in queued)
-    assert rows[tried] == (ImageStatus.QUEUED, 1)  # left to its own task, run alone
-    assert rows[received] == (ImageStatus.RECEIVED, 0)
-    assert rows[done] == (ImageStatus.DONE, 0)
-    with session_scope(db_url) as session:
-        assert images.claim_queued(session, 0) == []
-        assert images.release(session, queued[:2]) == 2
-    assert _rows(db_url)[queued[0]] == (ImageStatus.QUEUED, 1)
-
-
-def test_claim_free_answers_for_every_state(db_url):
-    with session_scope(db_url) as session:
-        [free] = _add(session, 1)
+        free = _add(session, 3)
         [held] = _add(session, 1, ImageStatus.PROCESSING, attempts=1)
-        [final] = _add(session, 1, ImageStatus.REJECTED)
+        [final] = _add(session, 1, ImageStatus.DONE, attempts=1)
         [spent] = _add(session, 1, ImageStatus.QUEUED, attempts=2)
+    ids = [*free, held, final, spent, 10_000]
     with session_scope(db_url) as session:
-        claim = images.claim_free(session, free, max_attempts=2, holder="host-a:11")
-        assert claim.image_id == free and claim.attempts == 1 and not claim.gave_up
-        again = images.claim_free(session, free, max_attempts=2, holder="host-b:22")
-        assert isinstance(again, images.Held) and again.holder == "host-a:11"
-        assert 0 <= again.age_seconds() < 60
-        assert images.claim_free(session, held, max_attempts=2) == images.Held(None, None)
-        assert images.claim_free(session, final, max_attempts=2) is None
-        assert images.claim_free(session, 10_000, max_attempts=2) is None
-        assert images.claim_free(session, spent, max_attempts=2).gave_up
-    rows = _rows(db_url)
-    assert rows[held] == (ImageStatus.PROCESSING, 1)
-    assert rows[spent] == (ImageStatus.FAILED, 3)
+        claims, found_held = images.claim_free(session, ids, max_attempts=2, holder="host-a:11",
+                                               task_id="task-1")
+        assert [c.image_id for c in claims] == free and {c.attempts for c in claims} == {1}
+        assert [h.image_id for h in found_held] == [held]
+        assert images.unclaimable(session, ids) == [spent]
+        assert images.claim(session, spent, max_attempts=2).gave_up
+    with session_scope(db_url) as session:
+        again, found_held = images.claim_free(session, free, max_attempts=2, holder="host-b:22")
+        assert again == [] and [h.holder for h in found_held] == ["host-a:11"] * 3
+        rows = {i.id: i for i in session.scalars(select(Image))}
+    assert {rows[i].task_id for i in free} == {"task-1"}
+    assert (rows[spent].status, rows[final].status) == (ImageStatus.FAILED, ImageStatus.DONE)
 
 
 def test_concurrent_claims_never_share_a_row(db_url, backend):
-    """Two workers claiming at once get disjoint rows (PostgreSQL: SKIP LOCKED, no waiting)."""
+    """Two deliveries naming overlapping images take disjoint rows: the UPDATE's condition is
+    re-checked under the row lock (PostgreSQL) or the single writer (SQLite)."""
     with session_scope(db_url) as session:
         ids = _add(session, 12)
-    if backend == "postgresql":
-        with session_scope(db_url) as first:
-            mine = images.claim_queued(first, 5)  # locks held, not committed yet
-            with session_scope(db_url) as second:
-                theirs = images.claim_queued(second, 12)
-    else:
-        results: list[list] = [[], [], []]
+    results: list[list] = [[], [], []]
+    barrier = threading.Barrier(3)
 
-        def claim(k: int) -> None:
-            with session_scope(db_url) as session:
-                results[k] = images.claim_queued(session, 4)
+    def claim(k: int) -> None:
+        barrier.wait()
+        with session_scope(db_url) as session:
+            results[k] = images.claim_free(session, ids[k * 3:k * 3 + 8], 3, f"h:{k}")[0]
 
-        threads = [threading.Thread(target=claim, args=(k,)) for k in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        mine, theirs = results[0], results[1] + results[2]
-    taken = [c.image_id for c in mine + theirs]
-    assert len(taken) == len(set(taken)) > 0
-    rows = _rows(db_url)
-    assert {i for i in ids if rows[i] == (ImageStatus.PROCESSING, 1)} == set(taken)
-    assert all(rows[i] == (ImageStatus.QUEUED, 0) for i in set(ids) - set(taken))
-    if backend == "postgresql":  # skipped the locked rows instead of losing the race
-        assert len(mine) == 5 and len(theirs) == 7
+    threads = [threading.Thread(target=claim, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    taken = [c.image_id for r in results for c in r]
+    assert len(taken) == len(set(taken)) == len(ids)
+    assert all(v == (ImageStatus.PROCESSING, 1) for v in _rows(db_url).values())
 
 
 # --- the task logic in process ------------------------------------------------------------
@@ -133,7 +102,7 @@ def test_concurrent_claims_never_share_a_row(db_url, backend):
 
 @pytest.fixture
 def settings(tmp_path, db_url) -> Settings:
-    s = Settings(data_dir=tmp_path / "var", database_url=db_url, batch_wait_ms=0)
+    s = Settings(data_dir=tmp_path / "var", database_url=db_url)
     s.ensure_dirs()
     return s
 
@@ -150,33 +119,29 @@ def _drop(settings: Settings, name: str, level: int | None) -> int:
     return intake_file(path, settings, lambda *_: None).image_id
 
 
-def test_one_delivery_classifies_a_batch_and_the_others_no_op(settings, caplog):
+def test_one_message_classifies_its_images_together(settings, caplog):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=20.0)
-    levels = {"a.png": 250, "b.png": 5, "c.png": 240, "bad.png": None, "d.png": 10, "e.png": 3}
+    levels = {"a.png": 250, "b.png": 5, "c.png": 240, "bad.png": None, "d.png": 10}
     ids = {name: _drop(settings, name, level) for name, level in levels.items()}
     cache = ModelCache(settings.models_path)
-    calls: list[int] = []
     with caplog.at_level("INFO", logger="worker.batch"):
-        assert process_image(ids["a.png"], settings, cache, batch_size=5) == "done"
-        bundle = cache._loaded["pneumonia"].bundle
-        original = bundle.predict_proba
-        bundle.predict_proba = lambda x: calls.append(len(x)) or original(x)
-        assert [process_image(ids[n], settings, cache, batch_size=5) for n in levels] == [
-            "noop", "noop", "noop", "noop", "noop", "done"]
-    assert calls == [1]  # only e.png, which did not fit in the first batch
-    assert [int(n) for n in BATCH_LINE.findall(caplog.text)] == [5, 1]
+        outcome = process_images(ids.values(), settings, cache, task_id="t-1")
+    assert outcome == {ids[n]: ("rejected" if n == "bad.png" else "done") for n in levels}
+    assert [int(n) for n in BATCH_LINE.findall(caplog.text)] == [5]
+    assert process_images(ids.values(), settings, cache) == {}  # a redelivery does nothing
     with session_scope(settings.db_url) as session:
         rows = {i.file_name: i for i in session.scalars(select(Image))}
         labels = {n: (r.prediction.label if r.prediction else None) for n, r in rows.items()}
-        assert session.scalar(select(func.count()).select_from(Prediction)) == 5
+        assert session.scalar(select(func.count()).select_from(Prediction)) == 4
     assert labels == {"a.png": Label.VIRUS, "b.png": Label.NORMAL, "c.png": Label.VIRUS,
-                      "bad.png": None, "d.png": Label.NORMAL, "e.png": Label.NORMAL}
+                      "bad.png": None, "d.png": Label.NORMAL}
     assert rows["bad.png"].status == ImageStatus.REJECTED and rows["bad.png"].error
-    assert {r.attempts for r in rows.values()} == {1}
+    assert {r.attempts for r in rows.values()} == {1} and {r.task_id for r in rows.values()} == {
+        "t-1"}
 
 
-def test_a_failed_batch_hands_the_others_back(settings, monkeypatch):
+def test_a_failed_batch_is_retried_and_a_redelivery_runs_each_image_alone(settings, monkeypatch):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     ids = [_drop(settings, f"{k}.png", 200) for k in range(3)]
     cache = ModelCache(settings.models_path)
@@ -187,18 +152,40 @@ def test_a_failed_batch_hands_the_others_back(settings, monkeypatch):
 
     monkeypatch.setattr(worker.batch, "classify_arrays", boom)
     with pytest.raises(RuntimeError):
-        process_image(ids[0], settings, cache, batch_size=3)
-    rows = _rows(settings.db_url)
-    assert rows[ids[0]] == (ImageStatus.PROCESSING, 1)  # its task retries it
-    assert rows[ids[1]] == rows[ids[2]] == (ImageStatus.QUEUED, 1)
+        process_images(ids, settings, cache)
+    assert set(_rows(settings.db_url).values()) == {(ImageStatus.PROCESSING, 1)}
     monkeypatch.undo()
-    assert [process_image(i, settings, cache, batch_size=3) for i in ids] == ["done"] * 3
-    assert {n for _, n in _rows(settings.db_url).values()} == {2}  # retried rows ran alone
+    sizes: list[int] = []
+    real = worker.batch.classify_arrays
+    monkeypatch.setattr(worker.batch, "classify_arrays",
+                        lambda batch, *a: sizes.append(len(batch)) or real(batch, *a))
+    assert process_images(ids, settings, cache) == dict.fromkeys(ids, "done")
+    assert sizes == [1, 1, 1]  # taken over from this very process, one at a time
+    assert set(_rows(settings.db_url).values()) == {(ImageStatus.DONE, 2)}
+
+
+def test_an_image_that_keeps_failing_ends_failed_with_the_error(settings, monkeypatch):
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "poison.png", 200)
+    import worker.batch
+
+    monkeypatch.setattr(worker.batch, "classify_arrays",
+                        lambda *a: (_ for _ in ()).throw(ValueError("bad tensor")))
+    cache = ModelCache(settings.models_path)
+    for _ in range(settings.max_attempts - 1):
+        with pytest.raises(ValueError):
+            process_images([image_id], settings, cache)
+    assert process_images([image_id], settings, cache) == {image_id: "failed"}
+    with session_scope(settings.db_url) as session:
+        row = session.get(Image, image_id)
+        assert (row.status, row.attempts) == (ImageStatus.FAILED, settings.max_attempts)
+        assert "bad tensor" in row.error
 
 
 def _claim_for(settings: Settings, image_id: int, holder: str) -> images.Claim:
     with session_scope(settings.db_url) as session:
-        return images.claim_free(session, image_id, settings.max_attempts, holder)
+        [claim], _ = images.claim_free(session, [image_id], settings.max_attempts, holder)
+        return claim
 
 
 def _count_predictions(settings: Settings) -> int:
@@ -206,24 +193,18 @@ def _count_predictions(settings: Settings) -> int:
         return session.scalar(select(func.count()).select_from(Prediction))
 
 
-def test_a_task_waits_for_a_live_holder_instead_of_classifying_twice(settings):
-    """Another worker's batch holds the image: its own task waits, then finds it done."""
+def test_a_duplicate_message_leaves_an_image_to_its_live_holder(settings):
+    """The reconcile pass may re-send a message whose first copy is being worked on: the
+    duplicate leaves the held image alone, and the holder finishes it, once."""
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     image_id = _drop(settings, "held.png", 250)
+    other = _drop(settings, "free.png", 5)
     claim = _claim_for(settings, image_id, "another-host:4242")
-    outcome: list[str] = []
-    waiter = threading.Thread(
-        target=lambda: outcome.append(
-            process_image(image_id, settings, ModelCache(settings.models_path), batch_size=1)
-        )
-    )
-    waiter.start()
-    time.sleep(1.0)
-    assert waiter.is_alive() and _count_predictions(settings) == 0
-    holder_result = run_batch([claim], settings, ModelCache(settings.models_path))
-    waiter.join(30)
-    assert holder_result == {image_id: "done"} and outcome == ["noop"]
+    cache = ModelCache(settings.models_path)
+    assert process_images([image_id, other], settings, cache) == {image_id: "held", other: "done"}
     assert _count_predictions(settings) == 1
+    assert classify_claimed([claim], settings, cache) == {image_id: "done"}
+    assert _count_predictions(settings) == 2
     assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 1)  # no second attempt
 
 
@@ -233,22 +214,117 @@ def test_a_holder_that_exited_on_this_host_is_taken_over_at_once(settings):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     _claim_for(settings, image_id, f"{socket.gethostname()}:{gone.pid}")
-    started = time.monotonic()
-    assert process_image(image_id, settings, ModelCache(settings.models_path)) == "done"
-    assert time.monotonic() - started < settings.claim_lease_seconds
+    outcome = process_images([image_id], settings, ModelCache(settings.models_path))
+    assert outcome == {image_id: "done"}
     assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 2)
 
 
-def test_a_holder_past_its_lease_is_taken_over(settings):
-    """A hung worker or a dead host: after the lease the image's own task classifies it."""
+def test_a_holder_past_its_lease_or_on_a_silent_host_is_taken_over(settings):
+    """A hung worker or a dead host: after the lease, or at once when Celery's heartbeat
+    (a ping) shows no worker on that host any more."""
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
-    image_id = _drop(settings, "stuck.png", 250)
-    _claim_for(settings, image_id, "host-that-died:77")
-    short = settings.model_copy(update={"claim_lease_seconds": 0.5})
-    assert holder_gone(images.Held("host-that-died:77", None), holder_id(), 600)
-    assert not holder_gone(images.Held("host-that-died:77", datetime.now(UTC)), holder_id(), 600)
-    assert process_image(image_id, short, ModelCache(settings.models_path)) == "done"
-    assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 2)
+    stuck = _drop(settings, "stuck.png", 250)
+    elsewhere = _drop(settings, "elsewhere.png", 250)
+    _claim_for(settings, stuck, "host-that-hangs:77")
+    _claim_for(settings, elsewhere, "host-that-died:78")
+    now = datetime.now(UTC)
+    assert holder_gone(images.Held(1, "host-that-died:77", None), holder_id(), 600)
+    assert not holder_gone(images.Held(1, "host-that-died:77", now), holder_id(), 600)
+    me = socket.gethostname()
+    only_me = LiveHosts(ping=lambda: [f"celery@{me}"])
+    both = LiveHosts(ping=lambda: [f"celery@{me}", "celery@host-that-died",
+                                   "celery@host-that-hangs"])
+    nobody = LiveHosts(ping=lambda: [])
+    held = images.Held(1, "host-that-died:78", now)
+    assert holder_gone(held, holder_id(), 600, only_me)
+    assert not holder_gone(held, holder_id(), 600, both)
+    assert not holder_gone(held, holder_id(), 600, nobody)  # no answer proves nothing
+    cache = ModelCache(settings.models_path)
+    assert process_images([stuck, elsewhere], settings, cache, live_hosts=both) == {
+        stuck: "held", elsewhere: "held"}
+    assert process_images([elsewhere], settings, cache, live_hosts=only_me) == {
+        elsewhere: "done"}
+    short = settings.model_copy(update={"claim_lease_seconds": 0.0})
+    assert process_images([stuck], short, cache, live_hosts=both) == {stuck: "done"}
+
+
+def test_the_worker_decodes_what_intake_hashed(settings):
+    """An archived file rewritten after intake is refused, not classified under the old hash
+    (a later genuine copy would otherwise inherit a wrong label)."""
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    image_id = _drop(settings, "IM-1.png", 250)
+    with session_scope(settings.db_url) as session:
+        stored = settings.data_dir / session.get(Image, image_id).stored_path
+    PILImage.new("L", (40, 40), 3).save(stored)
+    outcome = process_images([image_id], settings, ModelCache(settings.models_path))
+    assert outcome == {image_id: "rejected"} and _count_predictions(settings) == 0
+    with session_scope(settings.db_url) as session:
+        assert "changed after intake" in session.get(Image, image_id).error
+
+
+def test_a_missing_archived_file_is_retried_then_failed(settings, monkeypatch):
+    """An NFS blip: the file comes back and the image is classified; gone for good, the image
+    fails once its attempts are used, never a final ``rejected`` on the first miss."""
+    import worker.broker
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    blip = _drop(settings, "blip.png", 250)
+    gone = _drop(settings, "gone.png", 5)
+    resent: list = []
+    monkeypatch.setattr(worker.broker, "enqueue_batch",
+                        lambda batch, countdown=None: resent.append((list(batch), countdown)))
+    with session_scope(settings.db_url) as session:
+        paths = {i: settings.data_dir / session.get(Image, i).stored_path for i in (blip, gone)}
+    hidden = paths[blip].with_suffix(".away")
+    paths[blip].rename(hidden)
+    paths[gone].unlink()
+    cache = ModelCache(settings.models_path)
+    assert process_images([blip, gone], settings, cache) == {blip: "retry", gone: "retry"}
+    assert [ids for ids, _ in resent] == [[(blip, "blip.png")], [(gone, "gone.png")]]
+    assert all(countdown and countdown > 0 for _, countdown in resent)
+    hidden.rename(paths[blip])
+    assert process_images([blip], settings, cache) == {blip: "done"}
+    for _ in range(settings.max_attempts - 2):
+        assert process_images([gone], settings, cache) == {gone: "retry"}
+    assert process_images([gone], settings, cache) == {gone: "failed"}
+    with session_scope(settings.db_url) as session:
+        assert "archived file is missing (gave up after 3 attempts)" in session.get(
+            Image, gone).error
+
+
+def test_decoding_waits_for_the_memory_budget():
+    """Large decodes never all run at once: the budget admits them one by one."""
+    from trainer.decode import MemoryBudget
+
+    budget = MemoryBudget(100)
+    peak, lock = [0], threading.Lock()
+
+    def decode(cost: int) -> None:
+        with budget.reserve(cost):
+            with lock:
+                peak[0] = max(peak[0], budget.in_use)
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=decode, args=(60,)) for _ in range(4)]
+    threads.append(threading.Thread(target=decode, args=(500,)))  # bigger than all: runs alone
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] <= 100 and budget.in_use == 0
+
+
+def test_a_16_bit_png_costs_what_its_header_says(tmp_path):
+    import numpy as np
+
+    from trainer.decode import decode_cost, decode_image
+
+    path = tmp_path / "deep.png"
+    PILImage.fromarray(np.linspace(0, 4095, 300 * 200, dtype=np.uint16).reshape(200, 300)).save(
+        path)
+    assert decode_cost(path.read_bytes()[:64], 32) == 300 * 200 * 9
+    pixels = decode_image(path, 32, 10**8)
+    assert pixels.dtype == np.uint8 and pixels.min() <= 5 and pixels.max() >= 250
 
 
 # --- a real worker ---------------------------------------------------------------------------
@@ -256,7 +332,7 @@ def test_a_holder_past_its_lease_is_taken_over(settings):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
+def test_a_real_worker_classifies_a_message_of_images_at_a_time(settings, tmp_path):
     from worker.celery_app import CLASSIFY_TASK, make_app
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
@@ -266,20 +342,22 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
     broker = f"redis://{SHARED_REDIS}/{db_number}"
     app = make_app(Settings(broker_url=broker, queue=queue))
 
-    def enqueue(image_id: int, file_name: str) -> None:
-        app.send_task(CLASSIFY_TASK, args=[image_id], queue=queue,
-                      argsrepr=f"(image_id={image_id}, file={file_name!r})", kwargsrepr="{}")
+    def enqueue(batch) -> None:
+        app.send_task(CLASSIFY_TASK, args=[[i for i, _ in batch]], queue=queue,
+                      argsrepr=repr(batch), kwargsrepr="{}")
 
     n = 24
     expected = {}
-    for k in range(n):  # all queued before the worker starts: batches must form
+    paths = []
+    for k in range(n):
         level = 250 if k % 2 else 5
         path = settings.inbox_dir / f"many-{k}.png"
         img = PILImage.new("L", (40, 40), level)
         img.putpixel((0, 0), k)
         img.save(path)
-        intake_file(path, settings, enqueue)
+        paths.append(path)
         expected[path.name] = Label.PNEUMONIA if level > 128 else Label.NORMAL
+    intake_files(paths, settings.model_copy(update={"batch_size": 8}), enqueue)
     env = {**os.environ, "CXR_DATA_DIR": str(settings.data_dir), "CXR_DATABASE_URL":
            settings.db_url, "CXR_BROKER_URL": broker, "CXR_QUEUE": queue, "CXR_BATCH_SIZE": "8",
            "CXR_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
@@ -299,7 +377,6 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
             time.sleep(0.3)
         else:
             raise AssertionError(log_path.read_text()[-3000:])
-        time.sleep(1.0)  # the last no-op deliveries
     finally:
         stop_process(worker, timeout=30)
         client.delete(queue, *client.keys(f"*{queue}*"))
@@ -314,8 +391,9 @@ def test_a_real_worker_drains_many_images_in_batches(settings, tmp_path):
     assert labels == expected
     assert len(per_content) == n and {count for _, count in per_content} == {1}
     assert {row.attempts for row in rows.values()} == {1}
-    assert sum(sizes) == n and max(sizes) > 1 and len(sizes) < n, sizes
-    assert text.count("succeeded in") == n  # one Celery task per image, as Flower shows
+    assert sizes == [8, 8, 8], sizes
+    assert text.count("succeeded in") == 3  # one Celery task per message of 8 images
+    assert len({row.task_id for row in rows.values()}) == 3
 
 
 def test_forward_passes_use_power_of_two_batches(tmp_path):

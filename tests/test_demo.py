@@ -41,7 +41,8 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     assert "SYNTHETIC" in out and "NOT for clinical use" in out
     assert "registered" in proc.stderr or "production" in out
     flower = [line for line in out.splitlines() if line.startswith("Flower saw")]
-    assert flower and flower[0].startswith("Flower saw 6 cxr.classify_image task(s)"), flower
+    assert flower and flower[0].startswith("Flower saw 6 of the 6 demo images in"), flower
+    assert "cxr.classify_images task(s) (SUCCESS" in flower[0], flower
     with sqlite3.connect(tmp_path / "var" / "cxr.db") as db:
         rows = db.execute("select status, label, pneumonia_model from results").fetchall()
     assert len(rows) == 6

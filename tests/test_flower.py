@@ -250,7 +250,8 @@ def test_flower_shows_worker_and_finished_tasks(tmp_path, redis_db, processes):
     wait_for("the worker's heartbeat in /api/workers", worker_heard, logs)
 
     names = {i: f"scan-{i}.png" for i in IMAGE_IDS}
-    enqueue = f"from worker.broker import enqueue\nfor i, n in {names!r}.items(): enqueue(i, n)"
+    enqueue = ("from worker.broker import enqueue_batch\n"
+               f"for i, n in {names!r}.items(): enqueue_batch([(i, n)])")
     subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=tmp_path, check=True,
                    timeout=120)
 
@@ -258,17 +259,17 @@ def test_flower_shows_worker_and_finished_tasks(tmp_path, redis_db, processes):
         status, body = http_get(f"{base}/api/tasks", auth)
         if status != 200:
             return None
-        ours = {t.get("args"): t for t in body.values() if t.get("name") == "cxr.classify_image"}
+        ours = {t.get("args"): t for t in body.values() if t.get("name") == "cxr.classify_images"}
         done = [t for t in ours.values() if t.get("state") == "SUCCESS"]
         return ours if len(done) >= len(IMAGE_IDS) else None
 
     tasks = wait_for("three SUCCESS tasks in /api/tasks", finished_tasks, logs)
-    expected_args = {f"(image_id={i}, file={n!r})" for i, n in names.items()}
+    expected_args = {f"(image_ids=[{i}], files=[{n!r}])" for i, n in names.items()}
     assert set(tasks) == expected_args
     for task in tasks.values():
         assert task["state"] == "SUCCESS"
         assert task["kwargs"] == "{}"
-        assert task["result"] == "'noop'", "an unknown image id is a no-op"
+        assert task["result"] == "{}", "an unknown image id is a no-op"
         assert task["worker"] == node
         assert str(tmp_path) not in json.dumps(task), "no paths leak into Flower"
 

@@ -17,7 +17,7 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
 from trainer.bundle import load_bundle
 from trainer.cascade import positive_probability
-from worker.batch import process_image
+from worker.batch import process_images
 from worker.inference import ModelCache, StageModel, classify_arrays
 from worker.intake import intake_file
 from worker.settings import Settings
@@ -89,20 +89,20 @@ def _row(settings: Settings, image_id: int) -> Image:
         return row
 
 
-def test_process_image_end_states(settings):
+def test_process_images_end_states(settings):
     cache = ModelCache(settings.models_path)
     waiting = _drop(settings, "w.png", 250)
-    assert process_image(waiting, settings, cache) == "waiting_model"
+    assert process_images([waiting], settings, cache) == {waiting: "waiting_model"}
     assert _row(settings, waiting).attempts == 0
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     bright, dark, bad = (_drop(settings, "b.png", 250), _drop(settings, "d.png", 5),
                          _drop(settings, "bad.jpeg", None))
-    assert process_image(waiting, settings, cache) == "done"
-    assert process_image(bright, settings, cache) == "done"
-    assert process_image(bright, settings, cache) == "noop"  # redelivery
-    assert process_image(dark, settings, cache) == "done"
-    assert process_image(bad, settings, cache) == "rejected"
+    assert process_images([waiting], settings, cache) == {waiting: "done"}
+    assert process_images([bright], settings, cache) == {bright: "done"}
+    assert process_images([bright], settings, cache) == {}  # a redelivery does nothing
+    assert process_images([dark], settings, cache) == {dark: "done"}
+    assert process_images([bad], settings, cache) == {bad: "rejected"}
 
     assert _row(settings, bright).prediction.label == Label.PNEUMONIA
     assert _row(settings, bright).prediction.p_virus is None
@@ -119,12 +119,12 @@ def test_promotion_is_picked_up_without_a_new_cache(settings):
     cache = ModelCache(settings.models_path)
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", bias=-20.0)
     first = _drop(settings, "first.png", 200)
-    assert process_image(first, settings, cache) == "done"
+    assert process_images([first], settings, cache) == {first: "done"}
     assert _row(settings, first).prediction.label == Label.NORMAL
     register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=20.0)
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", bias=20.0)
     second = _drop(settings, "second.png", 200)
-    assert process_image(second, settings, cache) == "done"
+    assert process_images([second], settings, cache) == {second: "done"}
     row = _row(settings, second)
     assert row.prediction.label == Label.VIRUS
     with session_scope(settings.db_url) as session:
@@ -139,7 +139,8 @@ def test_a_delivery_past_max_attempts_fails_the_image(settings):
     for _ in range(settings.max_attempts):  # deliveries whose worker died mid-inference
         with session_scope(settings.db_url) as session:
             images.claim(session, image_id, settings.max_attempts)
-    assert process_image(image_id, settings, ModelCache(settings.models_path)) == "failed"
+    outcome = process_images([image_id], settings, ModelCache(settings.models_path))
+    assert outcome == {image_id: "failed"}
     row = _row(settings, image_id)
     assert row.status == ImageStatus.FAILED and "attempts" in row.error
 

@@ -1,7 +1,8 @@
-"""Intake: hash, archive, record, enqueue, on both database backends.
+"""Intake: hash, archive, record, enqueue, on both database backends; and a hostile inbox.
 
 ``enqueue`` is replaced by a recorder (or a failing callable for a broker outage); the real
-Redis path is covered by test_pipeline.
+Redis path is covered by test_pipeline. Permission cases run the intake in a subprocess
+without root's powers over other users' files (as the deployed uid 10001 is).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from db.models import Image
 from db.session import session_scope
 from db.vocabulary import ImageStatus
 from worker.intake import (
-    adopt_pending,
-    inbox_name,
+    display_name,
+    inbox_parts,
     intake_file,
+    intake_files,
     reconcile,
+    remove_stale_temps,
     requeue_waiting,
 )
 from worker.settings import Settings
@@ -38,11 +41,15 @@ def settings(tmp_path, db_url) -> Settings:
 
 
 class Recorder:
+    """Stands in for the broker: keeps every (image id, file name) and each message's size."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[int, str]] = []
+        self.messages: list[int] = []
 
-    def __call__(self, image_id: int, file_name: str) -> None:
-        self.sent.append((image_id, file_name))
+    def __call__(self, batch) -> None:
+        self.sent += list(batch)
+        self.messages.append(len(batch))
 
 
 def _row(url: str, image_id: int) -> Image:
@@ -61,13 +68,20 @@ def test_archive_path_is_content_addressed():
     assert archive_relpath(sha, ".we ird").as_posix() == f"archive/ab/{sha}.bin"
 
 
-def test_inbox_name_refuses_paths_outside(tmp_path):
+def test_inbox_parts_refuse_paths_outside(tmp_path):
     inbox = tmp_path / "inbox"
-    (inbox / "sub").mkdir(parents=True)
-    assert inbox_name(inbox, inbox / "sub" / "a.png") == "sub/a.png"
-    assert inbox_name(inbox, tmp_path / "a.png") is None
-    (inbox / "escape").symlink_to(tmp_path)
-    assert inbox_name(inbox, inbox / "escape" / "a.png") is None
+    assert inbox_parts(inbox, inbox / "sub" / "a.png") == ("sub", "a.png")
+    assert inbox_parts(inbox, tmp_path / "a.png") is None
+    assert inbox_parts(inbox, inbox / "sub" / ".." / ".." / "a.png") is None
+
+
+def test_a_file_behind_a_symlinked_folder_is_not_taken(settings, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"not yours")
+    (settings.inbox_dir / "escape").symlink_to(outside)
+    assert intake_file(settings.inbox_dir / "escape" / "secret.png", settings, Recorder()) is None
+    assert (outside / "secret.png").read_bytes() == b"not yours"
 
 
 def test_intake_archives_records_and_enqueues(settings):
@@ -129,7 +143,7 @@ def test_content_already_classified_by_production_models_is_linked(settings):
 
 
 def test_broker_down_leaves_rows_received_then_reconcile_sends_them(settings):
-    def broker_down(image_id: int, name: str) -> None:
+    def broker_down(batch) -> None:
         raise ConnectionError("redis unreachable")
 
     (settings.inbox_dir / "a.jpeg").write_bytes(b"a")
@@ -143,7 +157,7 @@ def test_broker_down_leaves_rows_received_then_reconcile_sends_them(settings):
     assert _row(settings.db_url, result.image_id).status == ImageStatus.QUEUED
 
 
-def test_database_down_puts_the_file_back(settings, monkeypatch):
+def test_database_down_leaves_the_file_in_the_inbox(settings, monkeypatch):
     src = settings.inbox_dir / "keep.png"
     src.write_bytes(b"precious")
 
@@ -154,6 +168,10 @@ def test_database_down_puts_the_file_back(settings, monkeypatch):
     with pytest.raises(RuntimeError):
         intake_file(src, settings, Recorder())
     assert src.read_bytes() == b"precious"
+    monkeypatch.undo()
+    result = intake_file(src, settings, Recorder())  # the next scan takes it, reusing the copy
+    assert result.status == ImageStatus.QUEUED and not src.exists()
+    assert len(list(settings.archive_dir.rglob("*.png"))) == 1
 
 
 def test_waiting_images_are_requeued_once_a_model_is_promoted(settings):
@@ -161,7 +179,7 @@ def test_waiting_images_are_requeued_once_a_model_is_promoted(settings):
     (settings.inbox_dir / "w.png").write_bytes(b"w")
     result = intake_file(settings.inbox_dir / "w.png", settings, sent)
     with session_scope(settings.db_url) as session:
-        assert images.mark_waiting_model(session, result.image_id)
+        assert images.mark_waiting_model(session, [result.image_id]) == 1
     assert requeue_waiting(settings, sent) == 0  # still no production model
     assert reconcile(settings, sent, grace_seconds=0) == 0
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
@@ -177,7 +195,7 @@ def test_mark_queued_never_overwrites_a_later_status(settings):
         claim = images.claim(session, result.image_id, max_attempts=3)
         assert claim.attempts == 1 and not claim.gave_up
     with session_scope(settings.db_url) as session:
-        assert not images.mark_queued(session, result.image_id)
+        assert images.mark_queued_many(session, [result.image_id]) == 0
     assert _row(settings.db_url, result.image_id).status == ImageStatus.PROCESSING
 
 
@@ -202,7 +220,7 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
     from worker.intake import intake_file
     from worker.settings import Settings
 
-    def die(*args, **kwargs):  # the watcher is killed after the move, before the commit
+    def die(*args, **kwargs):  # the watcher is killed after the archive copy, before the commit
         os._exit(9)
 
     images.record_image = die
@@ -214,29 +232,106 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
 def test_a_watcher_killed_between_archive_and_commit_loses_nothing(settings):
     path = settings.inbox_dir / "sub" / "Patient 7.jpeg"
     path.parent.mkdir()
-    path.write_bytes(b"moved but never recorded")
+    path.write_bytes(b"copied but never recorded")
     crashed = subprocess.run(
         [sys.executable, "-c", KILL_BEFORE_COMMIT, str(settings.data_dir), settings.db_url,
          "sub/Patient 7.jpeg"], capture_output=True, text=True, timeout=120,
     )
     assert crashed.returncode == 9, crashed.stderr
-    assert not path.exists()
-    assert [p.name for p in settings.archive_dir.rglob("*.jpeg")]
+    assert path.exists()  # the inbox file goes only once its row is committed
     with session_scope(settings.db_url) as session:
         assert session.query(Image).count() == 0
     sent = Recorder()
-    assert adopt_pending(settings, sent) == 0  # too fresh: could be another watcher's intake
-    assert adopt_pending(settings, sent, min_age_seconds=0) == 1
-    [(image_id, name)] = sent.sent
-    row = _row(settings.db_url, image_id)
-    assert (name, row.file_name, row.status) == ("sub/Patient 7.jpeg", name, ImageStatus.QUEUED)
-    assert (settings.data_dir / row.stored_path).read_bytes() == b"moved but never recorded"
-    assert not list((settings.archive_dir / ".pending").iterdir())
-    assert adopt_pending(settings, sent, min_age_seconds=0) == 0
+    result = intake_file(path, settings, sent)
+    assert sent.sent == [(result.image_id, "sub/Patient 7.jpeg")]
+    row = _row(settings.db_url, result.image_id)
+    assert (settings.data_dir / row.stored_path).read_bytes() == b"copied but never recorded"
+    assert not path.exists()
 
 
-def test_a_completed_intake_leaves_no_pending_note(settings):
-    path = settings.inbox_dir / "ok.jpeg"
-    path.write_bytes(b"fine")
-    intake_file(path, settings, Recorder())
-    assert not list((settings.archive_dir / ".pending").iterdir())
+def test_a_batch_is_one_transaction_and_messages_of_batch_size(settings):
+    settings = settings.model_copy(update={"batch_size": 4})
+    paths = []
+    for k in range(10):
+        path = settings.inbox_dir / f"f{k}.png"
+        path.write_bytes(f"content {k}".encode())
+        paths.append(path)
+    sent = Recorder()
+    results = intake_files(paths, settings, sent)
+    assert [r.status for r in results] == [ImageStatus.QUEUED] * 10
+    assert sent.messages == [4, 4, 2]
+    assert sorted(n for _, n in sent.sent) == sorted(p.name for p in paths)
+    assert not any(p.exists() for p in paths)
+
+
+def test_an_interrupted_copy_leaves_no_temp_file(settings, monkeypatch):
+    from worker import safefs
+
+    path = settings.inbox_dir / "big.png"
+    path.write_bytes(b"x" * 100)
+
+    def disk_full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safefs.os, "write", disk_full)
+    assert intake_file(path, settings, Recorder()) is None
+    monkeypatch.undo()
+    assert path.exists()
+    assert not list(settings.archive_dir.glob(".incoming-*"))
+    stale = settings.archive_dir / ".incoming-dead.tmp"
+    stale.write_bytes(b"left by a killed watcher")
+    os.utime(stale, (0, 0))
+    assert remove_stale_temps(settings) == 1 and not stale.exists()
+
+
+def test_hard_linked_and_oversized_files_are_refused_once_before_reading(settings, tmp_path):
+    settings = settings.model_copy(update={"max_file_bytes": 1000})
+    elsewhere = tmp_path / "elsewhere.png"
+    elsewhere.write_bytes(b"a file with two names")
+    os.link(elsewhere, settings.inbox_dir / "linked.png")
+    (settings.inbox_dir / "huge.png").write_bytes(b"x" * 1001)
+    sent = Recorder()
+    results = intake_files(sorted(settings.inbox_dir.iterdir()), settings, sent)
+    assert sent.sent == [] and [r.status for r in results] == ["rejected", "rejected"]
+    rows = {r.file_name: _row(settings.db_url, r.image_id) for r in results}
+    assert "2 hard links" in rows["linked.png"].error
+    assert "file too large: 1,001 bytes" in rows["huge.png"].error
+    assert "CXR_MAX_FILE_BYTES" in rows["huge.png"].error
+    assert elsewhere.read_bytes() == b"a file with two names"  # the other name is untouched
+    assert sorted(p.name.split("-", 1)[1] for p in settings.rejected_dir.iterdir()) == [
+        "huge.png", "linked.png"]
+    assert not list(settings.inbox_dir.iterdir())
+    assert not list(settings.archive_dir.rglob("*.png"))
+
+
+def test_a_name_that_is_not_utf8_is_recorded_readably(settings):
+    raw = os.fsencode(settings.inbox_dir) + b"/IM-\xff\xfe-1.png"
+    with open(raw, "wb") as fh:
+        fh.write(b"bytes")
+    path = settings.inbox_dir / os.fsdecode(b"IM-\xff\xfe-1.png")
+    sent = Recorder()
+    result = intake_file(path, settings, sent)
+    assert result.status == ImageStatus.QUEUED
+    assert result.file_name == "IM-\ufffd\ufffd-1.png" == display_name(("IM-\udcff\udcfe-1.png",))
+    assert _row(settings.db_url, result.image_id).file_name == "IM-\ufffd\ufffd-1.png"
+    assert not os.path.exists(raw)
+
+
+@pytest.mark.parametrize("inbox", ["var", "var/archive", "var/archive/in", "var/models",
+                                   "var/rejected", "."])
+def test_an_inbox_overlapping_the_service_folders_is_refused(tmp_path, inbox):
+    from db.exceptions import CxrError
+
+    settings = Settings(data_dir=tmp_path / "var", inbox=tmp_path / inbox)
+    with pytest.raises(CxrError, match="inbox"):
+        settings.ensure_dirs()
+
+
+def test_data_folder_and_database_are_private(tmp_path):
+    from db.migrate import upgrade
+
+    settings = Settings(data_dir=tmp_path / "fresh")
+    settings.ensure_dirs()
+    upgrade(settings.db_url)
+    assert _mode(settings.data_dir) == 0o700
+    assert _mode(settings.data_dir / "cxr.db") == 0o600

@@ -193,18 +193,18 @@ def test_celery_contract_and_what_flower_sees():
     assert conf.worker_prefetch_multiplier == 1 and conf.task_ignore_result is True
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_routes[CLASSIFY_TASK] == {"queue": queue}
-    from worker.tasks import classify_image
+    from worker.tasks import classify_images
 
-    assert classify_image.name == CLASSIFY_TASK
+    assert classify_images.name == CLASSIFY_TASK
     with app.connection_for_write() as conn:
-        app.send_task(CLASSIFY_TASK, args=[42], argsrepr="(image_id=42, file='IM-1.jpeg')",
+        app.send_task(CLASSIFY_TASK, args=[[42]], argsrepr="(image_ids=[42], files=['IM-1.jpeg'])",
                       kwargsrepr="{}", queue=queue, connection=conn)
     try:
         [raw] = client.lrange(queue, 0, -1)
         message = json.loads(raw)
         headers = message["headers"]
         assert headers["task"] == CLASSIFY_TASK
-        assert headers["argsrepr"] == "(image_id=42, file='IM-1.jpeg')"
+        assert headers["argsrepr"] == "(image_ids=[42], files=['IM-1.jpeg'])"
         assert message["content-type"] == "application/json"
     finally:
         client.delete(queue, *client.keys(f"*{queue}*"))

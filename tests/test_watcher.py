@@ -132,7 +132,7 @@ def test_watch_loop_takes_complete_files_once(settings, polling):
     settings.ensure_dirs()
     inbox = settings.inbox_dir
     (inbox / "before.jpeg").write_bytes(b"present at start-up")
-    watcher = Watcher(settings, enqueue=lambda i, name: sent.append((i, name)), polling=polling)
+    watcher = Watcher(settings, enqueue=sent.extend, polling=polling)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
     thread.start()
@@ -163,8 +163,8 @@ def test_watch_loop_survives_a_broker_outage(settings):
     attempts: list[int] = []
     broker_up = threading.Event()
 
-    def flaky_enqueue(image_id: int, name: str) -> None:
-        attempts.append(image_id)
+    def flaky_enqueue(batch) -> None:
+        attempts.extend(image_id for image_id, _ in batch)
         if not broker_up.is_set():
             raise ConnectionError("broker down")
 

@@ -31,9 +31,11 @@ import io
 import os
 import re
 import struct
+import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,6 +53,7 @@ _HEAD_BYTES = 512
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+STRETCH_BLOCK_PIXELS = 1 << 20
 
 
 def sniff_bytes(head: bytes) -> str | None:
@@ -290,10 +293,59 @@ def _to_gray(img: Image.Image) -> Image.Image:
 
 
 def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
-    data = values.astype(np.float64)
-    lo, hi = float(data.min()), float(data.max())
-    if hi <= lo:
-        scaled = np.zeros(data.shape, dtype=np.uint8)
-    else:
-        scaled = np.rint((data - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    return Image.fromarray(scaled)
+    """Map [min, max] to [0, 255] in row blocks of float32, never a float64 copy of the whole
+    image (a 60-megapixel 16-bit PNG would otherwise need about 1.5 GiB here)."""
+    lo, hi = int(values.min()), int(values.max())
+    out = np.zeros(values.shape, dtype=np.uint8)
+    if hi > lo:
+        scale = np.float32(255.0 / (hi - lo))
+        rows = max(1, STRETCH_BLOCK_PIXELS // max(1, values.shape[1]))
+        for start in range(0, values.shape[0], rows):
+            block = values[start:start + rows].astype(np.float32)
+            block -= lo
+            block *= scale
+            np.rint(block, out=block)
+            out[start:start + rows] = block
+    return Image.fromarray(out)
+
+
+def decode_cost(head: bytes, size: int) -> int:
+    """Bytes of memory decoding a file costs at its peak, from its header (0 if unknown).
+
+    16-bit PNGs are held as 32-bit samples by Pillow, copied once for the stretch; JPEGs are
+    decoded at a reduced DCT scale close to ``2 * size``.
+    """
+    dims = declared_size(head)
+    if dims is None:
+        return 0
+    width, height = dims
+    if head.startswith(_PNG_MAGIC):
+        bit_depth = head[24] if len(head) > 24 else 8
+        return width * height * (9 if bit_depth == 16 else 5)
+    scale = 1
+    while scale < 8 and width // (scale * 2) >= 2 * size and height // (scale * 2) >= 2 * size:
+        scale *= 2
+    return (width // scale) * (height // scale) * 4
+
+
+class MemoryBudget:
+    """At most ``limit`` bytes of decoding at once across threads; a single decode larger than
+    the whole budget runs alone instead of failing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, cost: int) -> Iterator[None]:
+        cost = min(max(0, int(cost)), self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.in_use + cost <= self.limit)
+            self.in_use += cost
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= cost
+                self._cond.notify_all()

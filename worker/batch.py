@@ -1,18 +1,26 @@
-"""Classifying claimed images together: decode in threads, one forward pass per stage, every
-row written in one transaction.
+"""Classifying a message's images together: read and decode in threads, one forward pass per
+stage, every row written in one transaction.
 
-``process_image`` is what a delivery does (callable without Celery, e.g. from tests): claim its
-image (``worker.claims``), fill a batch with other queued images, classify them all. The other
-images' own tasks then find their rows final and do nothing, so Flower still shows one task per
-image and each task still takes only an image id. The prediction upsert keeps one row per
-content and models even if two deliveries both finish.
+``process_images`` is what a delivery does (callable without Celery, e.g. from tests): claim
+the images its message names (``worker.claims``), then classify them. A redelivered message
+(some image already tried) runs its images one at a time, so an image that crashes the worker
+fails by itself. The prediction upsert keeps one row per content and models even if two
+deliveries both finish.
+
+What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
+checked against the row, and decoded from those bytes; decoding large images waits for a
+memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,15 +28,31 @@ from db import images, registry
 from db.exceptions import BadImageError
 from db.images import Claim
 from db.session import session_scope
-from db.vocabulary import FINAL_STATUSES, Stage
-from trainer.decode import decode_many
+from db.vocabulary import Stage
+from trainer.decode import MemoryBudget, decode_bytes, decode_cost
 from worker.celery_app import THREADS_ENV
-from worker.claims import claim_own, fill_batch, holder_id
+from worker.claims import claim_images, holder_id
 from worker.inference import ModelCache, classify_arrays
 from worker.settings import Settings
 from worker.storage import reject_archived, stored_file
 
 log = logging.getLogger(__name__)
+
+MISSING_RETRY_MAX_SECONDS = 60
+
+
+class ArchivedFileMissing(Exception):
+    """The archived file is not there now (a network filesystem blip, a restore in progress)."""
+
+
+@dataclass
+class _Read:
+    """One claimed image after reading: pixels, or why not."""
+
+    claim: Claim
+    pixels: np.ndarray | None = None
+    rejected: str | None = None
+    missing: bool = False
 
 
 def decode_threads() -> int:
@@ -37,117 +61,81 @@ def decode_threads() -> int:
     return max(1, share or (os.cpu_count() or 1))
 
 
-def process_image(
-    image_id: int, settings: Settings, cache: ModelCache, batch_size: int = 1
-) -> str:
-    """Classify image ``image_id`` and, when ``batch_size`` > 1, up to ``batch_size - 1`` other
-    queued images with it. Returns this image's final or parked status. Safe to run twice.
-
-    The delivery is claimed (and counted) before any model is loaded, so a message waiting
-    while a model loads is never mistaken for a lost one. A redelivered image (attempts > 1)
-    runs alone, so an image that crashes the worker fails by itself.
-    """
-    url = settings.db_url
-    with session_scope(url) as session:
-        if images.status_of(session, image_id) in (*FINAL_STATUSES, None):
-            log.debug("image %s already final; delivery ignored", image_id)
-            return "noop"
-        if Stage.PNEUMONIA.value not in registry.production_ids(session):
-            parked = images.mark_waiting_model(session, image_id)
-            if parked:
-                log.info("image %s waits for a production pneumonia model", image_id)
-            return "waiting_model" if parked else "noop"
-    me = holder_id()
-    own = claim_own(settings, image_id, me,
-                    lambda: batch_size > 1 and _run_others(settings, cache, batch_size, me))
-    if own is None:
-        log.info("image %s already final; redelivery ignored", image_id)
-        return "noop"
-    if own.gave_up:
-        log.warning("image %s (%s) failed after %s attempts", image_id, own.file_name,
-                    settings.max_attempts)
-        return "failed"
-    claims = [own]
-    if batch_size > 1 and own.attempts <= 1:
-        claims += fill_batch(settings, batch_size - 1, exclude=[own.image_id], holder=me)
-    try:
-        return run_batch(claims, settings, cache, own_id=image_id)[image_id]
-    except Exception as exc:
-        if own.attempts >= settings.max_attempts:
-            with session_scope(url) as session:
-                images.mark_failed(session, image_id, f"{type(exc).__name__}: {exc}"[:500])
-            log.exception("image %s (%s) failed", image_id, own.file_name)
-            return "failed"
-        raise
-
-
-def _run_others(settings: Settings, cache: ModelCache, batch_size: int, me: str) -> bool:
-    """Useful work while another delivery holds this task's image: a batch of queued ones.
-    False when there was none."""
-    with session_scope(settings.db_url) as session:
-        others = images.claim_queued(session, batch_size, holder=me)
-    if others:
-        run_batch(others, settings, cache)
-    return bool(others)
-
-
-def run_batch(
-    claims: list[Claim], settings: Settings, cache: ModelCache, own_id: int | None = None
+def process_images(
+    image_ids: Iterable[int], settings: Settings, cache: ModelCache, task_id: str | None = None,
+    live_hosts: Callable[[], set[str] | None] | None = None,
 ) -> dict[int, str]:
-    """Classify claimed images together; returns image id -> status.
+    """Classify the open images among ``image_ids``; returns image id -> what happened
+    (``done``, ``rejected``, ``failed``, ``waiting_model``, ``retry`` or ``held``). Safe to
+    run twice: final images are skipped.
 
-    On an error every claimed row but ``own_id`` is handed back to the queue (attempt counted)
-    and the error propagates for ``own_id``'s task to retry.
+    An error propagates (for the task to retry) unless every image it hit has used its
+    attempts, in which case they are marked ``failed`` with the error.
     """
-    try:
-        return _classify_claimed(claims, settings, cache)
-    except Exception:
+    ids = [int(i) for i in image_ids]
+    with session_scope(settings.db_url) as session:
+        if Stage.PNEUMONIA.value not in registry.production_ids(session):
+            parked = images.mark_waiting_model(session, ids)
+            if parked:
+                log.info("%d image(s) wait for a production pneumonia model", parked)
+            return dict.fromkeys(ids, "waiting_model") if parked else {}
+    claimed = claim_images(settings, ids, holder_id(), task_id, live_hosts)
+    outcome = {c.image_id: "failed" for c in claimed.failed}
+    outcome.update({h.image_id: "held" for h in claimed.left})
+    for c in claimed.failed:
+        log.warning("%s failed after %s attempts", settings.describe(c.image_id, c.file_name),
+                    settings.max_attempts)
+    alone = any(c.attempts > 1 for c in claimed.claims)
+    groups = [[c] for c in claimed.claims] if alone else [claimed.claims]
+    for group in filter(None, groups):
         try:
+            outcome.update(classify_claimed(group, settings, cache))
+        except Exception as exc:
+            spent = [c for c in group if c.attempts >= settings.max_attempts]
             with session_scope(settings.db_url) as session:
-                images.release(session, [c.image_id for c in claims if c.image_id != own_id])
-        except Exception as exc:  # their own tasks take them over later
-            log.warning("could not hand back a failed batch (%s)", type(exc).__name__)
-        raise
+                for c in spent:
+                    images.mark_failed(session, c.image_id, f"{type(exc).__name__}: {exc}"[:500])
+            for c in spent:
+                log.exception("%s failed", settings.describe(c.image_id, c.file_name))
+                outcome[c.image_id] = "failed"
+            if len(spent) < len(group):
+                raise
+    return outcome
 
 
-def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache) -> dict[int, str]:
+def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
+                     ) -> dict[int, str]:
+    """Read, check, decode and classify claimed images; write every row in one transaction."""
     url = settings.db_url
     with session_scope(url) as session:
         models = cache.current(session)
-    outcome: dict[int, str] = {}
     if models.pneumonia is None:  # demoted in the last milliseconds
         with session_scope(url) as session:
-            for c in claims:
-                images.mark_waiting_model(session, c.image_id)
+            images.mark_waiting_model(session, [c.image_id for c in claims])
         return dict.fromkeys((c.image_id for c in claims), "waiting_model")
     started = time.perf_counter()
-    paths = {c.image_id: stored_file(settings, c.stored_path) for c in claims}
-    present = [c for c in claims if paths[c.image_id] is not None]
-    decoded = decode_many([paths[c.image_id] for c in present], models.pneumonia.input_size,
-                          settings.max_image_pixels, threads=decode_threads())
-    good_claims: list[Claim] = []
-    good_pixels: list[np.ndarray] = []
-    rejections: list[tuple[Claim, str, str | None]] = []
-    for c in claims:
-        if paths[c.image_id] is None:
-            rejections.append((c, "archived file is missing", None))
-    for c, pixels in zip(present, decoded, strict=True):
-        if isinstance(pixels, BadImageError):
-            rejections.append((c, str(pixels), reject_archived(settings, paths[c.image_id])))
-        else:
-            good_claims.append(c)
-            good_pixels.append(pixels)
+    read = read_images(claims, settings, models.pneumonia.input_size)
+    good = [r for r in read if r.pixels is not None]
     decoded_at = time.perf_counter()
     results = []
-    if good_claims:
-        results = classify_arrays(np.stack(good_pixels), models.pneumonia, models.infection)
+    if good:
+        results = classify_arrays(np.stack([r.pixels for r in good]), models.pneumonia,
+                                  models.infection)
     forward_s = time.perf_counter() - decoded_at
-    per_image_ms = forward_s * 1000.0 / max(1, len(good_claims))
+    per_image_ms = forward_s * 1000.0 / max(1, len(good))
+    outcome: dict[int, str] = {}
+    missing = [r.claim for r in read if r.missing]
     with session_scope(url) as session:
-        for c, reason, stored in rejections:
-            images.mark_rejected(session, c.image_id, reason, stored_path=stored)
-            outcome[c.image_id] = "rejected"
-        for c, result in zip(good_claims, results, strict=True):
+        for r in read:
+            if r.rejected is not None:
+                stored = None
+                path = stored_file(settings, r.claim.stored_path)
+                if path is not None and path.parent != settings.rejected_dir:
+                    stored = reject_archived(settings, path)
+                images.mark_rejected(session, r.claim.image_id, r.rejected, stored_path=stored)
+                outcome[r.claim.image_id] = "rejected"
+        for r, result in zip(good, results, strict=True):
+            c = r.claim
             infection = models.infection if result.p_virus is not None else None
             prediction = images.save_prediction(
                 session,
@@ -163,13 +151,72 @@ def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
             )
             images.link_prediction(session, c.image_id, prediction.id)
             outcome[c.image_id] = "done"
-    for c, reason, _ in rejections:
-        log.info("image %s (%s) rejected: %s", c.image_id, c.file_name, reason)
-    for c, result in zip(good_claims, results, strict=True):
-        log.info("image %s (%s): %s", c.image_id, c.file_name, result.label)
+    outcome.update(_retry_missing(missing, settings))
+    for r in read:
+        if r.rejected is not None:
+            log.info("%s rejected: %s", settings.describe(r.claim.image_id, r.claim.file_name),
+                     r.rejected)
+    for r, result in zip(good, results, strict=True):
+        log.info("%s: %s", settings.describe(r.claim.image_id, r.claim.file_name), result.label)
     log.info(
         "batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms",
         len(claims), (decoded_at - started) * 1000.0, forward_s * 1000.0,
         (time.perf_counter() - started) * 1000.0,
     )
+    return outcome
+
+
+def read_images(claims: list[Claim], settings: Settings, size: int) -> list[_Read]:
+    """Each claimed image read once, hash-checked and decoded, in threads under one memory
+    budget; results in input order, a bad file never affecting the others."""
+    budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
+
+    def one(claim: Claim) -> _Read:
+        path = stored_file(settings, claim.stored_path)
+        if path is None:
+            return _Read(claim, missing=True)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return _Read(claim, missing=True)
+        except OSError as exc:
+            return _Read(claim, rejected=f"cannot read the archived file: {exc.strerror or exc}")
+        if hashlib.sha256(data).hexdigest() != claim.sha256:
+            return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
+                         "longer matches what was received); not classified")
+        try:
+            with budget.reserve(decode_cost(data[:1 << 16], size)):
+                return _Read(claim, pixels=decode_bytes(data, size, settings.max_image_pixels,
+                                                        name=claim.file_name))
+        except BadImageError as exc:
+            return _Read(claim, rejected=str(exc))
+
+    if len(claims) == 1:
+        return [one(claims[0])]
+    with ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims)))) as pool:
+        return list(pool.map(one, claims))
+
+
+def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
+    """An archived file that is not there may come back (a network filesystem blip): hand the
+    image back and send it again later; only once its attempts are used up is it ``failed``."""
+    if not missing:
+        return {}
+    from worker.broker import enqueue_batch
+
+    reason = "the archived file is missing"
+    spent = [c for c in missing if c.attempts >= settings.max_attempts]
+    again = [c for c in missing if c.attempts < settings.max_attempts]
+    with session_scope(settings.db_url) as session:
+        for c in spent:
+            images.mark_failed(session, c.image_id,
+                               f"{reason} (gave up after {c.attempts} attempts)")
+        images.requeue(session, [c.image_id for c in again], f"{reason}; will try again")
+    outcome = dict.fromkeys((c.image_id for c in spent), "failed")
+    for c in again:
+        delay = min(MISSING_RETRY_MAX_SECONDS, 2 ** c.attempts)
+        log.warning("%s: %s; trying again in %s s", settings.describe(c.image_id, c.file_name),
+                    reason, delay)
+        enqueue_batch([(c.image_id, c.file_name)], countdown=delay)
+        outcome[c.image_id] = "retry"
     return outcome

@@ -1,22 +1,29 @@
 """Sending classify jobs and looking at the queue, by task name.
 
 The watcher and the CLI import this, not ``worker.tasks``, so they never load numpy or the
-inference code just to put a message on Redis.
+inference code just to put a message on Redis. One message carries a batch of image ids; Flower
+shows them (and their file names unless ``CXR_HIDE_FILE_NAMES``) as the task's arguments.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from worker.celery_app import CLASSIFY_TASK, app, settings
+from worker.settings import printable
 
 
-def enqueue(image_id: int, file_name: str) -> None:
-    """Send one image to the inference queue; Flower shows only its id and file name."""
+def enqueue_batch(batch: Sequence[tuple[int, str]], countdown: float | None = None) -> None:
+    """Send one message for these (image id, file name) pairs to the inference queue."""
+    ids = [int(image_id) for image_id, _ in batch]
+    if settings.hide_file_names:
+        shown = f"(image_ids={ids})"
+    else:
+        names = [printable(name) for _, name in batch]
+        shown = f"(image_ids={ids}, files={names!r})"
     app.send_task(
-        CLASSIFY_TASK,
-        args=[image_id],
-        argsrepr=f"(image_id={image_id}, file={file_name!r})",
-        kwargsrepr="{}",
-        queue=settings.queue,
+        CLASSIFY_TASK, args=[ids], argsrepr=shown, kwargsrepr="{}", queue=settings.queue,
+        countdown=countdown,
     )
 
 

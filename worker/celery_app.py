@@ -6,18 +6,20 @@ processes get their per-process resources (DB engines, TensorFlow threads, the m
 
 from __future__ import annotations
 
+import logging
 import os
 
 from celery import Celery
-from celery.signals import celeryd_after_setup, worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 from kombu import Queue
 
 from trainer.runtime import quiet_native_logs
 from worker.settings import Settings
 
-CLASSIFY_TASK = "cxr.classify_image"
+CLASSIFY_TASK = "cxr.classify_images"
 THREADS_ENV = "CXR_TF_THREADS"
 
+log = logging.getLogger(__name__)
 settings = Settings()
 quiet_native_logs(debug=settings.log_level.upper() == "DEBUG")
 
@@ -70,3 +72,17 @@ def _after_fork(**_kwargs) -> None:
     from db.session import dispose_engines
 
     dispose_engines()
+
+
+@worker_ready.connect
+def _take_back_messages(**_kwargs) -> None:
+    """A worker that died whole left its messages unacknowledged: put them back now."""
+    from worker.recovery import restore_unacked
+
+    try:
+        restored = restore_unacked(app, settings.queue)
+    except Exception as exc:  # the broker may be down; Redis's visibility timeout still applies
+        log.warning("could not restore unacknowledged messages (%s)", type(exc).__name__)
+        return
+    if restored:
+        log.info("put %d unacknowledged message(s) back on the queue", restored)

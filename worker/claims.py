@@ -1,12 +1,12 @@
 """The claim protocol: which delivery classifies an image, and when another may take it over.
 
-A delivery claims its own image plus up to ``batch_size - 1`` other ``queued`` images (one
-conditional UPDATE each time, attempts counted, committed before inference, so an image that
-keeps killing its worker ends ``failed`` instead of looping). Each claim records its holder
-(``host:pid``) and time. A row found ``processing`` is held by another delivery, alive (its
-batch) or dead (a crash): its own task waits for a live holder and takes the row over at once
-from a holder that has exited, or after ``claim_lease_seconds`` from one that hangs or whose
-host died.
+A delivery claims the images its message names in one conditional UPDATE (attempts counted and
+committed before inference, so an image that keeps killing its worker ends ``failed`` instead of
+looping). Each claim records its holder (``host:pid``), time and task. A row found
+``processing`` belongs to another delivery (a duplicate message, e.g. one the reconcile pass
+re-sent): it is left to a live holder and taken over from one that is gone: this process
+itself, a process on this host that has exited, a host whose Celery workers no longer answer,
+or any holder past ``claim_lease_seconds``.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from db import images
 from db.images import Claim, Held
 from db.session import session_scope
 from worker.settings import Settings
 
-FILL_POLL_SECONDS = 0.005
-HELD_POLL_SECONDS = 0.2
-
 log = logging.getLogger(__name__)
+
+HOSTS_CACHE_SECONDS = 10.0
+PING_TIMEOUT_SECONDS = 1.0
 
 
 def holder_id() -> str:
@@ -33,11 +34,12 @@ def holder_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def holder_gone(held: Held, me: str, lease_seconds: float) -> bool:
-    """True when nobody works on a held row any more, so its own task may take it over.
+def holder_gone(held: Held, me: str, lease_seconds: float,
+                live_hosts: Callable[[], set[str] | None] | None = None) -> bool:
+    """True when nobody works on a held row any more, so this delivery may take it over.
 
-    That is: the holder is this very process (an earlier delivery here raised), a process on
-    this host that has exited (a crash), unknown, or past its lease (hung, or its host died).
+    ``live_hosts`` names the hosts whose Celery workers answer now (None: unknown); it is asked
+    only for a holder on another host whose lease has not run out.
     """
     if held.holder is None or held.holder == me:
         return True
@@ -45,7 +47,12 @@ def holder_gone(held: Held, me: str, lease_seconds: float) -> bool:
     if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
         return True
     age = held.age_seconds()
-    return age is None or age >= lease_seconds
+    if age is None or age >= lease_seconds:
+        return True
+    if host != socket.gethostname() and live_hosts is not None:
+        hosts = live_hosts()
+        return hosts is not None and host not in hosts
+    return False
 
 
 def _pid_alive(pid: int) -> bool:
@@ -58,49 +65,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def claim_own(
-    settings: Settings, image_id: int, me: str, while_held: Callable[[], bool]
-) -> Claim | None:
-    """Claim this delivery's image; while a live holder has it, call ``while_held`` (other
-    useful work; False when there was none, and then wait a moment) and try again.
+class LiveHosts:
+    """Hosts whose Celery workers answer a ping (their heartbeat), cached for a few seconds.
 
-    Returns None once the image is final (the holder classified it: nothing left to do).
+    None when the answer cannot be trusted: no reply at all, not even from this host's own
+    worker, means the broker is unreachable rather than every host dead.
     """
-    url = settings.db_url
-    while True:
-        with session_scope(url) as session:
-            own = images.claim_free(session, image_id, settings.max_attempts, me)
-        if not isinstance(own, Held):
-            return own
-        if holder_gone(own, me, settings.claim_lease_seconds):
-            if own.holder != me:
-                log.info("image %s: taking it over from %s", image_id, own.holder or "unknown")
-            with session_scope(url) as session:
-                return images.claim(session, image_id, settings.max_attempts, me)
-        if not while_held():
-            time.sleep(HELD_POLL_SECONDS)
+
+    def __init__(self, ping: Callable[[], Iterable[str]] | None = None) -> None:
+        self._ping = ping or _celery_ping
+        self._hosts: set[str] | None = None
+        self._at = float("-inf")
+
+    def __call__(self) -> set[str] | None:
+        if time.monotonic() - self._at >= HOSTS_CACHE_SECONDS:
+            try:
+                names = list(self._ping())
+            except Exception as exc:
+                log.warning("could not ping the workers (%s)", type(exc).__name__)
+                names = []
+            hosts = {name.partition("@")[2] or name for name in names}
+            self._hosts = hosts if socket.gethostname() in hosts else None
+            self._at = time.monotonic()
+        return self._hosts
 
 
-def fill_batch(
-    settings: Settings, room: int, exclude: list[int], holder: str | None = None
-) -> list[Claim]:
-    """Claim queued images until ``room`` are claimed or no new one came for ``batch_wait_ms``.
+def _celery_ping() -> list[str]:
+    from worker.celery_app import app
 
-    The wait restarts whenever images arrive, so a burst still being taken from the inbox
-    fills the batch, while a lone image waits ``batch_wait_ms`` once.
-    """
-    wait = settings.batch_wait_ms / 1000.0
-    deadline = time.monotonic() + wait
-    claimed: list[Claim] = []
-    while True:
-        with session_scope(settings.db_url) as session:
-            new = images.claim_queued(
-                session, room - len(claimed), [*exclude, *(c.image_id for c in claimed)], holder
-            )
-        claimed += new
-        now = time.monotonic()
-        if new:
-            deadline = now + wait
-        if len(claimed) >= room or now >= deadline:
-            return claimed
-        time.sleep(FILL_POLL_SECONDS)
+    return [name for reply in app.control.ping(timeout=PING_TIMEOUT_SECONDS) for name in reply]
+
+
+@dataclass
+class Claimed:
+    """What a delivery may classify, and what it found otherwise."""
+
+    claims: list[Claim] = field(default_factory=list)
+    failed: list[Claim] = field(default_factory=list)
+    """Past ``max_attempts``: now marked ``failed``."""
+    left: list[Held] = field(default_factory=list)
+    """Held by a live holder, which finishes them."""
+
+
+def claim_images(settings: Settings, image_ids: Iterable[int], me: str,
+                 task_id: str | None = None,
+                 live_hosts: Callable[[], set[str] | None] | None = None) -> Claimed:
+    """Claim the open images among ``image_ids`` for this delivery (final ones are skipped)."""
+    ids = list(image_ids)
+    out = Claimed()
+    with session_scope(settings.db_url) as session:
+        out.claims, held = images.claim_free(session, ids, settings.max_attempts, me, task_id)
+        for image_id in images.unclaimable(session, ids):
+            gave_up = images.claim(session, image_id, settings.max_attempts, me, task_id)
+            if gave_up is not None:
+                (out.failed if gave_up.gave_up else out.claims).append(gave_up)
+    for row in held:
+        if holder_gone(row, me, settings.claim_lease_seconds, live_hosts):
+            if row.holder != me:
+                log.info("%s: taking it over from %s", settings.describe(row.image_id, None),
+                         row.holder or "an unknown holder")
+            with session_scope(settings.db_url) as session:
+                taken = images.claim(session, row.image_id, settings.max_attempts, me, task_id)
+            if taken is not None:
+                (out.failed if taken.gave_up else out.claims).append(taken)
+        else:
+            out.left.append(row)
+    out.claims.sort(key=lambda c: c.image_id)
+    return out

@@ -1,39 +1,46 @@
-"""Taking one complete file out of the inbox: the watcher's only side-effecting step.
+"""Taking complete files out of the inbox: the watcher's only side-effecting step, in batches.
 
-Hash, move into the content-addressed archive (``archive/ab/<sha256>.<ext>``), record the row,
-then enqueue and mark it queued. The row is committed before the enqueue, so a broker outage
-leaves rows ``received`` for the reconcile pass; a database outage moves the file back into
-the inbox for the next scan. A note in ``archive/.pending/`` lives from just before the move
-until the row is committed, so a watcher killed in between leaves the name behind and the
-reconcile pass records the file (``adopt_pending``). Nothing taken from the inbox is lost.
+For each file, through handles only (``worker.safefs``): open it once without following links,
+check it (a regular file, one link, not too large), and copy it into the archive while hashing
+it, in one pass. Then, for the whole batch: record the rows in one transaction, remove the inbox
+entries that still are the files copied, enqueue one message for the batch and mark its rows
+queued. The inbox file is removed only after its row is committed, so a crash or a database
+outage at any point leaves the file in the inbox for the next scan (at worst an unreferenced
+archive copy, which the next intake of that content reuses). A broker outage leaves rows
+``received`` for the reconcile pass. Nothing taken from the inbox is lost.
+
+Files the service will not read (links, unreadable, hard-linked, too large) get a ``rejected``
+row with the reason and are moved, as entries, into ``rejected/``.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import logging
 import os
-import shutil
 import stat
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from db import images
+from db import images, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
-from trainer.checksum import sha256_file
-from worker.settings import Settings
-from worker.storage import archive_relpath, move, private_dirs, reject_unread
+from worker import safefs
+from worker.settings import Settings, printable
+from worker.storage import archive_relpath, private_dirs, rejected_name
 
 log = logging.getLogger(__name__)
 
-Enqueue = Callable[[int, str], None]
+Enqueue = Callable[[Sequence[tuple[int, str]]], None]
+"""Sends one message for a batch of (image id, file name)."""
 RECEIVED_GRACE_SECONDS = 10.0
-PENDING_MIN_AGE_SECONDS = 60.0
-"""A pending note this old belongs to a watcher that died (an intake takes milliseconds)."""
+STALE_TEMP_SECONDS = 3600.0
+INTAKE_THREADS = 4
+INTAKE_BATCH = 128
+"""Files per transaction (each holds two open handles until its row is committed)."""
 
 
 @dataclass(frozen=True)
@@ -43,147 +50,182 @@ class IntakeResult:
     status: str
 
 
-def inbox_name(inbox: Path, path: Path) -> str | None:
-    """The path relative to the inbox, or None when it lies (or its folder resolves) outside."""
-    inbox = inbox.resolve()
+@dataclass
+class _Taken:
+    """A file copied into the archive, not yet recorded."""
+
+    entry: safefs.Entry
+    name: str
+    sha256: str
+    size: int
+    stored: str
+
+
+@dataclass
+class _Refused:
+    """An inbox entry the service will not read, and why."""
+
+    folder: int
+    entry_name: str
+    name: str
+    reason: str
+
+
+def inbox_parts(inbox: Path, path: Path) -> tuple[str, ...] | None:
+    """``path``'s components below ``inbox``, lexically (links are caught when opening);
+    None when it is not below the inbox or climbs out with ``..``."""
     try:
-        parent = path.parent.resolve()
-        parent.relative_to(inbox)
-    except (OSError, ValueError):
+        parts = Path(path).relative_to(inbox).parts
+    except ValueError:
         return None
-    return (parent / path.name).relative_to(inbox).as_posix()
+    if not parts or any(p in ("", ".", "..") for p in parts):
+        return None
+    return parts
 
 
-def _enqueue_default() -> Enqueue:
-    from worker.broker import enqueue
+def display_name(parts: Sequence[str]) -> str:
+    """The name recorded for a file: its inbox-relative path as valid UTF-8 (bytes that are
+    not UTF-8 become U+FFFD, so every database accepts it)."""
+    raw = PurePosixPath(*parts).as_posix()
+    return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
-    return enqueue
 
-
-def intake_file(
-    path: Path, settings: Settings, enqueue: Enqueue | None = None
-) -> IntakeResult | None:
+def intake_file(path: Path, settings: Settings, enqueue: Enqueue | None = None
+                ) -> IntakeResult | None:
     """Take one complete inbox file; None when there was nothing to take (gone, not a file)."""
-    path = Path(path)
-    name = inbox_name(settings.inbox_dir, path)
-    if name is None:
+    results = intake_files([path], settings, enqueue)
+    return results[0] if results else None
+
+
+def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | None = None,
+                 threads: int = INTAKE_THREADS) -> list[IntakeResult]:
+    """Take complete inbox files in batches (hashing and copying in threads, one transaction
+    and one ``send`` per batch); returns a result for each file taken or refused."""
+    private_dirs(settings.archive_dir, settings.archive_dir)
+    paths = [Path(p) for p in paths]
+    results: list[IntakeResult] = []
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(paths), INTAKE_BATCH):
+            chunk = paths[start:start + INTAKE_BATCH]
+            prepared = list(pool.map(lambda p: _prepare(p, settings), chunk))
+            results += _commit(prepared, settings, enqueue)
+    return results
+
+
+def _commit(prepared: list, settings: Settings, enqueue: Enqueue | None) -> list[IntakeResult]:
+    taken = [p for p in prepared if isinstance(p, _Taken)]
+    refused = [p for p in prepared if isinstance(p, _Refused)]
+    try:
+        results = _record_refusals(refused, settings)
+        results += _record_taken(taken, settings)
+    finally:
+        for item in taken:
+            item.entry.close()
+            os.close(item.entry.folder)
+        for item in refused:
+            os.close(item.folder)
+    to_send = [(r.image_id, r.file_name) for r in results if r.status == ImageStatus.RECEIVED]
+    queued = set(send(settings, to_send, enqueue)) if to_send else set()
+    return [IntakeResult(r.image_id, r.file_name, ImageStatus.QUEUED)
+            if r.image_id in queued else r for r in results]
+
+
+def _prepare(path: Path, settings: Settings) -> _Taken | _Refused | None:
+    """Open, check, copy and hash one file; never raises for a file-level problem."""
+    parts = inbox_parts(settings.inbox_dir, path)
+    if parts is None:
         log.warning("ignored a path outside the inbox")
         return None
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return _reject_symlink(path, name, settings)
-    if not stat.S_ISREG(st.st_mode):
-        return None
+        folder = safefs.open_folder(settings.inbox_dir, parts[:-1])
+    except (safefs.Unreachable, OSError):
+        return None  # a folder on the way vanished or was swapped for a link
+    name = display_name(parts)
     try:
-        sha256 = sha256_file(path)
-    except PermissionError:
-        return _reject_unreadable(path, name, settings)
-    except FileNotFoundError:
-        return None
-    rel = archive_relpath(sha256, path.suffix)
-    data_dir = settings.data_dir.absolute()
-    target = data_dir / rel
-    private_dirs(settings.archive_dir, target.parent)
-    twin_archived = target.exists()
-    note = None if twin_archived else _write_pending(settings, name, rel, sha256, st.st_size)
-    try:
-        if not twin_archived:
-            move(path, target)
-        os.chmod(target, 0o600)
-        with session_scope(settings.db_url) as session:
-            image = images.record_image(
-                session, sha256=sha256, file_name=name, stored_path=rel.as_posix(),
-                size_bytes=st.st_size,
-            )
-            image_id = image.id
-            status = _link_existing(session, image_id, sha256)
+        result = _prepare_in(folder, parts[-1], name, settings)
     except Exception:
-        if not path.exists() and target.exists():  # back to the inbox for the next scan
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(target, path)
+        os.close(folder)
+        log.exception("could not take %s; it stays in the inbox", printable(name))
+        return None
+    if result is None:
+        os.close(folder)
+    return result
+
+
+def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings
+                ) -> _Taken | _Refused | None:
+    try:
+        entry = safefs.open_entry(folder, entry_name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or safefs.is_link(folder, entry_name):
+            return _Refused(folder, entry_name, name, "symbolic link; links are not followed "
+                            "(copy the file itself into the inbox)")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return _Refused(folder, entry_name, name,
+                            "permission denied (the service cannot read the file)")
+        if exc.errno in (errno.ENOENT, errno.ENXIO):
+            return None
         raise
-    finally:
-        if note is not None:
-            note.unlink(missing_ok=True)
-    if twin_archived:
-        path.unlink(missing_ok=True)  # only now: the row that points at the twin is committed
-    if status == ImageStatus.DONE:
-        log.info("image %s (%s): same content already classified; linked", image_id, name)
-        return IntakeResult(image_id, name, status)
-    status = send(settings, image_id, name, enqueue)
-    return IntakeResult(image_id, name, status)
+    st = entry.st
+    refusal = None
+    if not stat.S_ISREG(st.st_mode):
+        entry.close()
+        return None
+    if st.st_nlink > 1:
+        refusal = (f"the file has {st.st_nlink} hard links; only files with a single name are "
+                   "taken (copy the file into the inbox)")
+    elif st.st_size > settings.max_file_bytes:
+        refusal = (f"file too large: {st.st_size:,} bytes (the limit, CXR_MAX_FILE_BYTES, is "
+                   f"{settings.max_file_bytes:,})")
+    if refusal:
+        entry.close()
+        return _Refused(folder, entry_name, name, refusal)
+    try:
+        tmp, sha256, size = safefs.copy_hashing(entry, settings.archive_dir)
+        if entry.changed():  # still being written: the next scan takes it whole
+            tmp.unlink(missing_ok=True)
+            entry.close()
+            return None
+        rel = archive_relpath(sha256, PurePosixPath(name).suffix)
+        target = settings.data_dir.absolute() / rel
+        private_dirs(settings.archive_dir, target.parent)
+        if target.exists():
+            tmp.unlink()
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        entry.close()
+        raise
+    return _Taken(entry, name, sha256, size, rel.as_posix())
 
 
-def _pending_dir(settings: Settings) -> Path:
-    return settings.archive_dir / ".pending"
+def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]:
+    """One transaction for the batch; the inbox entries go only once it is committed."""
+    if not taken:
+        return []
+    results = []
+    with session_scope(settings.db_url) as session:
+        ids = registry.production_ids(session)
+        for item in taken:
+            image = images.record_image(session, sha256=item.sha256, file_name=item.name,
+                                        stored_path=item.stored, size_bytes=item.size)
+            status = _link_existing(session, image.id, item.sha256, ids)
+            results.append(IntakeResult(image.id, item.name, status))
+    for item, result in zip(taken, results, strict=True):
+        safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
+        if result.status == ImageStatus.DONE:
+            log.info("%s: same content already classified; linked",
+                     settings.describe(result.image_id, result.file_name))
+    return results
 
 
-def _write_pending(settings: Settings, name: str, rel: Path, sha256: str, size: int) -> Path:
-    """The note that survives a crash between the move into the archive and the commit."""
-    folder = _pending_dir(settings)
-    private_dirs(settings.archive_dir, folder)
-    note = folder / f"{uuid.uuid4().hex}.json"
-    fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({"name": name, "stored_path": rel.as_posix(), "sha256": sha256,
-                   "size": size}, fh)
-    return note
-
-
-def adopt_pending(
-    settings: Settings,
-    enqueue: Enqueue | None = None,
-    min_age_seconds: float = PENDING_MIN_AGE_SECONDS,
-) -> int:
-    """Record (and enqueue) files a killed watcher moved into the archive but never recorded.
-
-    Only notes older than ``min_age_seconds``, so a second watcher's intake in flight is never
-    mistaken for a crash. A note whose file never reached the archive, or went back to the
-    inbox, or whose row was committed, is simply removed. Returns the number recorded.
-    """
-    folder = _pending_dir(settings)
-    if not folder.is_dir():
-        return 0
-    data_dir = settings.data_dir.absolute()
-    adopted: list[tuple[int, str]] = []
-    for note in sorted(folder.glob("*.json")):
-        try:
-            if time.time() - note.stat().st_mtime < min_age_seconds:
-                continue
-            entry = json.loads(note.read_text())
-        except FileNotFoundError:
-            continue
-        except ValueError:  # cut short while being written: the move had not happened yet
-            note.unlink(missing_ok=True)
-            continue
-        name, stored = entry["name"], entry["stored_path"]
-        if (data_dir / stored).is_file() and not (settings.inbox_dir / name).exists():
-            with session_scope(settings.db_url) as session:
-                if not images.has_image(session, entry["sha256"], name, stored):
-                    image = images.record_image(session, sha256=entry["sha256"], file_name=name,
-                                                stored_path=stored, size_bytes=entry["size"])
-                    adopted.append((image.id, name))
-        note.unlink(missing_ok=True)
-    for image_id, name in adopted:
-        log.warning("image %s (%s): recorded after a crash between archive and database",
-                    image_id, name)
-        send(settings, image_id, name, enqueue)
-    return len(adopted)
-
-
-def _link_existing(session, image_id: int, sha256: str) -> str:
+def _link_existing(session, image_id: int, sha256: str, production: dict[str, int]) -> str:
     """Link to a prediction the current production models already made for this content."""
-    from db import registry
-
-    ids = registry.production_ids(session)
-    pneumonia = ids.get(Stage.PNEUMONIA.value)
+    pneumonia = production.get(Stage.PNEUMONIA.value)
     if pneumonia is None:
         return ImageStatus.RECEIVED
     existing = images.find_current_prediction(
-        session, sha256, pneumonia, ids.get(Stage.INFECTION.value)
+        session, sha256, pneumonia, production.get(Stage.INFECTION.value)
     )
     if existing is None:
         return ImageStatus.RECEIVED
@@ -191,58 +233,62 @@ def _link_existing(session, image_id: int, sha256: str) -> str:
     return ImageStatus.DONE
 
 
-def _reject_symlink(path: Path, name: str, settings: Settings) -> IntakeResult:
-    """Links are never followed: the link itself goes to rejected/ with a reason."""
-    return _reject_unopened(
-        path, name, settings,
-        "symbolic link; links are not followed (copy the file itself into the inbox)",
-    )
-
-
-def _reject_unreadable(path: Path, name: str, settings: Settings) -> IntakeResult:
-    """A file the service may not read gets a row instead of failing on every scan."""
-    return _reject_unopened(
-        path, name, settings,
-        "permission denied (the service cannot read the file)",
-    )
-
-
-def _reject_unopened(
-    path: Path, name: str, settings: Settings, reason: str
-) -> IntakeResult:
-    """Record why a file we will not read is refused; the file is kept in rejected/."""
-    stored = reject_unread(settings, path)
-    with session_scope(settings.db_url) as session:
-        image = images.record_image(
-            session, sha256="", file_name=name, stored_path=stored,
-            size_bytes=None, status=ImageStatus.REJECTED, error=reason,
-        )
-        image_id = image.id
-    log.info("image %s (%s) rejected: %s", image_id, name, reason.split(";")[0])
-    return IntakeResult(image_id, name, ImageStatus.REJECTED)
-
-
-def send(settings: Settings, image_id: int, file_name: str, enqueue: Enqueue | None = None) -> str:
-    """Enqueue one recorded image and mark it queued; a broker error leaves it for reconcile."""
-    enqueue = enqueue or _enqueue_default()
-    try:
-        enqueue(image_id, file_name)
-    except Exception as exc:
-        log.warning("image %s (%s): enqueue failed (%s); will retry", image_id, file_name,
-                    type(exc).__name__)
-        return ImageStatus.RECEIVED
-    try:
+def _record_refusals(refused: list[_Refused], settings: Settings) -> list[IntakeResult]:
+    """Move each refused entry into rejected/ (a rename: no read needed) and record why. When
+    rejected/ is on another filesystem the entry stays in the inbox, recorded once."""
+    results = []
+    for item in refused:
+        private_dirs(settings.rejected_dir, settings.rejected_dir)
+        target = rejected_name(PurePosixPath(item.name).name)
+        moved = safefs.move_entry(item.folder, item.entry_name, settings.rejected_dir, target)
+        reason = item.reason if moved else (
+            f"{item.reason}; left in the inbox (rejected/ is on another filesystem)")
+        stored = f"rejected/{target}" if moved else None
         with session_scope(settings.db_url) as session:
-            images.mark_queued(session, image_id)
-    except Exception as exc:  # the job is on its way; the row just still says received
-        log.warning("image %s (%s): could not mark queued (%s)", image_id, file_name,
-                    type(exc).__name__)
-    return ImageStatus.QUEUED
+            if not moved and images.has_rejection(session, item.name, reason):
+                continue
+            image = images.record_image(
+                session, sha256="", file_name=item.name, stored_path=stored, size_bytes=None,
+                status=ImageStatus.REJECTED, error=reason,
+            )
+            image_id = image.id
+        log.info("%s rejected: %s", settings.describe(image_id, item.name), reason.split(";")[0])
+        results.append(IntakeResult(image_id, item.name, ImageStatus.REJECTED))
+    return results
+
+
+def _enqueue_default() -> Enqueue:
+    from worker.broker import enqueue_batch
+
+    return enqueue_batch
+
+
+def send(settings: Settings, batch: Sequence[tuple[int, str]], enqueue: Enqueue | None = None
+         ) -> list[int]:
+    """Enqueue recorded images (one message per ``batch_size`` of them) and mark them queued;
+    returns the ids sent. A broker error leaves the rest ``received`` for the reconcile pass."""
+    enqueue = enqueue or _enqueue_default()
+    size = max(1, settings.batch_size)
+    sent: list[int] = []
+    for start in range(0, len(batch), size):
+        chunk = list(batch[start:start + size])
+        try:
+            enqueue(chunk)
+        except Exception as exc:
+            log.warning("%d image(s) (first %s): enqueue failed (%s); will retry", len(chunk),
+                        settings.describe(*chunk[0]), type(exc).__name__)
+            break
+        sent += [image_id for image_id, _ in chunk]
+    if sent:
+        try:
+            with session_scope(settings.db_url) as session:
+                images.mark_queued_many(session, sent)
+        except Exception as exc:  # the jobs are on their way; the rows just still say received
+            log.warning("could not mark %d image(s) queued (%s)", len(sent), type(exc).__name__)
+    return sent
 
 
 def _has_production_model(session) -> bool:
-    from db import registry
-
     return Stage.PNEUMONIA.value in registry.production_ids(session)
 
 
@@ -257,6 +303,7 @@ def reconcile(
 
     ``queue_empty`` defaults to asking the broker when ``enqueue`` is the real one.
     """
+    remove_stale_temps(settings)
     if queue_empty is None:
         queue_empty = _queue_empty_default() if enqueue is None else (lambda: False)
     try:
@@ -273,7 +320,22 @@ def reconcile(
             if lost_messages
             else None,
         )
-    return sum(send(settings, i, name, enqueue) == ImageStatus.QUEUED for i, name in rows)
+    return len(send(settings, rows, enqueue)) if rows else 0
+
+
+def remove_stale_temps(settings: Settings, min_age_seconds: float = STALE_TEMP_SECONDS) -> int:
+    """Delete archive temp files a killed watcher left mid-copy (their inbox file is still
+    there and is taken again)."""
+    removed = 0
+    now = time.time()
+    for tmp in settings.archive_dir.glob(".incoming-*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime >= min_age_seconds:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _queue_empty_default() -> Callable[[], bool]:
@@ -288,4 +350,4 @@ def requeue_waiting(settings: Settings, enqueue: Enqueue | None = None) -> int:
         if not _has_production_model(session):
             return 0
         rows = images.waiting_ids(session)
-    return sum(send(settings, i, name, enqueue) == ImageStatus.QUEUED for i, name in rows)
+    return len(send(settings, rows, enqueue)) if rows else 0

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from db.exceptions import CxrError
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -48,6 +50,18 @@ class Settings(BaseSettings):
     )
     max_image_pixels: int = Field(
         60_000_000, description="Decoded pixel limit; larger images are rejected as bombs."
+    )
+    max_file_bytes: int = Field(
+        512 * 1024 * 1024, description="Largest file (bytes) taken from the inbox; larger ones "
+        "are rejected before they are read."
+    )
+    decode_memory_mb: int = Field(
+        1024, description="Memory (MiB) one worker process may spend decoding a batch at once; "
+        "large images wait for each other instead of all decoding in parallel."
+    )
+    hide_file_names: bool = Field(
+        False, description="Keep file names (which often carry patient names) out of task "
+        "arguments, Flower and logs: the image id only. The results table still has them."
     )
     batch_size: int = Field(
         16, description="Images a worker classifies in one forward pass at most."
@@ -89,13 +103,52 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'cxr.db').absolute()}"
 
+    def check_layout(self) -> None:
+        """Refuse an inbox that overlaps the service's own folders: intake would take (and
+        move away) archived images, models or the database."""
+        inbox = self.inbox_dir.resolve()
+        owned = {"archive": self.archive_dir, "rejected": self.rejected_dir,
+                 "models": self.models_path, "data": self.data_dir.absolute()}
+        for label, folder in owned.items():
+            other = folder.resolve()
+            inside_other = other == inbox or other in inbox.parents
+            if inside_other and not (label == "data" and inbox != other):
+                raise CxrError(f"the inbox {inbox} lies in the {label} folder {other}; "
+                               "set CXR_INBOX to a folder of its own")
+            if inbox in other.parents:
+                raise CxrError(f"the inbox {inbox} contains the {label} folder {other}; "
+                               "set CXR_INBOX to a folder of its own")
+
     def ensure_dirs(self) -> None:
-        """Create the data folders; archive and rejected are private (they hold patient images)."""
+        """Create the data folders, private to the service user (they hold patient images and
+        results), after checking the inbox does not overlap them."""
+        self.check_layout()
+        data = self.data_dir.absolute()
+        data.mkdir(parents=True, exist_ok=True)
+        _make_private(data)
         for path in (self.inbox_dir, self.models_path):
             path.mkdir(parents=True, exist_ok=True)
         for path in (self.archive_dir, self.rejected_dir):
             path.mkdir(parents=True, exist_ok=True)
-            os.chmod(path, 0o700)
+            _make_private(path)
+
+    def describe(self, image_id: int, file_name: str | None) -> str:
+        """How logs name an image: its id and, unless hidden, its name with control
+        characters escaped (a newline in a name must not forge a log line)."""
+        if self.hide_file_names or not file_name:
+            return f"image {image_id}"
+        return f"image {image_id} ({printable(file_name)})"
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _make_private(path: Path) -> None:
+    """0700 when this user owns ``path`` (a mounted volume owned by someone else stays as is)."""
+    if path.stat().st_uid == os.geteuid():
+        os.chmod(path, 0o700)
 
 
 def settings_table() -> list[tuple[str, str, str]]:

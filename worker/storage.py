@@ -2,8 +2,10 @@
 which names, with which permissions.
 
 Archived files are content-addressed (``archive/ab/<sha256>.<ext>``); a file that fails to
-decode moves to ``rejected/`` under that same name, so a later twin still finds it. A file that
-was never read (a link, a file the service may not open) gets ``rejected/<random>-<name>``.
+decode moves to ``rejected/`` under that same name, so a later twin still finds it. An inbox
+entry that was never read (a link, a file the service may not open) gets
+``rejected/<random>-<name>``. Inbox files themselves are only touched through handles
+(``worker.safefs``).
 Folders holding patient images are 0700 and files 0600.
 """
 
@@ -81,10 +83,6 @@ def reject_archived(settings: Settings, path: Path) -> str:
     return relative_to_data(settings, target)
 
 
-def reject_unread(settings: Settings, path: Path) -> str:
-    """Move an inbox entry the service will not read into rejected/ (a rename needs no read
-    permission); returns its stored path."""
-    private_dirs(settings.rejected_dir, settings.rejected_dir)
-    target = settings.rejected_dir / f"{uuid.uuid4().hex[:12]}-{path.name}"
-    os.rename(path, target)
-    return relative_to_data(settings, target)
+def rejected_name(base_name: str) -> str:
+    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``."""
+    return f"{uuid.uuid4().hex[:12]}-{base_name}"

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from db.exceptions import BrokerUnavailableError
+from db.session import redacted_url
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,16 @@ def private_redis(url: str, data_dir: Path) -> ChildSpec:
         "daemonize no",
     ]
     if parts.password:
-        lines.append(f"requirepass {parts.password}")
+        lines.append(f"requirepass {_redis_config_quote(unquote(parts.password))}")
     config.write_text("\n".join(lines) + "\n")
     os.chmod(config, 0o600)
     return ChildSpec("redis", [server, str(config)])
+
+
+def _redis_config_quote(value: str) -> str:
+    """A redis.conf argument in double quotes (a password may hold spaces, quotes, #)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
 
 
 def child_env(settings: Settings) -> dict[str, str]:
@@ -235,7 +242,9 @@ def _wait_for_broker(url: str, proc_alive: Callable[[], bool]) -> None:
         if not proc_alive():
             break
         time.sleep(0.2)
-    raise BrokerUnavailableError(f"the private redis-server did not start; see {url} settings")
+    raise BrokerUnavailableError(
+        f"the private redis-server for {redacted_url(url)} did not start; check CXR_BROKER_URL"
+    )
 
 
 def up(settings: Settings, *, flower: bool = True, polling: bool = False,

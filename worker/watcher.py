@@ -20,13 +20,17 @@ from sqlalchemy.exc import OperationalError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from worker.filters import is_candidate
-from worker.intake import Enqueue, adopt_pending, intake_file, reconcile
+from worker.intake import Enqueue, intake_files, reconcile
 from worker.settings import Settings
 from worker.stability import StabilityTracker
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
+MAX_DEPTH = 32
+"""Folders nested deeper than this below the inbox are not looked into."""
+SCAN_ONLY_SECONDS = 1.0
+"""How often the inbox is scanned when no file observer can run on it."""
 COMPLETE_EVENTS = frozenset({"closed", "moved"})
 
 
@@ -49,22 +53,35 @@ class _InboxEvents(FileSystemEventHandler):
 
 
 def scan_inbox(
-    inbox: Path, quiet_seconds: float, now: float | None = None
+    inbox: Path, quiet_seconds: float, now: float | None = None, max_depth: int = MAX_DEPTH
 ) -> list[tuple[Path, bool]]:
-    """Every candidate file under ``inbox`` (links not followed); old files count as complete."""
+    """Every candidate file under ``inbox`` (links not followed, hidden folders skipped, at most
+    ``max_depth`` folders deep); files older than ``quiet_seconds`` count as complete.
+
+    Iterative, so no folder tree can exhaust the stack; a folder that cannot be listed is
+    skipped.
+    """
     now = time.time() if now is None else now
     found = []
-    for root, dirs, files in os.walk(inbox):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            path = Path(root) / name
-            if not is_candidate(path):
-                continue
+    pending: list[tuple[str, int]] = [(os.fspath(inbox), 0)]
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
             try:
-                mtime = os.lstat(path).st_mtime
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith(".") and depth < max_depth:
+                        pending.append((entry.path, depth + 1))
+                    continue
+                if not is_candidate(entry.name) or (entry.is_symlink() and entry.is_dir()):
+                    continue  # a linked folder is neither walked nor taken
+                mtime = entry.stat(follow_symlinks=False).st_mtime
             except OSError:
                 continue
-            found.append((path, now - mtime >= quiet_seconds))
+            found.append((Path(entry.path), now - mtime >= quiet_seconds))
     return found
 
 
@@ -105,32 +122,36 @@ class Watcher:
 
     def _take_due(self) -> None:
         due = self.tracker.due()
-        for n, path in enumerate(due):
-            try:
-                result = intake_file(path, self.settings, self.enqueue)
-            except OperationalError as exc:
-                # One line per pass, not a traceback per file: every file would fail alike.
-                log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
-                            "next scan", type(exc.orig or exc).__name__, len(due) - n)
-                return
-            except Exception:
-                log.exception("could not take %s; it stays in the inbox for the next scan",
-                              path.name)
-                continue
-            if result is not None:
-                self.taken += 1
-                log.info("image %s (%s): %s", result.image_id, result.file_name, result.status)
+        if not due:
+            return
+        try:
+            results = intake_files(due, self.settings, self.enqueue)
+        except OperationalError as exc:
+            # One line per pass, not a traceback per file: every file would fail alike.
+            log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
+                        "next scan", type(exc.orig or exc).__name__, len(due))
+            return
+        except Exception:
+            log.exception("could not take %d file(s); they stay in the inbox for the next scan",
+                          len(due))
+            return
+        self.taken += len(results)
+        for result in results:
+            log.info("%s: %s", self.settings.describe(result.image_id, result.file_name),
+                     result.status)
 
-    def reconcile_once(self) -> None:
-        """Scan the inbox for files events missed; re-enqueue rows left behind."""
+    def _scan(self) -> None:
         try:
             for path, old in scan_inbox(self.settings.inbox_dir, self.settings.stable_seconds):
                 if path not in self.tracker:
                     self.tracker.touch(path, closed=old)
         except Exception:
             log.exception("inbox scan failed")
+
+    def reconcile_once(self) -> None:
+        """Scan the inbox for files events missed; re-enqueue rows left behind."""
+        self._scan()
         try:
-            adopt_pending(self.settings, self.enqueue)
             sent = reconcile(self.settings, self.enqueue)
             if sent:
                 log.info("re-enqueued %s image(s) left received or waiting for a model", sent)
@@ -138,17 +159,20 @@ class Watcher:
             log.warning("reconcile pass failed (%s: %s); will retry", type(exc).__name__, exc)
 
     def _start_observer(self):
-        observer = self._observer()
-        try:
-            observer.start()
-        except OSError as exc:  # e.g. the inotify watch limit; polling needs no kernel watches
-            if self.polling:
-                raise
-            log.warning("inotify unavailable (%s); falling back to polling", exc)
-            self.polling = True
+        """An inotify observer, else a polling one, else None: both walk the tree recursively
+        and fail on absurdly deep ones, and then periodic scans alone find the files."""
+        for polling in ([self.polling] if self.polling else [False, True]):
+            self.polling = polling
             observer = self._observer()
-            observer.start()
-        return observer
+            try:
+                observer.start()
+                return observer
+            except (OSError, RecursionError) as exc:  # e.g. the inotify watch limit
+                log.warning("%s observer unavailable (%s: %s)", "polling" if polling else
+                            "inotify", type(exc).__name__, str(exc)[:200])
+        log.warning("watching %s by scanning it every %.0f s", self.settings.inbox_dir,
+                    SCAN_ONLY_SECONDS)
+        return None
 
     def run(self, stop: threading.Event) -> None:
         self.settings.ensure_dirs()
@@ -157,14 +181,19 @@ class Watcher:
         try:
             self.reconcile_once()
             next_reconcile = time.monotonic() + self.settings.rescan_seconds
+            next_scan = time.monotonic() + SCAN_ONLY_SECONDS
             while not stop.is_set():
                 try:
                     self._drain_events()
                     self._take_due()
-                    if time.monotonic() >= next_reconcile:
+                    now = time.monotonic()
+                    if now >= next_reconcile:
                         self.reconcile_once()
                         next_reconcile = time.monotonic() + self.settings.rescan_seconds
-                    if not observer.is_alive():
+                    elif observer is None and now >= next_scan:
+                        self._scan()
+                        next_scan = time.monotonic() + SCAN_ONLY_SECONDS
+                    if observer is not None and not observer.is_alive():
                         log.warning("file observer stopped; restarting it")
                         observer = self._start_observer()
                         self.reconcile_once()
@@ -172,8 +201,9 @@ class Watcher:
                     log.exception("watch loop error; carrying on")
                 stop.wait(TICK_SECONDS)
         finally:
-            observer.stop()
-            observer.join(timeout=5)
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
 
 
 def watch(settings: Settings, polling: bool = False) -> int:

@@ -23,17 +23,15 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
         for var, default, doc in settings_table():
             print(f"| `{var}` | `{default}` | {doc} |" if default else f"| `{var}` | | {doc} |")
         return 0
-    from sqlalchemy.engine import make_url
+    from db.session import redacted_url
 
     effective = {
         "inbox": settings.inbox_dir,
         "archive": settings.archive_dir,
         "rejected": settings.rejected_dir,
         "models": settings.models_path,
-        "database": make_url(settings.db_url).render_as_string(hide_password=True),
-        "broker": make_url(settings.broker_url).render_as_string(hide_password=True)
-        if "://" in settings.broker_url
-        else settings.broker_url,
+        "database": redacted_url(settings.db_url),
+        "broker": redacted_url(settings.broker_url),
     }
     for name in Settings.model_fields:
         if name in ("broker_url", "database_url", "flower_basic_auth"):

@@ -176,6 +176,7 @@ def _wait_for_results(
 def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None:
     from sqlalchemy.engine import make_url
 
+    from db.session import redacted_url
     from worker.cli.format import format_results_table
 
     rows = sorted(rows, key=lambda r: r["id"])
@@ -189,17 +190,20 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
     if url.get_backend_name() == "sqlite":
         print(f"database: {url.database}  (try: sqlite3 {url.database} 'select * from results')")
     else:
-        print(f"database: {url.render_as_string(hide_password=True)} (view: results)")
+        print(f"database: {redacted_url(settings.db_url)} (view: results)")
     user, _, password = (settings.flower_basic_auth or "").partition(":")
     print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ while the stack "
           f"runs (user {user!r}, password {password!r})")
 
 
 def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -> None:
-    """Read Flower's API once: the demo's tasks should be there, under their readable name."""
+    """Read Flower's API: every demo image should be named by a task (one task per batch)."""
+    from worker.celery_app import CLASSIFY_TASK
+
     request = _flower_request(settings, "/api/tasks?limit=100000")
     deadline = time.monotonic() + timeout
     seen: list[dict] = []
+    covered: set[str] = set()
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
@@ -208,12 +212,14 @@ def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -
             time.sleep(0.5)
             continue
         seen = [t for t in tasks if any(repr(n) in (t.get("args") or "") for n in names)]
-        if len({t.get("args") for t in seen}) >= len(names):
+        covered = {n for n in names for t in seen if repr(n) in (t.get("args") or "")}
+        if len(covered) >= len(names) and all(t.get("state") == "SUCCESS" for t in seen):
             break
         time.sleep(0.5)
     states = Counter(t.get("state") for t in seen)
     summary = ", ".join(f"{k} {v}" for k, v in sorted(states.items(), key=str)) or "none"
-    print(f"Flower saw {len(seen)} cxr.classify_image task(s) for the demo images ({summary})")
+    print(f"Flower saw {len(covered)} of the {len(names)} demo images in {len(seen)} "
+          f"{CLASSIFY_TASK} task(s) ({summary})")
 
 
 def _flower_request(settings: Settings, path: str) -> urllib.request.Request:

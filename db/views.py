@@ -1,0 +1,43 @@
+"""The ``results`` view, as each migration that (re)creates it defines it.
+
+A migration must build the view of its own revision, never the newest one: upgrading an empty
+database runs 0001 before the columns that later views read exist.
+"""
+
+from __future__ import annotations
+
+_COMMON_COLUMNS = """SELECT i.id AS id,
+       i.file_name AS file_name,
+       i.sha256 AS sha256,
+       i.status AS status,
+       p.label AS label,
+       p.p_pneumonia AS p_pneumonia,
+       p.p_virus AS p_virus,
+       m1.version AS pneumonia_model,
+       m2.version AS infection_model,
+       i.received_at AS received_at,
+       i.finished_at AS finished_at,
+       i.error AS error,
+       i.attempts AS attempts,
+       p.threshold AS threshold,
+       p.inference_ms AS inference_ms"""
+
+_JOINS = """
+FROM images i
+LEFT JOIN predictions p ON p.id = i.prediction_id
+LEFT JOIN model_versions m1 ON m1.id = p.pneumonia_model_id
+LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
+"""
+
+_VIEWS = {
+    "0001": f"CREATE VIEW results AS\n{_COMMON_COLUMNS}{_JOINS}",
+    "0003": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id{_JOINS}",
+}
+
+
+def results_view(revision: str) -> str:
+    """``CREATE VIEW results`` as of ``revision`` (the latest definition at or before it)."""
+    known = [r for r in sorted(_VIEWS) if r <= revision]
+    if not known:
+        raise KeyError(f"no results view at revision {revision}")
+    return _VIEWS[known[-1]]
