@@ -182,6 +182,7 @@ def test_intake_keeps_the_file_in_the_inbox_on_every_failed_database_write(tmp_p
             with pytest.raises(Exception, match="unable to open database"):
                 intake_file(path, settings, lambda *_: None)
             assert path.read_bytes() == data
-            assert not list((settings.archive_dir / ".pending").iterdir())
+            assert not list(settings.archive_dir.glob(".incoming-*"))
+            assert len(list(settings.archive_dir.rglob("*.png"))) == 1  # the copy is reused
     finally:
         dispose_engines()

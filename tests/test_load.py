@@ -1,7 +1,7 @@
 """Load: 2,000 tiny files dropped at once into a running watcher + worker end in exactly 2,000
 final rows; worker memory stays flat after warm-up and the watcher's stays bounded.
 
-Memory is read from /proc (VmRSS) every half second while the run drains. The bounds are
+Memory is read from /proc (VmRSS) every tenth of a second while the run drains. The bounds are
 generous on purpose: they catch unbounded growth (a leak per image), not allocator noise.
 """
 
@@ -37,7 +37,7 @@ def _unique_png(i: int) -> bytes:
 
 def _sampler(pids, sink: list[tuple[int, int]], done: threading.Event, count) -> None:
     """Append (rows_done, rss_kib) until ``done``; pids() is re-read (pool children may change)."""
-    while not done.wait(0.5):
+    while not done.wait(0.1):
         total = sum(rss_kib(pid) or 0 for pid in pids())
         sink.append((count(), total))
 
