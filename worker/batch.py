@@ -24,7 +24,7 @@ from db.vocabulary import FINAL_STATUSES, Stage
 from trainer.decode import decode_many
 from worker.celery_app import THREADS_ENV
 from worker.claims import claim_own, fill_batch, holder_id
-from worker.inference import ModelCache, classify_arrays
+from worker.inference import ModelCache, classify_arrays, stage_two_from_files
 from worker.settings import Settings
 from worker.storage import reject_archived, stored_file
 
@@ -140,7 +140,10 @@ def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     decoded_at = time.perf_counter()
     results = []
     if good_claims:
-        results = classify_arrays(np.stack(good_pixels), models.pneumonia, models.infection)
+        stage_two = stage_two_from_files([paths[c.image_id] for c in good_claims],
+                                         settings.max_image_pixels, threads=decode_threads())
+        results = classify_arrays(np.stack(good_pixels), models.pneumonia, models.infection,
+                                  stage_two)
     forward_s = time.perf_counter() - decoded_at
     per_image_ms = forward_s * 1000.0 / max(1, len(good_claims))
     with session_scope(url) as session:
