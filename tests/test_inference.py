@@ -45,15 +45,30 @@ def test_positive_probability_follows_class_order():
 def test_cascade_runs_stage_two_only_on_pneumonia(tmp_path):
     pneumonia = _stage(tmp_path, "pneumonia", 1)
     infection = _stage(tmp_path, "infection", 2, bias=4.0, size=40)  # other input size too
-    calls = []
+    calls, asked = [], []
     original = infection.bundle.predict_proba
     infection.bundle.predict_proba = lambda x: calls.append(len(x)) or original(x)
-    results = classify_arrays(_batch(0, 255, 200, 10), pneumonia, infection)
+    levels = np.array([0, 255, 200, 10])
+
+    def stage_two(indices, size):
+        asked.append((indices.tolist(), size))
+        return _batch(*levels[indices], size=size)
+
+    results = classify_arrays(_batch(*levels), pneumonia, infection, stage_two)
     assert [r.label for r in results] == [Label.NORMAL, Label.VIRUS, Label.VIRUS, Label.NORMAL]
-    assert calls == [2]
+    assert calls == [2] and asked == [([1, 2], 40)]
     assert results[0].p_virus is None and results[3].p_virus is None
     assert results[1].p_pneumonia == pytest.approx(tiny_probability(255), abs=1e-4)
     assert results[2].p_virus == pytest.approx(tiny_probability(200, bias=4.0), abs=1e-3)
+
+
+def test_stage_two_at_another_size_needs_its_own_pixels(tmp_path):
+    pneumonia = _stage(tmp_path, "pneumonia", 1)
+    infection = _stage(tmp_path, "infection", 2, size=40)
+    with pytest.raises(ValueError, match="stage 2 takes 40 px"):
+        classify_arrays(_batch(255), pneumonia, infection)
+    [dark] = classify_arrays(_batch(0), pneumonia, infection)  # no positive: stage 2 not asked
+    assert dark.label == Label.NORMAL
 
 
 def test_threshold_from_manifest_and_no_stage_two(tmp_path):
@@ -73,9 +88,12 @@ def settings(tmp_path, db_url) -> Settings:
     return s
 
 
-def _drop(settings: Settings, name: str, level: int | None, size: int = 40) -> int:
+def _drop(settings: Settings, name: str, level: int | None, size: int = 40,
+          source=None) -> int:
     path = settings.inbox_dir / name
-    if level is None:
+    if source is not None:
+        path.write_bytes(source.read_bytes())
+    elif level is None:
         path.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     else:
         PILImage.new("L", (size, size), level).save(path)
@@ -113,6 +131,50 @@ def test_process_images_end_states(settings):
     assert rejected.stored_path.startswith("rejected/")
     with session_scope(settings.db_url) as session:
         assert session.query(Prediction).count() == 2  # w.png and b.png differ in content
+
+
+def _stripes(path, size: int = 64) -> None:
+    """Sharp 3-pixel stripes, mean ~ 180: positive at stage 1, and blurred beyond recovery by
+    any downscale-then-upscale."""
+    pixels = np.where((np.arange(size) // 3) % 2 == 0, 255, 105).astype(np.uint8)
+    PILImage.fromarray(np.tile(pixels, (size, 1))).save(path)
+
+
+def test_stage_two_sees_the_pixels_training_gave_it(settings):
+    """Stage 1 at 16 px, stage 2 at 48 px: stage 2 gets the file decoded at 48 px (what the
+    trainer's pipeline feeds it), not the 16 px stage-1 pixels scaled up."""
+    import keras
+
+    from trainer.decode import decode_image
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", input_size=16)
+    register_tiny_bundle(settings.db_url, settings.models_path, "infection", input_size=48)
+    seen = []
+
+    def recording_loader(directory):
+        bundle = load_bundle(directory)
+        if bundle.manifest.stage == "infection":
+            original = bundle.predict_proba
+            bundle.predict_proba = lambda x: seen.append(np.array(x)) or original(x)
+        return bundle
+
+    source = settings.data_dir / "stripes.png"
+    _stripes(source)
+    image_id = _drop(settings, "stripes.png", None, source=source)
+    assert process_image(image_id, settings, ModelCache(settings.models_path,
+                                                        loader=recording_loader)) == "done"
+    row = _row(settings, image_id)
+    archived = settings.data_dir / row.stored_path
+    trained = decode_image(archived, 48, settings.max_image_pixels).astype(np.float32)
+    [given] = seen
+    np.testing.assert_array_equal(given, trained[None])
+    stage_one = decode_image(archived, 16, settings.max_image_pixels).astype(np.float32)
+    rescaled = keras.ops.convert_to_numpy(
+        keras.ops.image.resize(stage_one[None], (48, 48), antialias=True))
+    assert np.abs(rescaled - trained).max() > 50  # the old path fed stage 2 other pixels
+    infection = load_bundle(settings.models_path / "infection" / "v1")
+    assert row.prediction.p_virus == pytest.approx(
+        float(infection.predict_proba(trained[None])[0]), abs=1e-6)
 
 
 def test_promotion_is_picked_up_without_a_new_cache(settings):
@@ -163,7 +225,8 @@ def test_cxr_classify_prints_labels_versions_and_disclaimer(settings, monkeypatc
     from worker.cli import main
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
-    register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=-20.0)
+    register_tiny_bundle(settings.db_url, settings.models_path, "infection", bias=-20.0,
+                         input_size=24)  # stage 2 decodes the file again at its own size
     bright, broken = settings.data_dir / "bright.png", settings.data_dir / "broken.png"
     PILImage.new("L", (40, 40), 250).save(bright)
     broken.write_bytes(b"not an image")

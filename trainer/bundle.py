@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,30 +145,20 @@ def bundle_sha256(directory: Path) -> str:
 
 
 class LoadedBundle:
-    """A loaded model plus its manifest; ``predict_proba`` is the one way to run it."""
+    """A loaded model plus its manifest; ``predict_proba`` is the one way to run it.
+
+    Keras 3 only, so a worker serves the same bundle on TensorFlow, JAX or PyTorch: the model is
+    wrapped (when the manifest asks) with its declared preprocessing and an output activation,
+    and runs through that model's own compiled predict function, which each backend builds once
+    per input shape (callers keep to a few batch sizes, see ``worker.inference``).
+    """
 
     def __init__(self, model, manifest: Manifest, directory: Path) -> None:
-        import tensorflow as tf
-
-        from trainer.preprocessing import Preprocess
-
         self.model = model
         self.manifest = manifest
         self.directory = Path(directory)
-        size = manifest.input_size
-        preprocess = None if manifest.preprocessing_in_model else Preprocess(manifest.preprocessing)
-        output = manifest.output
-
-        @tf.function(input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-        def _positive_probability(x):
-            if preprocess is not None:
-                x = preprocess(x)
-            y = tf.cast(model(x, training=False), tf.float32)
-            if output == "logits":
-                y = tf.sigmoid(y) if y.shape[-1] == 1 else tf.nn.softmax(y, axis=-1)
-            return y[:, -1]
-
-        self._fn = _positive_probability
+        self._serving = _serving_model(model, manifest)
+        self._lock = threading.Lock()  # JAX's predict donates and then rewrites the weights
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """Probability of ``class_names[1]`` for raw RGB 0-255 images shaped (N, S, S, 3)."""
@@ -177,10 +168,31 @@ class LoadedBundle:
             raise ValueError(f"expected a batch shaped (N, {size}, {size}, 3), got {x.shape}")
         if x.shape[0] == 0:
             return np.zeros((0,), dtype=np.float32)
-        return self._fn(x).numpy()
+        with self._lock:
+            y = self._serving.predict_on_batch(x)
+        return np.asarray(y, dtype=np.float32)[:, -1]
 
     def __repr__(self) -> str:
         return f"LoadedBundle({self.manifest.stage}/v{self.manifest.version}, {self.directory})"
+
+
+def _serving_model(model, manifest: Manifest):
+    """``model`` taking raw pixels and giving probabilities: the manifest's preprocessing
+    before it when it is not inside, a sigmoid or softmax after it when it gives logits."""
+    if manifest.preprocessing_in_model and manifest.output != "logits":
+        return model
+    import keras
+
+    from trainer.preprocessing import Preprocess
+
+    size = manifest.input_size
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs if manifest.preprocessing_in_model else Preprocess(manifest.preprocessing)(inputs)
+    y = model(x, training=False)
+    if manifest.output == "logits":
+        y = keras.layers.Activation("sigmoid" if y.shape[-1] == 1 else "softmax",
+                                    dtype="float32")(y)
+    return keras.Model(inputs, y, name=f"{model.name}_serving")
 
 
 def load_keras_model(path: Path | str):

@@ -1,5 +1,7 @@
 """The numerical backend as the user meets it: TensorFlow's native start-up lines hidden by
-default, and one line naming the device the models run on.
+default, compute sized to the process's share of the cores, and one line naming the device the
+models run on. Serving runs on any Keras backend (``KERAS_BACKEND``); only the backend's own
+branch here imports it.
 
 TensorFlow writes oneDNN notices, absl warnings and, on every host without a GPU, a "failed call
 to cuInit" error from C++, before Python logging exists. Unless the user set
@@ -11,11 +13,14 @@ a Python error still raises after stderr is back).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
 
 QUIET_LEVEL = "3"
+
+log = logging.getLogger(__name__)
 
 
 def quiet_native_logs(debug: bool = False) -> None:
@@ -50,6 +55,37 @@ def load_backend():
     import keras
 
     return keras
+
+
+def configure_backend(threads: int = 0) -> str:
+    """Size this process's compute to its share of the cores and let it share a GPU; returns the
+    backend's name. Runs before the backend computes anything (later, TensorFlow keeps what it
+    has).
+
+    TensorFlow: ``threads`` intra-op threads (inter-op 1-2), GPU memory growth. PyTorch:
+    ``torch.set_num_threads``. JAX: no GPU memory preallocated; XLA's CPU runtime has no thread
+    setting and sizes its pool to the cores the process may run on, so to split a host between
+    JAX workers give each its cores (``taskset``) or run one worker process.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # read by JAX only
+    keras = load_backend()
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            if threads > 0:
+                tf.config.threading.set_intra_op_parallelism_threads(threads)
+                tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            log.debug("TensorFlow already initialised; thread and GPU settings left as they are")
+    elif backend == "torch" and threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return backend
 
 
 def describe_device() -> str:

@@ -51,6 +51,7 @@ class _Read:
 
     claim: Claim
     pixels: np.ndarray | None = None
+    data: bytes = b""
     rejected: str | None = None
     missing: bool = False
 
@@ -120,7 +121,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     results = []
     if good:
         results = classify_arrays(np.stack([r.pixels for r in good]), models.pneumonia,
-                                  models.infection)
+                                  models.infection, _stage_two(good, settings))
     forward_s = time.perf_counter() - decoded_at
     per_image_ms = forward_s * 1000.0 / max(1, len(good))
     outcome: dict[int, str] = {}
@@ -166,6 +167,17 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     return outcome
 
 
+def _stage_two(good: list[_Read], settings: Settings):
+    """Stage-2 pixels decoded from the same checked bytes at stage 2's own input size, as the
+    trainer decodes them (resizing stage-1 pixels would feed pixels it never trained on)."""
+
+    def pixels(indices: np.ndarray, size: int) -> np.ndarray:
+        return np.stack([decode_bytes(good[i].data, size, settings.max_image_pixels,
+                                      name=good[i].claim.file_name) for i in indices])
+
+    return pixels
+
+
 def read_images(claims: list[Claim], settings: Settings, size: int) -> list[_Read]:
     """Each claimed image read once, hash-checked and decoded, in threads under one memory
     budget; results in input order, a bad file never affecting the others."""
@@ -186,8 +198,8 @@ def read_images(claims: list[Claim], settings: Settings, size: int) -> list[_Rea
                          "longer matches what was received); not classified")
         try:
             with budget.reserve(decode_cost(data[:1 << 16], size)):
-                return _Read(claim, pixels=decode_bytes(data, size, settings.max_image_pixels,
-                                                        name=claim.file_name))
+                pixels = decode_bytes(data, size, settings.max_image_pixels, name=claim.file_name)
+            return _Read(claim, pixels=pixels, data=data)
         except BadImageError as exc:
             return _Read(claim, rejected=str(exc))
 

@@ -12,18 +12,24 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from db.exceptions import BadImageError
 from db.vocabulary import POSITIVE_CLASS, Label, Stage
 from trainer.cascade import cascade_labels, positive_probability, positive_threshold
+from trainer.decode import decode_many
 
 log = logging.getLogger(__name__)
 
 WARM_UP_BUDGET_S = 10.0
+
+StagePixels = Callable[[np.ndarray, int], np.ndarray]
+"""(indices into the batch, input size) -> those images' pixels at that size."""
 
 
 @dataclass(frozen=True)
@@ -98,55 +104,55 @@ def _positive(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.n
             positive_threshold(stage.threshold, names, positive))
 
 
-def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
-    """Resize (N, S, S, 3) pixels to ``size`` (stage 2 may use another input size)."""
-    if batch.shape[1] == size and batch.shape[2] == size:
-        return batch
-    import tensorflow as tf
+def stage_two_from_files(paths: Sequence[Path], max_pixels: int, threads: int = 1) -> StagePixels:
+    """Stage-2 pixels for ``classify_arrays``: the images at ``paths`` (in batch order) decoded
+    again at stage 2's input size by the decoder the trainer uses, so each stage sees the pixels
+    it was trained on. A file that decoded once and fails now raises its BadImageError."""
 
-    resized = tf.image.resize(tf.cast(batch, tf.float32), (size, size), antialias=True)
-    return np.clip(resized.numpy(), 0, 255)
+    def pixels(indices: np.ndarray, size: int) -> np.ndarray:
+        decoded = decode_many([paths[i] for i in indices], size, max_pixels, threads=threads)
+        for result in decoded:
+            if isinstance(result, BadImageError):
+                raise result
+        return np.stack(decoded)
+
+    return pixels
 
 
 def classify_arrays(
-    batch: np.ndarray, pneumonia: StageModel, infection: StageModel | None
+    batch: np.ndarray,
+    pneumonia: StageModel,
+    infection: StageModel | None,
+    stage_two: StagePixels | None = None,
 ) -> list[CascadeResult]:
     """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each; the
-    labels come from the cascade rule the trainer evaluates with (``trainer.cascade``)."""
+    labels come from the cascade rule the trainer evaluates with (``trainer.cascade``).
+
+    ``batch`` holds the images at stage 1's input size. When stage 2 takes another size,
+    ``stage_two(indices, size)`` gives those images at that size (``stage_two_from_files``):
+    resizing stage-1 pixels would feed stage 2 pixels it never saw in training.
+    """
     batch = np.asarray(batch)
     if batch.ndim != 4:
         raise ValueError(f"expected (N, S, S, 3) pixels, got shape {batch.shape}")
-    p_pneu, t_pneu = _positive(pneumonia, resize_batch(batch, pneumonia.input_size),
-                               POSITIVE_CLASS[Stage.PNEUMONIA])
+    p_pneu, t_pneu = _positive(pneumonia, batch, POSITIVE_CLASS[Stage.PNEUMONIA])
     p_virus = np.full(len(batch), np.nan)
     t_virus = None
     positives = np.flatnonzero(p_pneu >= t_pneu)
     if infection is not None and positives.size:
-        second = resize_batch(batch[positives], infection.input_size)
+        size = infection.input_size
+        if batch.shape[1:3] == (size, size):
+            second = batch[positives]
+        elif stage_two is None:
+            raise ValueError(f"stage 2 takes {size} px images and no stage_two pixels were given")
+        else:
+            second = stage_two(positives, size)
         p_virus[positives], t_virus = _positive(infection, second, POSITIVE_CLASS[Stage.INFECTION])
     labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
     return [
         CascadeResult(label, float(p1), None if np.isnan(p2) else float(p2))
         for label, p1, p2 in zip(labels, p_pneu, p_virus, strict=True)
     ]
-
-
-def configure_tensorflow(threads: int | None = None) -> None:
-    """Thread pools sized to this process's share of the cores; GPU memory growth when present.
-
-    Must run before TensorFlow executes anything in this process (later calls are no-ops).
-    """
-    import tensorflow as tf
-
-    threads = threads or int(os.environ.get("CXR_TF_THREADS", "0") or 0)
-    try:
-        if threads > 0:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, threads)))
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:
-        log.debug("TensorFlow already initialised; thread and GPU settings left as they are")
 
 
 class ModelCache:
@@ -163,10 +169,10 @@ class ModelCache:
     def _load(self, row) -> StageModel:
         if self._loader is None:
             if not self._configured:
-                from trainer.runtime import describe_device, load_backend
+                from trainer.runtime import configure_backend, describe_device
+                from worker.celery_app import THREADS_ENV
 
-                load_backend()
-                configure_tensorflow()
+                configure_backend(int(os.environ.get(THREADS_ENV, "0") or 0))
                 log.info("%s", describe_device())
                 self._configured = True
             from trainer.bundle import load_bundle

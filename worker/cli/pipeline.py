@@ -41,7 +41,7 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     from db.session import session_scope
     from db.vocabulary import DISCLAIMER
     from trainer.decode import decode_image
-    from worker.inference import ModelCache, classify_arrays
+    from worker.inference import ModelCache, classify_arrays, stage_two_from_files
 
     with session_scope(settings.db_url) as session:
         models = ModelCache(settings.models_path).current(session)
@@ -59,11 +59,13 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
         path = Path(name)
         try:
             pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
+            stage_two = stage_two_from_files([path], settings.max_image_pixels)
+            result = classify_arrays(pixels[None], models.pneumonia, models.infection,
+                                     stage_two)[0]
         except (BadImageError, OSError) as exc:
             failures += 1
             print(f"{name}\trejected: {exc}")
             continue
-        result = classify_arrays(pixels[None], models.pneumonia, models.infection)[0]
         p_virus = "-" if result.p_virus is None else f"{result.p_virus:.3f}"
         print(f"{name}\t{result.label}\tp_pneumonia={result.p_pneumonia:.3f}\tp_virus={p_virus}")
     print(DISCLAIMER)
