@@ -161,8 +161,8 @@ def test_stage_two_sees_the_pixels_training_gave_it(settings):
     source = settings.data_dir / "stripes.png"
     _stripes(source)
     image_id = _drop(settings, "stripes.png", None, source=source)
-    assert process_image(image_id, settings, ModelCache(settings.models_path,
-                                                        loader=recording_loader)) == "done"
+    cache = ModelCache(settings.models_path, loader=recording_loader)
+    assert process_images([image_id], settings, cache) == {image_id: "done"}
     row = _row(settings, image_id)
     archived = settings.data_dir / row.stored_path
     trained = decode_image(archived, 48, settings.max_image_pixels).astype(np.float32)
