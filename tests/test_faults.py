@@ -61,8 +61,8 @@ def test_kill_9_worker_mid_inference_is_redelivered_and_written_once(tmp_path):
         register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model())
         drop(p.inbox, "slow-1.png", png_bytes(BRIGHT))
         p.wait_status(["slow-1.png"], {"processing"})
-        wait_until(lambda: "loaded model" in p.log("worker"), 60, "the model to load")
-        time.sleep(0.5)  # inside the slow forward pass now
+        wait_until(lambda: "warmed up model" in p.log("worker"), 60, "the model's warm-up")
+        time.sleep(0.5)  # warm-up is over: this is the image's own slow forward pass
         [child] = p.worker_children()
         assert p.count("SELECT count(*) FROM predictions") == 0
         os.kill(child, signal.SIGKILL)
@@ -73,6 +73,51 @@ def test_kill_9_worker_mid_inference_is_redelivered_and_written_once(tmp_path):
         assert p.count("SELECT count(*) FROM predictions") == 1
         assert p.alive() and p.worker_children() and p.worker_children() != [child]
         assert "WorkerLostError" in p.log("worker")
+
+
+def test_a_whole_worker_killed_is_recovered_at_restart_without_the_visibility_timeout(
+        tmp_path):
+    """kill -9 of the Celery parent and every pool child (the OOM killer, a power cut): its
+    messages stay unacknowledged in Redis, which would hand them out again only after the
+    visibility timeout (an hour here). The restarted worker puts them back at once."""
+    with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "3600",
+                                         "CXR_BATCH_SIZE": "2"}) as p:
+        from helpers_pipeline import register_bundle
+
+        register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model())
+        expected = _drop_pngs(p, "held", 4)
+        p.wait_status(["held-0.png"], {"processing"}, timeout=120)
+        processes = [p.worker.pid, *p.worker_children()]
+        os.killpg(p.worker.pid, signal.SIGKILL)
+        p.worker.wait()
+        p.worker = None
+        for pid in processes:
+            wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), 10, "the kill")
+        assert p.count("SELECT count(*) FROM images WHERE status = 'processing'") >= 1
+        restarted = time.monotonic()
+        p.start_worker()
+        _assert_exactly_once(p, expected)
+        assert time.monotonic() - restarted < 90
+        assert "unacknowledged message(s) back on the queue" in p.log("worker")
+
+
+def test_messages_lost_in_redis_are_sent_again_and_done_once(tmp_path):
+    """Redis loses the queue (a restart without persistence, a FLUSHDB): the watcher's
+    reconcile pass sees the queue empty and rows queued for longer than the visibility
+    timeout, and sends them again."""
+    with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "2"}, start=False) as p:
+        register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")
+        p.start_watcher()
+        expected = _drop_pngs(p, "lost", 5)
+        p.wait_status(list(expected), {"queued"})
+        client = p.redis.client()
+        queue = p.env["CXR_QUEUE"]
+        assert client.llen(queue) >= 1
+        client.delete(queue)
+        p.start_worker()
+        _assert_exactly_once(p, expected)
+        assert "re-enqueued" in p.log("watcher")
+        assert p.count("SELECT max(attempts) FROM images") == 1
 
 
 def test_redis_outage_while_files_keep_arriving(tmp_path):

@@ -155,6 +155,26 @@ def classify_arrays(
     ]
 
 
+def _check_registered_bytes(directory: Path, row) -> None:
+    """Refuse a bundle whose files are not the ones registered (edited, swapped, half-copied):
+    the registry's version number would otherwise name predictions another model made."""
+    from db.exceptions import ModelNotFoundError
+    from trainer.bundle import bundle_sha256
+
+    if row.bundle_sha256 is None:
+        return
+    try:
+        actual = bundle_sha256(directory)
+    except OSError as exc:
+        raise ModelNotFoundError(f"model {row.name}: cannot read its bundle ({exc})") from None
+    if actual != row.bundle_sha256:
+        raise ModelNotFoundError(
+            f"model {row.name}: the files in {directory} are not the ones registered (SHA-256 "
+            f"{actual[:12]}..., registered {row.bundle_sha256[:12]}...); restore them or "
+            "promote another version"
+        )
+
+
 class ModelCache:
     """Production models for this process, reloaded when the registry says they changed."""
 
@@ -178,7 +198,9 @@ class ModelCache:
             from trainer.bundle import load_bundle
 
             self._loader = load_bundle
-        bundle = self._loader(self.models_dir / row.bundle_path)
+        directory = self.models_dir / row.bundle_path
+        _check_registered_bytes(directory, row)
+        bundle = self._loader(directory)
         log.info("loaded model %s", row.name)
         if self.warm_batch > 0:
             started = time.perf_counter()

@@ -29,7 +29,7 @@ from db import images, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from worker import safefs
-from worker.settings import Settings, printable
+from worker.settings import Settings
 from worker.storage import archive_relpath, private_dirs, rejected_name
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _prepare(path: Path, settings: Settings) -> _Taken | _Refused | None:
         result = _prepare_in(folder, parts[-1], name, settings)
     except Exception:
         os.close(folder)
-        log.exception("could not take %s; it stays in the inbox", printable(name))
+        log.exception("could not take %s; it stays in the inbox", settings.shown_name(name))
         return None
     if result is None:
         os.close(folder)

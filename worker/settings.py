@@ -139,6 +139,10 @@ class Settings(BaseSettings):
             return f"image {image_id}"
         return f"image {image_id} ({printable(file_name)})"
 
+    def shown_name(self, file_name: str) -> str:
+        """A file name as logs may show it (see ``describe``)."""
+        return "a file" if self.hide_file_names else printable(file_name)
+
 
 def printable(text: str) -> str:
     """``text`` with control and other non-printable characters as escapes."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from db.vocabulary import DISCLAIMER, ImageStatus, Label
@@ -29,16 +29,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     res.add_argument("--status", choices=[s.value for s in ImageStatus])
     res.add_argument("--label", choices=[label.value for label in Label], type=str.upper)
     res.add_argument("--since", type=_parse_iso, help="ISO date/time; local time if no zone")
-    res.add_argument("--limit", type=int, default=50, help="at most N rows (0: all; default 50)")
+    res.add_argument("--limit", type=_parse_limit, default=50,
+                     help=f"at most N rows (0: all; default 50; at most {MAX_LIMIT:,})")
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
     res.set_defaults(func=cmd_results)
 
 
+MAX_LIMIT = 1_000_000
+EARLIEST = datetime(1970, 1, 2, tzinfo=UTC)
+
+
 def _parse_iso(value: str) -> datetime:
     try:
-        return datetime.fromisoformat(value)
-    except ValueError:
+        when = datetime.fromisoformat(value)
+        if when.year < EARLIEST.year:
+            raise argparse.ArgumentTypeError(f"{value!r} is before 1970: no result is that old")
+        when = when if when.tzinfo else when.astimezone()
+    except (ValueError, OverflowError, OSError):
         raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
+    if when < EARLIEST:
+        raise argparse.ArgumentTypeError(f"{value!r} is before 1970: no result is that old")
+    return when
+
+
+def _parse_limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 0 <= limit <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 0 (all) and {MAX_LIMIT:,}")
+    return limit
 
 
 def cmd_db_upgrade(args: argparse.Namespace, settings: Any) -> int:

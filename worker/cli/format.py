@@ -1,4 +1,9 @@
-"""How the command line shows rows: fixed-width tables, CSV and JSON."""
+"""How the command line shows rows: fixed-width tables, CSV and JSON.
+
+File names and errors come from strangers: tables show control characters as escapes (a name
+must not move the cursor or recolour the terminal), and CSV cells that a spreadsheet would run
+as a formula are quoted.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from worker.settings import printable
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -52,7 +59,7 @@ def write_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
     elif fmt == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
     else:
         raise ValueError(f"unknown format {fmt!r}")
 
@@ -62,5 +69,15 @@ def probability(value: float | None) -> str:
 
 
 def clip(value: str, width: int) -> str:
-    value = value.replace("\n", "\\n")
+    value = printable(value)
     return value if len(value) <= width else value[: width - 1] + "…"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would evaluate (``=HYPERLINK(...)``) gets a leading quote."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
