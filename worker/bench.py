@@ -21,6 +21,8 @@ import os
 import platform
 import re
 import shutil
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import text as sql_text
 
 from db.vocabulary import FINAL_STATUSES, STAGE_CLASSES, Stage
 from worker.settings import Settings
@@ -42,13 +45,14 @@ Progress = Callable[[str], None]
 
 @dataclass
 class BenchConfig:
-    """One benchmark run. ``batch_size``/``batch_wait_ms`` configure the worker."""
+    """One benchmark run. ``batch_size`` is the images per message and forward pass;
+    ``burst`` files (0: skip) measure how fast the watcher alone takes a burst."""
 
     backbone: str = "mobilenetv2"
     img_size: int = 224
     images: int = 200
     batch_size: int = 16
-    batch_wait_ms: int = 20
+    burst: int = 0
     notebook_images: int = 40
     latency_images: int = 12
     latency_gap_s: float = 1.0
@@ -137,16 +141,37 @@ def copy_into(inbox: Path, path: Path) -> float:
 # --- the model ------------------------------------------------------------------------------
 
 
+FREE = "free"
+"""The near-free model: pooling and one dense layer, what VGG16 costs the CPU when a GPU runs
+it. With it the pipeline's rate is the control plane and decoding, nothing else."""
+
+
+def build_free_model(img_size: int):
+    import keras
+
+    from trainer.preprocessing import Preprocess
+
+    inputs = keras.Input((img_size, img_size, 3))
+    x = Preprocess("scale01")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(x)
+    return keras.Model(inputs, outputs, name="free")
+
+
 def register_random_bundle(settings: Settings, backbone: str, img_size: int) -> Path:
     """Build ``backbone`` with random weights and publish it as the production pneumonia model."""
     from trainer.backbones import build_classifier, get_spec
     from trainer.bundle import Manifest
     from trainer.publish import publish_model
 
-    model, _ = build_classifier(backbone, img_size, weights="none")
+    if backbone == FREE:
+        model, preprocessing = build_free_model(img_size), "scale01"
+    else:
+        model, _ = build_classifier(backbone, img_size, weights="none")
+        preprocessing = get_spec(backbone).preprocessing
     manifest = Manifest(
         stage=Stage.PNEUMONIA, version=0, class_names=list(STAGE_CLASSES[Stage.PNEUMONIA]),
-        input_size=img_size, backbone=backbone, preprocessing=get_spec(backbone).preprocessing,
+        input_size=img_size, backbone=backbone, preprocessing=preprocessing,
         preprocessing_in_model=True, output="sigmoid", synthetic=True,
         params={"bench": True, "weights": "none"}, code_version="bench",
     )
@@ -184,6 +209,25 @@ def measure_ceiling(bundle, batches: tuple[int, ...], min_time_s: float, progres
             progress(f"  ceiling round {r + 1}, batch {n:>3}: {rate:8.1f} images/s")
     best = max(by_batch, key=by_batch.get)
     return {"images_per_s": by_batch[best], "batch_size": int(best), "by_batch_size": by_batch}
+
+
+def measure_decode(files: list[Path], size: int, min_time_s: float, progress: Progress,
+                   max_pixels: int = 60_000_000) -> dict[str, Any]:
+    """The decode ceiling: ``trainer.decode`` on the same files with one thread per core, the
+    most a worker on this host could ever classify with a free model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainer.decode import decode_image
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        def run() -> int:
+            return len(list(pool.map(lambda f: decode_image(f, size, max_pixels), files)))
+
+        rate = _rate(run, min_time_s)
+    progress(f"  decode ceiling: {rate:.1f} images/s ({threads} threads)")
+    return {"images_per_s": rate, "threads": threads, "images": len(files)}
 
 
 def measure_notebook(model, files: list[Path], size: int, progress: Progress) -> dict[str, Any]:
@@ -306,6 +350,57 @@ def measure_latency(stack: Stack, files: list[Path], gap_s: float,
 # --- the whole run --------------------------------------------------------------------------
 
 
+def measure_intake(root: Path, base: Settings, cfg: BenchConfig, files: list[Path],
+                   progress: Progress) -> dict[str, Any]:
+    """The watcher alone (``cxr watch``, its own data dir and queue, no worker): a burst of
+    files renamed into the inbox at once, until every one is recorded and queued."""
+    settings, env = _stack_settings(root / "intake", base, cfg)
+    settings.ensure_dirs()
+    from db.migrate import upgrade
+    from db.session import session_scope
+    from worker.supervisor import CXR_COMMAND
+
+    upgrade(settings.db_url)
+    staged = settings.data_dir / "staged"
+    staged.mkdir()
+    for path in files:  # same filesystem as the inbox: the burst itself is renames
+        shutil.copyfile(path, staged / path.name)
+    log = open(root / "intake" / "watcher.log", "wb")  # noqa: SIM115
+    watcher = subprocess.Popen([*CXR_COMMAND, "watch"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_log(root / "intake" / "watcher.log", "watching", watcher)
+        started = time.perf_counter()
+        for path in files:
+            os.rename(staged / path.name, settings.inbox_dir / path.name)
+        queued = 0
+        while queued < len(files):
+            if watcher.poll() is not None:
+                raise RuntimeError(f"the watcher exited; see {root / 'intake' / 'watcher.log'}")
+            time.sleep(0.05)
+            with session_scope(settings.db_url) as session:
+                queued = session.execute(sql_text(
+                    "SELECT count(*) FROM images WHERE status = 'queued'")).scalar_one()
+        elapsed = time.perf_counter() - started
+    finally:
+        watcher.send_signal(signal.SIGINT)
+        watcher.wait(timeout=30)
+        log.close()
+        _forget_queue(settings)
+    rate = len(files) / elapsed
+    progress(f"  intake: {len(files)} files recorded and queued in {elapsed:.2f} s "
+             f"({rate:.0f} files/s)")
+    return {"files_per_s": rate, "files": len(files), "seconds": elapsed}
+
+
+def wait_for_log(path: Path, marker: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while marker not in path.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{marker!r} never appeared; see {path}")
+        time.sleep(0.05)
+
+
 def _stack_settings(root: Path, base: Settings, cfg: BenchConfig) -> tuple[Settings, dict]:
     broker = with_db(base.broker_url, cfg.redis_db)
     queue = f"cxr-bench-{uuid.uuid4().hex[:8]}"
@@ -316,7 +411,6 @@ def _stack_settings(root: Path, base: Settings, cfg: BenchConfig) -> tuple[Setti
         "CXR_BROKER_URL": broker,
         "CXR_QUEUE": queue,
         "CXR_BATCH_SIZE": str(cfg.batch_size),
-        "CXR_BATCH_WAIT_MS": str(cfg.batch_wait_ms),
         "CXR_STABLE_SECONDS": str(cfg.stable_seconds),
         "CXR_WORKER_CONCURRENCY": "1",
         "CXR_LOG_LEVEL": "INFO",
@@ -381,6 +475,8 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
 
     progress("ceiling: compiled forward pass on decoded tensors")
     ceiling = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress)
+    progress(f"decode ceiling: trainer.decode on {min(len(batch), 200)} of the files")
+    decode = measure_decode(batch[:200], cfg.img_size, cfg.min_time_s, progress)
     progress(f"notebook way: load_img + model.predict on {len(notebook_files)} files")
     notebook = measure_notebook(bundle.model, notebook_files, cfg.img_size, progress)
 
@@ -399,6 +495,11 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
     finally:
         stack.stop()
         _forget_queue(settings)
+    intake = None
+    if cfg.burst:
+        progress(f"intake: a burst of {cfg.burst} files into the watcher alone")
+        intake = measure_intake(root, base, cfg, unique_files(sources, files, "burst", cfg.burst),
+                                progress)
     progress("ceiling again, after the pipeline (the best of all rounds counts)")
     again = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress, rounds=1)
     ceiling = _best_ceiling(ceiling, again)
@@ -413,8 +514,11 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         "notebook": notebook,
         "pipeline": pipeline,
         "latency": latency,
+        "decode": decode,
+        "intake": intake,
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
+            "pipeline_over_decode": pipeline["images_per_s"] / decode["images_per_s"],
             "pipeline_over_notebook": pipeline["images_per_s"] / notebook["images_per_s"],
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -432,14 +536,19 @@ def format_table(result: dict[str, Any]) -> str:
     """The printed summary: throughputs, latency and the two ratios."""
     c, nb, p, lat = (result[k] for k in ("ceiling", "notebook", "pipeline", "latency"))
     cfg, m = result["config"], result["machine"]
+    d = result["decode"]
     rows = [
         (f"ceiling (forward only, batch {c['batch_size']})", f"{c['images_per_s']:.1f}"),
+        (f"decode ceiling ({d['threads']} threads)", f"{d['images_per_s']:.1f}"),
         ("notebook (load_img + predict, 1 by 1)", f"{nb['images_per_s']:.1f}"),
         ("pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
     ]
+    if result.get("intake"):
+        rows.append((f"intake (watcher alone, {result['intake']['files']} files)",
+                     f"{result['intake']['files_per_s']:.0f}"))
     lines = [
         f"cxr bench: {cfg['backbone']} at {cfg['img_size']} px, {cfg['images']} images, "
-        f"worker batch {cfg['batch_size']} / {cfg['batch_wait_ms']} ms",
+        f"worker batch {cfg['batch_size']}",
         f"machine: {m['cpu']} ({m['cores']} cores), GPU: {', '.join(m['gpus']) or 'none'}, "
         f"TensorFlow {m['tensorflow']}, load {m['loadavg_start'][0]:.2f} -> "
         f"{m.get('loadavg_end', [0])[0]:.2f}",
@@ -450,6 +559,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += [
         f"{'latency p50 / p95 (s, low load)':<40}{lat['p50_s']:>5.2f} / {lat['p95_s']:.2f}",
         f"{'pipeline / ceiling':<40}{result['ratios']['pipeline_over_ceiling']:>10.2f}",
+        f"{'pipeline / decode ceiling':<40}{result['ratios']['pipeline_over_decode']:>10.2f}",
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
         f"(mean worker batch {p['mean_batch']:.1f}; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",

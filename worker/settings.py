@@ -64,9 +64,9 @@ class Settings(BaseSettings):
         "arguments, Flower and logs: the image id only. The results table still has them."
     )
     batch_size: int = Field(
-        16, description="Images a worker classifies in one forward pass at most."
+        16, description="Images per message and per forward pass at most (the watcher groups "
+        "files that are complete at the same moment)."
     )
-    batch_wait_ms: int = Field(20, description="How long (ms) a worker waits to fill a batch.")
     claim_lease_seconds: float = Field(
         600.0, description="How long an image stays with the worker that claimed it before "
         "another worker may take it over (only matters if that worker hangs or its host dies)."

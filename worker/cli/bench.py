@@ -16,7 +16,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         img_size=args.img_size,
         images=args.images,
         batch_size=args.batch_size or settings.batch_size,
-        batch_wait_ms=settings.batch_wait_ms if args.batch_wait_ms is None else args.batch_wait_ms,
+        burst=args.burst,
         notebook_images=args.notebook_images,
         latency_images=args.latency_images,
         latency_gap_s=args.latency_gap,
@@ -41,17 +41,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure forward-pass ceiling, notebook way, pipeline throughput and latency",
         description="In one run on this machine: the model's forward throughput on decoded "
-        "tensors (best batch size), the notebooks' load_img + model.predict loop, the real "
+        "tensors (best batch size), the decode throughput of the same files (one thread per "
+        "core), the notebooks' load_img + model.predict loop, the real "
         "stack (cxr up with one worker, private data dir, SQLite, a private Redis queue) from "
         "K files copied into the inbox to K rows done, and inbox-to-done latency at low load. "
         "Prints a table with the ratios and optionally writes JSON. Random weights.",
     )
-    p.add_argument("--backbone", default="mobilenetv2", help="backbone (default mobilenetv2)")
+    p.add_argument("--backbone", default="mobilenetv2",
+                   help="backbone (default mobilenetv2), or 'free': pooling and one dense layer, "
+                   "to measure the control plane and decoding alone")
     p.add_argument("--img-size", type=int, default=224, help="model input size (default 224)")
     p.add_argument("--images", type=int, default=200, help="files for the pipeline run (K)")
     p.add_argument("--batch-size", type=int, help="worker batch size (default CXR_BATCH_SIZE)")
-    p.add_argument("--batch-wait-ms", type=int,
-                   help="worker wait to fill a batch (default CXR_BATCH_WAIT_MS)")
+    p.add_argument("--burst", type=int, default=0,
+                   help="also time the watcher alone taking a burst of N files (default 0: skip)")
     p.add_argument("--notebook-images", type=int, default=40,
                    help="files for the one-by-one notebook loop (default 40)")
     p.add_argument("--latency-images", type=int, default=12,
