@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Image, Prediction, utcnow
@@ -52,6 +52,48 @@ def record_image(
     session.add(image)
     session.flush()
     return image
+
+
+def record_images(session: Session, rows: list[dict]) -> list[int]:
+    """Insert many received files in one statement; their ids, in the order given.
+
+    Each row has ``sha256``, ``file_name``, ``stored_path`` and ``size_bytes``.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    values = [{**row, "status": ImageStatus.RECEIVED, "attempts": 0, "received_at": now}
+              for row in rows]
+    result = session.execute(
+        insert(Image).returning(Image.id, sort_by_parameter_order=True), values
+    )
+    return [row.id for row in result]
+
+
+def current_predictions(
+    session: Session, sha256s: Iterable[str], pneumonia_model_id: int,
+    infection_model_id: int | None,
+) -> dict[str, int]:
+    """sha256 -> id of a prediction still valid for these production models (see
+    ``find_current_prediction``), for a whole batch in one query."""
+    shas = list(set(sha256s))
+    if not shas:
+        return {}
+    same_models = (Prediction.infection_key == (infection_model_id or 0))
+    if infection_model_id is not None:
+        same_models |= Prediction.label == Label.NORMAL
+    rows = session.execute(
+        select(Prediction.sha256, Prediction.id, Prediction.infection_key).where(
+            Prediction.sha256.in_(shas),
+            Prediction.pneumonia_model_id == pneumonia_model_id,
+            same_models,
+        )
+    )
+    found: dict[str, int] = {}
+    for sha, prediction_id, key in rows:
+        if sha not in found or key == (infection_model_id or 0):
+            found[sha] = prediction_id
+    return found
 
 
 def has_image(session: Session, sha256: str, file_name: str, stored_path: str) -> bool:

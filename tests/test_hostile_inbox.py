@@ -54,19 +54,28 @@ def _rows(settings: Settings) -> dict[str, Image]:
         return {row.file_name: row for row in session.query(Image)}
 
 
-def _swap_during_copy(monkeypatch, swap) -> None:
-    """Run ``swap()`` after the file was opened and while it is being copied and hashed."""
-    real = safefs.copy_hashing
-
-    def copy_then_swap(entry, dest_dir):
-        swap()
-        return real(entry, dest_dir)
-
-    monkeypatch.setattr(safefs, "copy_hashing", copy_then_swap)
+SWAP_POINTS = ["before_link", "while_hashing"]
 
 
+def _swap_during_intake(monkeypatch, swap, when: str) -> None:
+    """Run ``swap()`` once the file is open: before its archive link is made, or while it is
+    being hashed (or copied, for a file that cannot be linked)."""
+    names = ["link_entry"] if when == "before_link" else ["hash_entry", "copy_hashing"]
+    done = []
+    for name in names:
+        real = getattr(safefs, name)
+
+        def swapped(*args, real=real):
+            if not done:
+                done.append(swap())
+            return real(*args)
+
+        monkeypatch.setattr(safefs, name, swapped)
+
+
+@pytest.mark.parametrize("when", SWAP_POINTS)
 def test_a_folder_swapped_for_a_link_mid_intake_moves_nothing_from_outside(
-        settings, tmp_path, monkeypatch):
+        settings, tmp_path, monkeypatch, when):
     outside = tmp_path / "models"
     outside.mkdir()
     (outside / "IM-1.png").write_bytes(b"production model bytes")
@@ -78,7 +87,7 @@ def test_a_folder_swapped_for_a_link_mid_intake_moves_nothing_from_outside(
         folder.rename(settings.inbox_dir / ".export-old")
         folder.symlink_to(outside)
 
-    _swap_during_copy(monkeypatch, swap)
+    _swap_during_intake(monkeypatch, swap, when)
     result = intake_file(folder / "IM-1.png", settings, Recorder())
     assert result is not None and result.status == ImageStatus.QUEUED
     row = _rows(settings)["export/IM-1.png"]
@@ -86,11 +95,13 @@ def test_a_folder_swapped_for_a_link_mid_intake_moves_nothing_from_outside(
     assert archived.read_bytes() == b"the real x-ray" and not archived.is_symlink()
     assert (outside / "IM-1.png").read_bytes() == b"production model bytes"
     assert stat.S_IMODE((outside / "IM-1.png").stat().st_mode) == 0o644
-    assert not (settings.inbox_dir / ".export-old" / "IM-1.png").exists()  # the one copied
+    assert not (settings.inbox_dir / ".export-old" / "IM-1.png").exists()  # the one taken
+    assert not list(settings.archive_dir.glob(".incoming-*"))
 
 
+@pytest.mark.parametrize("when", SWAP_POINTS)
 def test_a_file_swapped_for_a_link_mid_intake_leaves_no_link_in_the_archive(
-        settings, tmp_path, monkeypatch):
+        settings, tmp_path, monkeypatch, when):
     target = tmp_path / "cxr-secret.db"
     target.write_bytes(b"database")
     os.chmod(target, 0o644)
@@ -101,7 +112,7 @@ def test_a_file_swapped_for_a_link_mid_intake_leaves_no_link_in_the_archive(
         path.unlink()
         path.symlink_to(target)
 
-    _swap_during_copy(monkeypatch, swap)
+    _swap_during_intake(monkeypatch, swap, when)
     result = intake_file(path, settings, Recorder())
     archived = settings.data_dir / _rows(settings)["a.png"].stored_path
     assert result.status == ImageStatus.QUEUED and archived.read_bytes() == b"image"

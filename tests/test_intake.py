@@ -164,7 +164,7 @@ def test_database_down_leaves_the_file_in_the_inbox(settings, monkeypatch):
     def db_down(*_a, **_k):
         raise RuntimeError("database unreachable")
 
-    monkeypatch.setattr(images, "record_image", db_down)
+    monkeypatch.setattr(images, "record_images", db_down)
     with pytest.raises(RuntimeError):
         intake_file(src, settings, Recorder())
     assert src.read_bytes() == b"precious"
@@ -223,7 +223,7 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
     def die(*args, **kwargs):  # the watcher is killed after the archive copy, before the commit
         os._exit(9)
 
-    images.record_image = die
+    images.record_images = die
     settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
     intake_file(settings.inbox_dir / sys.argv[3], settings, lambda *_: None)
 """)
@@ -273,6 +273,7 @@ def test_an_interrupted_copy_leaves_no_temp_file(settings, monkeypatch):
     def disk_full(fd, data):
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(safefs, "link_entry", lambda *_: None)  # as for another user's file
     monkeypatch.setattr(safefs.os, "write", disk_full)
     assert intake_file(path, settings, Recorder()) is None
     monkeypatch.undo()

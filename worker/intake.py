@@ -99,17 +99,37 @@ def intake_file(path: Path, settings: Settings, enqueue: Enqueue | None = None
 
 def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | None = None,
                  threads: int = INTAKE_THREADS) -> list[IntakeResult]:
-    """Take complete inbox files in batches (hashing and copying in threads, one transaction
-    and one ``send`` per batch); returns a result for each file taken or refused."""
+    """Take complete inbox files in batches: the next batch is hashed and copied in threads
+    while the current one is recorded (one transaction) and sent (one ``send``); returns a
+    result for each file taken or refused."""
     private_dirs(settings.archive_dir, settings.archive_dir)
     paths = [Path(p) for p in paths]
+    chunks = [paths[i:i + INTAKE_BATCH] for i in range(0, len(paths), INTAKE_BATCH)]
     results: list[IntakeResult] = []
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for start in range(0, len(paths), INTAKE_BATCH):
-            chunk = paths[start:start + INTAKE_BATCH]
-            prepared = list(pool.map(lambda p: _prepare(p, settings), chunk))
-            results += _commit(prepared, settings, enqueue)
+        def start(chunk: list[Path]) -> list:
+            return [pool.submit(_prepare, path, settings) for path in chunk]
+
+        pending = start(chunks[0]) if chunks else []
+        for k in range(len(chunks)):
+            prepared = [future.result() for future in pending]
+            pending = start(chunks[k + 1]) if k + 1 < len(chunks) else []
+            try:
+                results += _commit(prepared, settings, enqueue)
+            except BaseException:
+                _release([future.result() for future in pending])
+                raise
     return results
+
+
+def _release(prepared: list) -> None:
+    """Close the handles of files prepared but not committed (they stay in the inbox)."""
+    for item in prepared:
+        if isinstance(item, _Taken):
+            item.entry.close()
+            os.close(item.entry.folder)
+        elif isinstance(item, _Refused):
+            os.close(item.folder)
 
 
 def _commit(prepared: list, settings: Settings, enqueue: Enqueue | None) -> list[IntakeResult]:
@@ -119,11 +139,7 @@ def _commit(prepared: list, settings: Settings, enqueue: Enqueue | None) -> list
         results = _record_refusals(refused, settings)
         results += _record_taken(taken, settings)
     finally:
-        for item in taken:
-            item.entry.close()
-            os.close(item.entry.folder)
-        for item in refused:
-            os.close(item.folder)
+        _release(prepared)
     to_send = [(r.image_id, r.file_name) for r in results if r.status == ImageStatus.RECEIVED]
     queued = set(send(settings, to_send, enqueue)) if to_send else set()
     return [IntakeResult(r.image_id, r.file_name, ImageStatus.QUEUED)
@@ -167,50 +183,79 @@ def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings
             return None
         raise
     st = entry.st
-    refusal = None
     if not stat.S_ISREG(st.st_mode):
         entry.close()
         return None
-    if st.st_nlink > 1:
-        refusal = (f"the file has {st.st_nlink} hard links; only files with a single name are "
-                   "taken (copy the file into the inbox)")
-    elif st.st_size > settings.max_file_bytes:
-        refusal = (f"file too large: {st.st_size:,} bytes (the limit, CXR_MAX_FILE_BYTES, is "
-                   f"{settings.max_file_bytes:,})")
-    if refusal:
-        entry.close()
-        return _Refused(folder, entry_name, name, refusal)
     try:
-        tmp, sha256, size = safefs.copy_hashing(entry, settings.archive_dir)
-        if entry.changed():  # still being written: the next scan takes it whole
-            tmp.unlink(missing_ok=True)
-            entry.close()
-            return None
-        rel = archive_relpath(sha256, PurePosixPath(name).suffix)
-        target = settings.data_dir.absolute() / rel
-        private_dirs(settings.archive_dir, target.parent)
-        if target.exists():
-            tmp.unlink()
-        else:
-            os.replace(tmp, target)
+        return _take_opened(entry, name, settings)
     except BaseException:
         entry.close()
         raise
+
+
+def _take_opened(entry: safefs.Entry, name: str, settings: Settings) -> _Taken | _Refused | None:
+    """Checks, then the archive copy (a hard link when possible); closes ``entry`` unless it
+    returns a ``_Taken``."""
+    st = entry.st
+    suffix = PurePosixPath(name).suffix
+    if st.st_size > settings.max_file_bytes:
+        entry.close()
+        return _Refused(entry.folder, entry.name, name,
+                        f"file too large: {st.st_size:,} bytes (the limit, CXR_MAX_FILE_BYTES, "
+                        f"is {settings.max_file_bytes:,})")
+    if st.st_nlink > 1:
+        return _own_link_or_refusal(entry, name, settings)
+    tmp = safefs.link_entry(entry, settings.archive_dir) if st.st_uid == os.geteuid() else None
+    if tmp is not None:
+        sha256, size = safefs.hash_entry(entry)
+    else:
+        tmp, sha256, size = safefs.copy_hashing(entry, settings.archive_dir)
+    if entry.changed():  # still being written: the next scan takes it whole
+        tmp.unlink(missing_ok=True)
+        entry.close()
+        return None
+    rel = archive_relpath(sha256, suffix)
+    target = settings.data_dir.absolute() / rel
+    private_dirs(settings.archive_dir, target.parent)
+    if target.exists():
+        tmp.unlink()
+    else:
+        os.replace(tmp, target)
     return _Taken(entry, name, sha256, size, rel.as_posix())
+
+
+def _own_link_or_refusal(entry: safefs.Entry, name: str, settings: Settings
+                         ) -> _Taken | _Refused:
+    """A file with a second name is refused, unless that name is its own archive link left by
+    an intake that was killed before its commit."""
+    sha256, size = safefs.hash_entry(entry)
+    rel = archive_relpath(sha256, PurePosixPath(name).suffix)
+    target = settings.data_dir.absolute() / rel
+    try:
+        ours = entry.st.st_nlink == 2 and safefs.same_file(os.stat(target), entry.st)
+    except FileNotFoundError:
+        ours = False
+    if ours:
+        return _Taken(entry, name, sha256, size, rel.as_posix())
+    entry.close()
+    return _Refused(entry.folder, entry.name, name,
+                    f"the file has {entry.st.st_nlink} hard links; only files with a single "
+                    "name are taken (copy the file into the inbox)")
 
 
 def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]:
     """One transaction for the batch; the inbox entries go only once it is committed."""
     if not taken:
         return []
-    results = []
     with session_scope(settings.db_url) as session:
-        ids = registry.production_ids(session)
-        for item in taken:
-            image = images.record_image(session, sha256=item.sha256, file_name=item.name,
-                                        stored_path=item.stored, size_bytes=item.size)
-            status = _link_existing(session, image.id, item.sha256, ids)
-            results.append(IntakeResult(image.id, item.name, status))
+        ids = images.record_images(session, [
+            {"sha256": t.sha256, "file_name": t.name, "stored_path": t.stored, "size_bytes": t.size}
+            for t in taken
+        ])
+        linked = _link_existing(session, ids, [t.sha256 for t in taken])
+    results = [IntakeResult(image_id, item.name,
+                            ImageStatus.DONE if image_id in linked else ImageStatus.RECEIVED)
+               for image_id, item in zip(ids, taken, strict=True)]
     for item, result in zip(taken, results, strict=True):
         safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
         if result.status == ImageStatus.DONE:
@@ -219,18 +264,20 @@ def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]
     return results
 
 
-def _link_existing(session, image_id: int, sha256: str, production: dict[str, int]) -> str:
-    """Link to a prediction the current production models already made for this content."""
+def _link_existing(session, image_ids: list[int], sha256s: list[str]) -> set[int]:
+    """Link images to predictions the current production models already made for their
+    content; returns the ids linked (now ``done``)."""
+    production = registry.production_ids(session)
     pneumonia = production.get(Stage.PNEUMONIA.value)
     if pneumonia is None:
-        return ImageStatus.RECEIVED
-    existing = images.find_current_prediction(
-        session, sha256, pneumonia, production.get(Stage.INFECTION.value)
-    )
-    if existing is None:
-        return ImageStatus.RECEIVED
-    images.link_prediction(session, image_id, existing.id)
-    return ImageStatus.DONE
+        return set()
+    known = images.current_predictions(session, sha256s, pneumonia,
+                                       production.get(Stage.INFECTION.value))
+    linked = set()
+    for image_id, sha256 in zip(image_ids, sha256s, strict=True):
+        if sha256 in known and images.link_prediction(session, image_id, known[sha256]):
+            linked.add(image_id)
+    return linked
 
 
 def _record_refusals(refused: list[_Refused], settings: Settings) -> list[IntakeResult]:

@@ -83,6 +83,38 @@ def is_link(folder: int, name: str) -> bool:
         return False
 
 
+def hash_entry(entry: Entry) -> tuple[str, int]:
+    """(sha256, bytes) of the opened file, read from its handle."""
+    digest, size = hashlib.sha256(), 0
+    os.lseek(entry.fd, 0, os.SEEK_SET)
+    while chunk := os.read(entry.fd, CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def link_entry(entry: Entry, dest_dir: Path) -> Path | None:
+    """A second name for the opened file in ``dest_dir``, made without copying and checked to
+    be the very file opened. None where no link can be made (another filesystem, a file of
+    another user under ``protected_hardlinks``) or the entry was swapped meanwhile."""
+    tmp = dest_dir / f".incoming-{uuid.uuid4().hex}.tmp"
+    dest = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(entry.name, tmp.name, src_dir_fd=entry.folder, dst_dir_fd=dest,
+                follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOENT):
+            return None
+        raise
+    finally:
+        os.close(dest)
+    if not same_file(os.stat(tmp, follow_symlinks=False), entry.st):
+        tmp.unlink()
+        return None
+    os.fchmod(entry.fd, 0o600)
+    return tmp
+
+
 def copy_hashing(entry: Entry, dest_dir: Path) -> tuple[Path, str, int]:
     """Copy the opened file into a new private temp file in ``dest_dir`` while hashing it, in one
     pass over the handle; returns (temp path, sha256, bytes). No temp file survives an error."""
