@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.identifiers import MAX_LENGTH
 from db.vocabulary import ImageStatus, ModelStatus
 
 
@@ -52,6 +53,13 @@ class Image(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(255))
     """``host:pid`` of the worker process that last claimed the row (not patient data)."""
     claimed_at: Mapped[datetime | None]
+    study_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH), index=True)
+    """DICOM identifiers (db.identifiers): set for DICOM files only, never patient data."""
+    series_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    accession_number: Mapped[str | None] = mapped_column(String(MAX_LENGTH), index=True)
+    modality: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    view_position: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
 
     prediction: Mapped[Prediction | None] = relationship()
 
@@ -138,9 +146,42 @@ SELECT i.id AS id,
        i.error AS error,
        i.attempts AS attempts,
        p.threshold AS threshold,
+       p.inference_ms AS inference_ms,
+       i.study_instance_uid AS study_instance_uid,
+       i.series_instance_uid AS series_instance_uid,
+       i.sop_instance_uid AS sop_instance_uid,
+       i.accession_number AS accession_number,
+       i.modality AS modality,
+       i.view_position AS view_position
+FROM images i
+LEFT JOIN predictions p ON p.id = i.prediction_id
+LEFT JOIN model_versions m1 ON m1.id = p.pneumonia_model_id
+LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
+"""
+"""The ``results`` view at the head revision: one readable row per received file."""
+
+RESULTS_VIEW_SQL_0001 = """
+CREATE VIEW results AS
+SELECT i.id AS id,
+       i.file_name AS file_name,
+       i.sha256 AS sha256,
+       i.status AS status,
+       p.label AS label,
+       p.p_pneumonia AS p_pneumonia,
+       p.p_virus AS p_virus,
+       m1.version AS pneumonia_model,
+       m2.version AS infection_model,
+       i.received_at AS received_at,
+       i.finished_at AS finished_at,
+       i.error AS error,
+       i.attempts AS attempts,
+       p.threshold AS threshold,
        p.inference_ms AS inference_ms
 FROM images i
 LEFT JOIN predictions p ON p.id = i.prediction_id
 LEFT JOIN model_versions m1 ON m1.id = p.pneumonia_model_id
 LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
 """
+"""The view of revisions 0001 and 0002, frozen so they still build from scratch and 0003 can
+step down to it. The next migration that changes the view freezes ``RESULTS_VIEW_SQL`` the same
+way (``RESULTS_VIEW_SQL_0003``, for 0003 to create) before changing it."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from db import images, registry
 from db.exceptions import BadImageError
+from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
 from db.vocabulary import FINAL_STATUSES, Stage
@@ -128,15 +129,18 @@ def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     good_claims: list[Claim] = []
     good_pixels: list[np.ndarray] = []
     rejections: list[tuple[Claim, str, str | None]] = []
+    identifiers: dict[int, DicomIdentifiers] = {}
     for c in claims:
         if paths[c.image_id] is None:
             rejections.append((c, "archived file is missing", None))
-    for c, pixels in zip(present, decoded, strict=True):
-        if isinstance(pixels, BadImageError):
-            rejections.append((c, str(pixels), reject_archived(settings, paths[c.image_id])))
+    for c, result in zip(present, decoded, strict=True):
+        if result.identifiers is not None:
+            identifiers[c.image_id] = result.identifiers
+        if isinstance(result, BadImageError):
+            rejections.append((c, str(result), reject_archived(settings, paths[c.image_id])))
         else:
             good_claims.append(c)
-            good_pixels.append(pixels)
+            good_pixels.append(result.pixels)
     decoded_at = time.perf_counter()
     results = []
     if good_claims:
@@ -144,6 +148,8 @@ def _classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     forward_s = time.perf_counter() - decoded_at
     per_image_ms = forward_s * 1000.0 / max(1, len(good_claims))
     with session_scope(url) as session:
+        for image_id, found in identifiers.items():
+            images.set_identifiers(session, image_id, found)
         for c, reason, stored in rejections:
             images.mark_rejected(session, c.image_id, reason, stored_path=stored)
             outcome[c.image_id] = "rejected"

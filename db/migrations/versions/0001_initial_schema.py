@@ -8,7 +8,7 @@ Create Date: 2026-11-25 19:24:23.836090
 import sqlalchemy as sa
 from alembic import op
 
-from db.models import RESULTS_VIEW_SQL
+from db.models import RESULTS_VIEW_SQL_0001
 
 revision = "0001"
 down_revision = None
@@ -98,7 +98,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_images_sha256"), ["sha256"], unique=False)
         batch_op.create_index(batch_op.f("ix_images_status"), ["status"], unique=False)
 
-    op.execute(RESULTS_VIEW_SQL)
+    op.execute(RESULTS_VIEW_SQL_0001)
 
 
 def downgrade() -> None:

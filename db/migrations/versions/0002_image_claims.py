@@ -11,7 +11,7 @@ Create Date: 2026-11-26 02:00:00
 import sqlalchemy as sa
 from alembic import op
 
-from db.models import RESULTS_VIEW_SQL
+from db.models import RESULTS_VIEW_SQL_0001
 
 revision = "0002"
 down_revision = "0001"
@@ -31,4 +31,4 @@ def downgrade() -> None:
     with op.batch_alter_table("images", schema=None) as batch_op:
         batch_op.drop_column("claimed_at")
         batch_op.drop_column("claimed_by")
-    op.execute(RESULTS_VIEW_SQL)
+    op.execute(RESULTS_VIEW_SQL_0001)
