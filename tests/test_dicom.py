@@ -14,8 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_dicom import (
+    PATIENT_NAME,
+    UIDS,
+    blocks,
+    make_ds,
+    save,
+    texture,
+    to_bytes,
+)
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -39,61 +48,10 @@ from db.exceptions import BadImageError
 from db.identifiers import DICOM_KEYWORDS, DicomIdentifiers
 from trainer import dicom
 from trainer.decode import Decoded, decode_bytes, decode_file, decode_many, sniff_bytes
-from trainer.synth_dicom import store_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 LIMIT = 60_000_000
-PATIENT_NAME, PATIENT_ID, BIRTH_DATE = "Zzyzx^Quintessa", "PHI-8675309", "19010203"
-UIDS = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1",
-        "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.1.2",
-        "SOPInstanceUID": "1.2.826.0.1.3680043.8.498.1.2.3"}
-
-
-def blocks(values, dtype=np.uint16) -> np.ndarray:
-    """64x64 with eight 8-column blocks, one value each (``values`` has 8 entries)."""
-    return np.repeat(np.asarray(values, dtype=dtype)[np.newaxis, :], 8, axis=1).repeat(64, axis=0)
-
-
-def make_ds(stored: np.ndarray, syntax: str = ExplicitVRLittleEndian, *,
-            bits_stored: int | None = None, **attrs) -> Dataset:
-    """A CR chest PA data set holding ``stored``; ``attrs`` set elements (None removes one)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    ds.file_meta.MediaStorageSOPInstanceUID = UIDS["SOPInstanceUID"]
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    for keyword, uid in UIDS.items():
-        setattr(ds, keyword, uid)
-    ds.AccessionNumber = "ACC-0042"
-    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, BIRTH_DATE
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = stored.dtype.itemsize * 8
-    ds.BitsStored = bits_stored or ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if stored.dtype.kind == "i" else 0
-    for keyword, value in attrs.items():
-        if value is None:
-            if keyword in ds:
-                delattr(ds, keyword)
-        else:
-            setattr(ds, keyword, value)
-    store_pixels(ds, stored, syntax)
-    return ds
-
-
-def save(ds: Dataset, path: Path) -> Path:
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def grey(path_or_bytes, size: int = SIZE, max_pixels: int = LIMIT) -> np.ndarray:
@@ -237,15 +195,6 @@ def test_signed_pixels():
 # --- transfer syntaxes --------------------------------------------------------------------
 
 
-def _texture(bits: int) -> np.ndarray:
-    """A smooth 64x64 image with some noise: realistic for the lossy codecs."""
-    y, x = np.mgrid[0:64, 0:64]
-    rng = np.random.default_rng(bits)
-    field = 0.5 + 0.3 * np.sin(x / 9) * np.cos(y / 13) + rng.normal(0, 0.01, (64, 64))
-    top = (1 << bits) - 1
-    return np.rint(np.clip(field, 0, 1) * top).astype(np.uint8 if bits == 8 else np.uint16)
-
-
 SYNTAXES = [
     (ExplicitVRLittleEndian, 12, True), (ImplicitVRLittleEndian, 12, True),
     (ExplicitVRBigEndian, 16, True), (DeflatedExplicitVRLittleEndian, 10, True),
@@ -260,7 +209,7 @@ SYNTAXES = [
                          ids=[f"{s.name[:40]}-{b}bit" for s, b, _ in SYNTAXES])
 def test_every_transfer_syntax_decodes_like_the_uncompressed_file(tmp_path, syntax, bits,
                                                                    lossless):
-    stored = _texture(bits)
+    stored = texture(bits)
     path = save(make_ds(stored, syntax, bits_stored=bits), tmp_path / "x.dcm")
     import pydicom
 
@@ -274,13 +223,13 @@ def test_every_transfer_syntax_decodes_like_the_uncompressed_file(tmp_path, synt
     if lossless:
         np.testing.assert_array_equal(out, reference)
     else:
-        assert np.abs(out.astype(int) - reference).mean() < 1.5
+        assert np.abs(out.astype(int) - reference).mean() < 2.0
 
 
 def test_missing_decoders_name_the_package_to_install(tmp_path):
     """With no GDCM (nor pylibjpeg) importable, the JPEG family is refused with a pip line."""
-    lossless = save(make_ds(_texture(12), JPEGLosslessSV1, bits_stored=12), tmp_path / "a.dcm")
-    save(_with_syntax(make_ds(_texture(12), bits_stored=12), "1.2.840.10008.1.2.4.201",
+    lossless = save(make_ds(texture(12), JPEGLosslessSV1, bits_stored=12), tmp_path / "a.dcm")
+    save(_with_syntax(make_ds(texture(12), bits_stored=12), "1.2.840.10008.1.2.4.201",
                       b"\xff\x4f\xff\x51" + bytes(64)), tmp_path / "b.dcm")  # HTJ2K
     code = (
         "import sys\n"
@@ -310,7 +259,7 @@ def _with_syntax(ds: Dataset, syntax: str, codestream: bytes) -> Dataset:
 
 
 def test_a_syntax_nothing_decodes_and_an_unknown_one():
-    ds = _with_syntax(make_ds(_texture(8)), "1.2.840.10008.1.2.4.100", bytes(64))  # MPEG2
+    ds = _with_syntax(make_ds(texture(8)), "1.2.840.10008.1.2.4.100", bytes(64))  # MPEG2
     assert str(rejection(to_bytes(ds))) == (
         "unsupported DICOM transfer syntax MPEG2 Main Profile / Main Level"
         " (no decoder exists for it)")
@@ -342,16 +291,16 @@ def test_a_syntax_nothing_decodes_and_an_unknown_one():
                                       "8 to 16 bits stored are read"),
 ])
 def test_what_the_header_says_is_refused_with_the_identifiers_kept(attrs, reason):
-    error = rejection(to_bytes(make_ds(_texture(8), **attrs)))
+    error = rejection(to_bytes(make_ds(texture(8), **attrs)))
     assert str(error) == reason
     assert error.identifiers.sop_instance_uid == UIDS["SOPInstanceUID"]
     assert error.identifiers.accession_number == "ACC-0042"
 
 
 def test_colour_pixels_are_refused():
-    ds = make_ds(_texture(8))
+    ds = make_ds(texture(8))
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.PixelData = np.repeat(_texture(8)[..., None], 3, axis=2).tobytes()
+    ds.PixelData = np.repeat(texture(8)[..., None], 3, axis=2).tobytes()
     assert str(rejection(to_bytes(ds))).startswith("colour DICOM (RGB)")
 
 
@@ -361,15 +310,15 @@ def test_colour_pixels_are_refused():
     {"ViewPosition": None},
 ])
 def test_frontal_chest_radiographs_are_taken(attrs):
-    grey(to_bytes(make_ds(_texture(8), **attrs)))
+    grey(to_bytes(make_ds(texture(8), **attrs)))
 
 
 def test_no_pixel_data():
-    ds = make_ds(_texture(8))
+    ds = make_ds(texture(8))
     for keyword in ("PixelData", "Rows", "Columns"):
         delattr(ds, keyword)
     assert str(rejection(to_bytes(ds))).startswith("DICOM file without pixel data")
-    ds = make_ds(_texture(8))
+    ds = make_ds(texture(8))
     del ds.PixelData
     assert str(rejection(to_bytes(ds))).startswith("truncated DICOM (the image header is there")
 
@@ -377,18 +326,18 @@ def test_no_pixel_data():
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEGLSLossless])
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.9, 0.99])
 def test_truncated_files_are_rejected_not_padded(syntax, keep):
-    data = to_bytes(make_ds(_texture(12), syntax, bits_stored=12))
+    data = to_bytes(make_ds(texture(12), syntax, bits_stored=12))
     reason = str(rejection(data[: int(len(data) * keep)]))
     assert "truncated DICOM" in reason or "DICOM file without pixel data" in reason, reason
 
 
 def test_a_truncated_uncompressed_frame_says_so():
-    data = to_bytes(make_ds(_texture(12), bits_stored=12))
+    data = to_bytes(make_ds(texture(12), bits_stored=12))
     assert str(rejection(data[:-100])) == "truncated DICOM (the pixel data ends early)"
 
 
 def test_corrupt_compressed_pixel_data():
-    ds = make_ds(_texture(12), JPEGLSLossless, bits_stored=12)
+    ds = make_ds(texture(12), JPEGLSLossless, bits_stored=12)
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(range(256)) * 2])
     assert str(rejection(to_bytes(ds))) == (
         "corrupt or truncated DICOM pixel data (JPEG-LS Lossless Image Compression cannot be "
@@ -396,7 +345,7 @@ def test_corrupt_compressed_pixel_data():
 
 
 def test_the_pixel_limit_is_checked_before_any_pixel_is_decoded():
-    data = to_bytes(make_ds(_texture(12), bits_stored=12))
+    data = to_bytes(make_ds(texture(12), bits_stored=12))
     error = rejection(data[: len(data) - 2000], max_pixels=1000)  # too short to decode
     assert str(error) == ("image too large: 64x64 pixels exceeds the limit of 1,000"
                           " (possible decompression bomb)")
@@ -407,7 +356,7 @@ def test_the_pixel_limit_is_checked_before_any_pixel_is_decoded():
 
 def test_file_size_and_inflated_size_are_bounded(monkeypatch):
     monkeypatch.setattr(dicom, "HEADER_BYTES", 0)
-    big = to_bytes(make_ds(_texture(12), bits_stored=12))
+    big = to_bytes(make_ds(texture(12), bits_stored=12))
     assert len(big) > 2 * 64 * 64
     assert str(rejection(big, max_pixels=64 * 64)) == (
         f"DICOM file too large: {len(big) / 2**20:.1f} MiB exceeds the limit of 0.0 MiB"
@@ -424,7 +373,7 @@ def test_file_size_and_inflated_size_are_bounded(monkeypatch):
 
 
 def test_raw_data_set_with_compressed_pixels_names_the_problem():
-    ds = make_ds(_texture(12), RLELossless, bits_stored=12)
+    ds = make_ds(texture(12), RLELossless, bits_stored=12)
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, ds)
@@ -461,11 +410,50 @@ def test_unusable_identifier_values_are_dropped_not_stored():
 
 def test_decode_many_returns_identifiers_for_dicom_only(tmp_path):
     png = tmp_path / "a.png"
-    Image.fromarray(_texture(8)).save(png)
-    dcm = save(make_ds(_texture(8), WindowCenter=128, WindowWidth=256), tmp_path / "b.dcm")
-    lateral = save(make_ds(_texture(8), ViewPosition="LL"), tmp_path / "c.dcm")
+    Image.fromarray(texture(8)).save(png)
+    dcm = save(make_ds(texture(8), WindowCenter=128, WindowWidth=256), tmp_path / "b.dcm")
+    lateral = save(make_ds(texture(8), ViewPosition="LL"), tmp_path / "c.dcm")
     first, second, third = decode_many([png, dcm, lateral], SIZE, LIMIT, threads=3)
     assert isinstance(first, Decoded) and first.identifiers is None
     assert isinstance(second, Decoded) and second.identifiers.accession_number == "ACC-0042"
     assert isinstance(third, BadImageError) and third.identifiers.view_position == "LL"
     np.testing.assert_array_equal(first.pixels, second.pixels)
+
+
+# --- the same drawing as DICOM and as PNG or JPEG ----------------------------------------
+
+
+def test_a_dicom_and_a_png_or_jpeg_of_the_same_drawing_get_the_same_answer(tmp_path):
+    """Every way ``cxr synth --format dicom`` stores an image, against its PNG and JPEG export,
+    through the tiny cascade (brightness models at 32 px; biases put the drawings on both
+    sides of both thresholds)."""
+    from helpers_models import make_tiny_bundle
+
+    from trainer.bundle import load_bundle
+    from trainer.synth import render_xray
+    from trainer.synth_dicom import VARIANTS, synthetic_dataset, write_dicom
+    from worker.inference import StageModel, classify_arrays
+
+    stages = [StageModel(i, 1, load_bundle(make_tiny_bundle(tmp_path / "models", stage, 1,
+                                                              bias=bias)))
+              for i, (stage, bias) in enumerate((("pneumonia", 1.5), ("infection", 2.0)), 1)]
+    pixels = {"dicom": [], "png": [], "jpeg": []}
+    for i, variant in enumerate(VARIANTS):
+        drawing = render_xray(np.random.default_rng([5, i]), "BACTERIA", 80, 72)
+        Image.fromarray(drawing).save(tmp_path / f"{i}.png")
+        Image.fromarray(drawing).save(tmp_path / f"{i}.jpeg", quality=90)
+        ds = synthetic_dataset(drawing, variant, patient="p", accession="A1", seed=0, index=i)
+        write_dicom(ds, tmp_path / f"{i}.dicom")
+        for fmt in pixels:
+            pixels[fmt].append(decode_file(tmp_path / f"{i}.{fmt}", 32, LIMIT).pixels)
+        lossy = variant.transfer_syntax in (JPEGBaseline8Bit, JPEGExtended12Bit)
+        difference = np.abs(pixels["dicom"][-1].astype(int) - pixels["png"][-1])
+        assert difference.mean() < 1.0 if lossy else difference.max() == 0, variant
+    results = {fmt: classify_arrays(np.stack(batch), *stages) for fmt, batch in pixels.items()}
+    labels = {fmt: [r.label for r in found] for fmt, found in results.items()}
+    assert labels["dicom"] == labels["png"] == labels["jpeg"]
+    assert len(set(labels["dicom"])) >= 2, labels
+    for other in ("png", "jpeg"):
+        for a, b in zip(results["dicom"], results[other], strict=True):
+            assert abs(a.p_pneumonia - b.p_pneumonia) < 0.01
+            assert (a.p_virus is None) == (b.p_virus is None)

@@ -3,10 +3,10 @@
 * Decoding 12-bit JPEG Extended (Process 4): pydicom's GDCM decoder declines it and its Pillow
   decoder cannot read it, yet GDCM decodes it correctly and older CR archives hold it.
   ``register_decoders`` adds the function below as a pydicom decoder plugin.
-* Encoding one frame to any GDCM-supported syntax (JPEG baseline, extended and lossless,
-  JPEG-LS, JPEG 2000): the synthetic DICOM data set and the tests write every syntax the
-  decoder must read, and pydicom encodes only RLE, JPEG-LS and JPEG 2000 (each through another
-  package).
+* Encoding one frame to JPEG extended or lossless, JPEG-LS or JPEG 2000: the synthetic DICOM
+  data set and the tests write every syntax the decoder must read, and pydicom encodes only
+  RLE, JPEG-LS and JPEG 2000 (each through another package). GDCM fails on the JPEG processes
+  with an odd number of 8-bit pixels; the baseline frames come from Pillow instead.
 
 Plugin modules must name ``DECODER_DEPENDENCIES`` and ``is_available`` (pydicom's contract).
 """
@@ -90,15 +90,16 @@ def encode_frame(pixels: np.ndarray, bits_stored: int, transfer_syntax: str,
     image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(
         gdcm.PhotometricInterpretation.GetPIType(photometric)))
     image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    raw = np.ascontiguousarray(pixels, pixels.dtype.newbyteorder("<")).tobytes()
     element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
-    element.SetByteStringValue(np.ascontiguousarray(pixels, pixels.dtype.newbyteorder("<"))
-                               .tobytes())
+    element.SetByteStringValue(raw + b"\x00" * (len(raw) % 2))  # DICOM values are even-length
     image.SetDataElement(element)
     change = gdcm.ImageChangeTransferSyntax()
     change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(transfer_syntax)))
     change.SetInput(image)
-    if not change.Change():
-        raise ValueError(f"GDCM cannot encode {bits_stored}-bit pixels as {transfer_syntax}")
+    if not change.Change():  # e.g. the JPEG processes on an odd number of 8-bit pixels
+        raise ValueError(f"GDCM cannot encode {rows}x{columns} {bits_stored}-bit pixels as "
+                         f"{transfer_syntax}")
     fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments()
     if fragments is None or fragments.GetNumberOfFragments() < 1:
         raise ValueError(f"GDCM produced no {transfer_syntax} codestream")

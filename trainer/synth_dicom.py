@@ -11,10 +11,12 @@ id say SYNTHETIC. Nothing here is medical data.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -146,7 +148,12 @@ def store_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
     elif not syntax.is_compressed:
         ds.PixelData = stored.astype(stored.dtype.newbyteorder("<")).tobytes()
     else:
-        frame = encode_frame(stored, int(ds.BitsStored), syntax, ds.PhotometricInterpretation)
+        if syntax == JPEGBaseline8Bit:  # Pillow: GDCM fails on an odd number of 8-bit pixels
+            buf = io.BytesIO()
+            Image.fromarray(stored.astype(np.uint8), mode="L").save(buf, "JPEG", quality=90)
+            frame = buf.getvalue()
+        else:
+            frame = encode_frame(stored, int(ds.BitsStored), syntax, ds.PhotometricInterpretation)
         ds.PixelData = encapsulate([frame])
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
