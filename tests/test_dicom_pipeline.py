@@ -20,8 +20,9 @@ from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless, RLELossless
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-NEEDLES = ("zzyzx", "quintessa", PATIENT_ID.lower(), "8675309", BIRTH_DATE)
-assert PATIENT_NAME.lower() == "zzyzx^quintessa"
+NEEDLES = (*PATIENT_NAME.lower().split("^"), PATIENT_ID.lower(), PATIENT_ID.split("-")[-1],
+           BIRTH_DATE)
+"""Family and given name, the id and its digits, the birth date: each alone is a leak."""
 
 
 class RedisMonitor:

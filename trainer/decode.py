@@ -228,12 +228,18 @@ def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> Dec
 def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
     """DICOM header checks, then the pixel limit before any pixel is decoded, then the same
     resize as every other format. Rejections keep the identifiers once they are known."""
-    image = read_dicom(fp, max_pixels)
+    image = None
     try:
+        image = read_dicom(fp, max_pixels)
         _check_dimensions(image.size, max_pixels)
         gray = Image.fromarray(image.gray8(), mode="L")
-    except BadImageError as exc:
-        raise BadImageError(str(exc), image.identifiers) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure is a property of the file
+        reason = str(exc) if isinstance(exc, BadImageError) else (
+            f"corrupt DICOM ({type(exc).__name__})")
+        known = image.identifiers if image else getattr(exc, "identifiers", None)
+        raise BadImageError(reason, known) from None
     return Decoded(_model_input(gray, size), image.identifiers)
 
 

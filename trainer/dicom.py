@@ -80,7 +80,7 @@ def _raw_data_set(head: bytes) -> bool:
         if group not in (0x0002, 0x0008) or (group, element) <= last:
             return False
         vr = head[pos + 4:pos + 6]
-        if vr in _VRS and vr in _LONG_VRS:
+        if vr in _LONG_VRS:
             if pos + 12 > len(head):
                 return False
             pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
@@ -181,21 +181,20 @@ def _check_size(fp: BinaryIO, max_pixels: int) -> None:
 
 
 def _file_meta(fp: BinaryIO) -> tuple[int, str | None]:
-    """(offset where the data set starts, transfer syntax UID) from the file meta group."""
-    from pydicom.filereader import read_dataset, read_preamble
+    """(offset where the data set starts, transfer syntax UID) from the file meta group, read
+    by the very function ``dcmread`` uses (a private one), so both agree on what is deflated."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
     try:
         read_preamble(fp, True)
-        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
-                            stop_when=lambda tag, vr, length: tag.group != 2)
-        syntax = meta.get("TransferSyntaxUID")
-    except Exception:
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
+    except Exception:  # dcmread fails on it the same way: rejected as corrupt
         return 0, None
     return fp.tell(), (str(syntax).strip("\x00 ") if syntax else None)
 
 
 def _inflated_size(fp: BinaryIO, limit: int) -> int:
-    """Bytes the deflated rest of ``fp`` inflates to, counting no further than ``limit + 1``."""
+    """Bytes the deflated rest of ``fp`` inflates to, counting stopped soon past ``limit``."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     total = 0
     try:
