@@ -232,7 +232,7 @@ def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
     try:
         image = read_dicom(fp, max_pixels)
         _check_dimensions(image.size, max_pixels)
-        gray = Image.fromarray(image.gray8(), mode="L")
+        gray = Image.fromarray(image.gray8())
     except MemoryError:
         raise
     except Exception as exc:  # any decoder failure is a property of the file

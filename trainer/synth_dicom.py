@@ -150,7 +150,7 @@ def store_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: str) -> None:
     else:
         if syntax == JPEGBaseline8Bit:  # Pillow: GDCM fails on an odd number of 8-bit pixels
             buf = io.BytesIO()
-            Image.fromarray(stored.astype(np.uint8), mode="L").save(buf, "JPEG", quality=90)
+            Image.fromarray(stored.astype(np.uint8)).save(buf, "JPEG", quality=90)
             frame = buf.getvalue()
         else:
             frame = encode_frame(stored, int(ds.BitsStored), syntax, ds.PhotometricInterpretation)
