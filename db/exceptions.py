@@ -1,5 +1,9 @@
 """Errors every floor raises; the CLI shows them to the user as one line (no traceback)."""
 
+from __future__ import annotations
+
+from db.identifiers import DicomIdentifiers
+
 
 class CxrError(Exception):
     """Base for errors with a message meant for the user."""
@@ -14,7 +18,15 @@ class ModelNotFoundError(CxrError):
 
 
 class BadImageError(CxrError):
-    """The file cannot be decoded as a supported X-ray image (the message is the reason)."""
+    """The file cannot be decoded as a supported X-ray image (the message is the reason).
+
+    ``identifiers`` is set for a DICOM rejected after its header was read (a lateral view, a
+    CT slice), so even a rejected result can be found in the PACS.
+    """
+
+    def __init__(self, reason: str, identifiers: DicomIdentifiers | None = None):
+        super().__init__(reason)
+        self.identifiers = identifiers
 
 
 class WeightsUnavailableError(CxrError):

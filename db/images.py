@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from db.identifiers import DicomIdentifiers
 from db.models import Image, Prediction, utcnow
 from db.vocabulary import FINAL_STATUSES, OPEN_STATUSES, ImageStatus, Label
 
@@ -245,6 +246,14 @@ def mark_rejected(
     if stored_path is not None:
         values["stored_path"] = stored_path
     return _set_status(session, image_id, ImageStatus.REJECTED, OPEN_STATUSES, **values)
+
+
+def set_identifiers(session: Session, image_id: int, identifiers: DicomIdentifiers) -> None:
+    """Store a DICOM image's identifiers (the only header values kept) on its row."""
+    session.execute(
+        update(Image).where(Image.id == image_id).values(**identifiers.columns())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def mark_failed(session: Session, image_id: int, reason: str) -> bool:

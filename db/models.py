@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from db.identifiers import MAX_LENGTH
 from db.vocabulary import ImageStatus, ModelStatus
 
 
@@ -55,6 +56,13 @@ class Image(Base):
     claimed_at: Mapped[datetime | None]
     task_id: Mapped[str | None] = mapped_column(String(64))
     """The Celery task (one message, several images) that last claimed the row."""
+    study_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH), index=True)
+    """DICOM identifiers (db.identifiers): set for DICOM files only, never patient data."""
+    series_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    accession_number: Mapped[str | None] = mapped_column(String(MAX_LENGTH), index=True)
+    modality: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    view_position: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
 
     prediction: Mapped[Prediction | None] = relationship()
 

@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import DateTime, bindparam, text
 from sqlalchemy.orm import Session
 
+from db.identifiers import DICOM_KEYWORDS
+
 RESULT_COLUMNS = (
     "id",
     "file_name",
@@ -21,6 +23,7 @@ RESULT_COLUMNS = (
     "received_at",
     "finished_at",
     "error",
+    *DICOM_KEYWORDS,
 )
 
 

@@ -22,6 +22,13 @@ _COMMON_COLUMNS = """SELECT i.id AS id,
        p.threshold AS threshold,
        p.inference_ms AS inference_ms"""
 
+_DICOM_COLUMNS = """       i.study_instance_uid AS study_instance_uid,
+       i.series_instance_uid AS series_instance_uid,
+       i.sop_instance_uid AS sop_instance_uid,
+       i.accession_number AS accession_number,
+       i.modality AS modality,
+       i.view_position AS view_position"""
+
 _JOINS = """
 FROM images i
 LEFT JOIN predictions p ON p.id = i.prediction_id
@@ -32,6 +39,8 @@ LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
 _VIEWS = {
     "0001": f"CREATE VIEW results AS\n{_COMMON_COLUMNS}{_JOINS}",
     "0003": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id{_JOINS}",
+    "0004": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
+            f"{_DICOM_COLUMNS}{_JOINS}",
 }
 
 

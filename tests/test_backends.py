@@ -50,13 +50,15 @@ paths = [Path(p) for p in args["images"]]
 cache = ModelCache(Path(args["models_dir"]), warm_batch=4)
 with session_scope(args["db_url"]) as session:
     models = cache.current(session)
-pixels = np.stack(decode_many(paths, models.pneumonia.input_size, args["max_pixels"]))
+pixels = np.stack([d.pixels for d in decode_many(paths, models.pneumonia.input_size,
+                                                 args["max_pixels"])])
 results = classify_arrays(pixels, models.pneumonia, models.infection,
                           stage_two_from_files(paths, args["max_pixels"]))
 bundles = {}
 for directory in args["bundles"]:
     bundle = load_bundle(Path(directory))
-    batch = np.stack(decode_many(paths, bundle.manifest.input_size, args["max_pixels"]))
+    batch = np.stack([d.pixels for d in decode_many(paths, bundle.manifest.input_size,
+                                                    args["max_pixels"])])
     bundles[directory] = predict_in_buckets(bundle, batch).tolist()
 threads = None
 if keras.backend.backend() == "tensorflow":

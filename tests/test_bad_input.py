@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_dicom import make_ds, texture, to_bytes
 from helpers_models import register_tiny_bundle
 from helpers_pipeline import (
     POSTGRES_URL,
@@ -97,6 +98,10 @@ VALID = {  # odd but legal images: classified, with the label they should get
     "name with spaces.png": (png_bytes(DARK), "NORMAL"),
     "ünïcødé-胸部.png": (png_bytes(BRIGHT), "PNEUMONIA"),
     "new\nline.png": (png_bytes(DARK), "NORMAL"),
+    "1.2.826.0.1.3680043.8.498.7": (  # a DICOM as a PACS exports it: no extension, MONOCHROME1
+        to_bytes(make_ds(np.full((48, 48), 255 - BRIGHT, np.uint8), WindowCenter=128,
+                         WindowWidth=256, PhotometricInterpretation="MONOCHROME1")),
+        "PNEUMONIA"),
 }
 _jpeg = _encode(Image.new("L", (64, 64), 128), "JPEG")
 _tiff = _encode(Image.new("L", (40, 40), 128), "TIFF")
@@ -110,7 +115,12 @@ REJECTED = {  # name -> (bytes, words the recorded reason must contain)
     "one-pixel.png": (_encode(Image.new("L", (1, 1), 200), "PNG"), "too small"),
     "anim.gif": (_encode(Image.new("L", (40, 40), 128), "GIF"), "unsupported format GIF"),
     "scan.tiff": (_tiff, "unsupported format TIFF"),
-    "tiff-named.jpg": (_tiff, "unsupported format TIFF (JPEG and PNG only), although named .jpg"),
+    "tiff-named.jpg": (_tiff, "unsupported format TIFF (JPEG, PNG and DICOM only), although named"
+                              " .jpg"),
+    "lateral.dcm": (to_bytes(make_ds(texture(8), ViewPosition="LL")), "lateral view"),
+    "ct-slice.dcm": (to_bytes(make_ds(texture(12), bits_stored=12, Modality="CT")),
+                     "DICOM modality CT is not a radiograph"),
+    "truncated.dcm": (to_bytes(make_ds(texture(12), bits_stored=12))[:-1000], "truncated DICOM"),
     "bitmap.bmp": (_encode(Image.new("L", (40, 40), 128), "BMP"), "unsupported format BMP"),
 }
 JUNK = [".DS_Store", "upload.png.part", "draft.png~"]

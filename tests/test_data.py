@@ -192,3 +192,22 @@ def test_pipeline_names_an_undecodable_training_file(tmp_path):
     bad.write_text("<html>not an x-ray</html>")
     with pytest.raises(Exception, match=r"person1_virus_1\.jpeg: not an image"):
         load_images([bad], 16)
+
+
+def test_dicom_files_in_the_kaggle_layout_go_through_the_same_decoder(tmp_path):
+    """The trainer takes .dcm files beside (or instead of) JPEGs: scanned, labelled by name,
+    decoded by the service's own decoder in the tf.data pipeline."""
+    from helpers_models import load_images
+
+    from trainer.decode import decode_image
+    from trainer.synth import generate_dataset
+
+    root = tmp_path / "data"
+    generate_dataset(root, 12, seed=2, size_range=(40, 48), fmt="dicom")
+    records = data.scan_dataset(root)
+    assert len(records) == 12 and {r.path.suffix for r in records} == {".dcm"}
+    assert {r.label3 for r in records} == set(CASCADE_CLASSES)
+    paths = [r.path for r in records]
+    images = load_images(paths, 24)
+    expected = np.stack([decode_image(p, 24, 10**7) for p in paths]).astype(np.float32)
+    np.testing.assert_array_equal(images, expected)

@@ -39,6 +39,26 @@ def test_the_claims_migration_steps_down_and_up_with_the_results_view(empty_db_u
     assert current_revision(empty_db_url) == head_revision()
 
 
+def test_the_task_and_dicom_migrations_step_down_and_up_with_the_results_view(empty_db_url):
+    from db.identifiers import DICOM_KEYWORDS
+
+    def view_columns() -> set[str]:
+        with get_engine(empty_db_url).connect() as conn:
+            return set(conn.execute(text("SELECT * FROM results")).keys())
+
+    upgrade(empty_db_url)
+    assert set(DICOM_KEYWORDS) <= view_columns()
+    downgrade(empty_db_url, "0003")
+    columns = {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns("images")}
+    assert not set(DICOM_KEYWORDS) & (columns | view_columns())
+    assert "task_id" in columns and "task_id" in view_columns()
+    downgrade(empty_db_url, "0002")
+    columns = {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns("images")}
+    assert "claimed_by" in columns and "task_id" not in columns | view_columns()
+    upgrade(empty_db_url)
+    assert set(DICOM_KEYWORDS) <= view_columns()
+
+
 def _register(url: str, stage: str = "pneumonia", **kw) -> int:
     with session_scope(url) as s:
         return registry.register_version(s, stage=stage, backbone="smallcnn", **kw).version

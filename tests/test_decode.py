@@ -255,7 +255,8 @@ def test_text_and_html_named_jpg(tmp_path, content, kind):
 def test_random_bytes_are_unrecognised(tmp_path):
     path = tmp_path / "noise.jpg"
     path.write_bytes(bytes([0, 1, 2, 250, 3]) * 100)
-    assert reason_for(path) == "not a JPEG or PNG image: unrecognised content, although named .jpg"
+    assert reason_for(path) == (
+        "not a JPEG, PNG or DICOM image: unrecognised content, although named .jpg")
 
 
 def test_decompression_bomb_beyond_pillows_own_limit(tmp_path):
@@ -293,19 +294,20 @@ def test_other_formats_are_named_whatever_the_extension(tmp_path, fmt, name):
     img = Image.fromarray(halves())
     own = save(img, tmp_path / f"x.{fmt.lower()}", fmt)
     disguised = save(img, tmp_path / "x.jpg", fmt)
-    assert reason_for(own) == f"unsupported format {name} (JPEG and PNG only)"
+    assert reason_for(own) == f"unsupported format {name} (JPEG, PNG and DICOM only)"
     assert reason_for(disguised) == (
-        f"unsupported format {name} (JPEG and PNG only), although named .jpg")
+        f"unsupported format {name} (JPEG, PNG and DICOM only), although named .jpg")
     assert sniff_bytes(disguised.read_bytes()[:512]) == name
 
 
-def test_dicom_is_named(tmp_path):
+def test_dicom_is_recognised_whatever_the_name(tmp_path):
+    """DICOM itself is tested in test_dicom.py; here: an empty data set is sniffed as DICOM."""
     dicom = bytes(128) + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + bytes(200)
     for name in ("study.dcm", "study.jpg"):
         path = tmp_path / name
         path.write_bytes(dicom)
-        named = ", although named .jpg" if name.endswith(".jpg") else ""
-        assert reason_for(path) == f"unsupported format DICOM (JPEG and PNG only){named}"
+        assert sniff_bytes(dicom) == "DICOM"
+        assert "DICOM" in reason_for(path)
 
 
 def test_directory_named_like_an_image(tmp_path):
@@ -359,7 +361,7 @@ def test_decode_many_keeps_order_and_isolates_a_bad_file(tmp_path):
     assert len(results) == 5
     assert isinstance(results[2], BadImageError)
     assert str(results[2]) == "not an image: looks like HTML, although named .jpg"
-    means = [int(r.mean()) for i, r in enumerate(results) if i != 2]
+    means = [int(r.pixels.mean()) for i, r in enumerate(results) if i != 2]
     assert means == [30, 90, 150, 210]
     assert decode_many([], SIZE, LIMIT) == []
 

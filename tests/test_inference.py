@@ -240,3 +240,51 @@ def test_cxr_classify_prints_labels_versions_and_disclaimer(settings, monkeypatc
     assert out[-1] == DISCLAIMER
     with session_scope(settings.db_url) as session:
         assert session.query(Image).count() == 0  # classify records nothing
+
+
+def test_dicom_identifiers_are_stored_for_done_and_rejected_images(settings):
+    """Identifiers reach the images row and the results view, for a rejected lateral too; the
+    same content twice is one prediction."""
+    from helpers_dicom import UIDS, make_ds, texture, to_bytes
+
+    from db.results import list_results
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    frontal = to_bytes(make_ds(texture(12), bits_stored=12))
+    lateral = to_bytes(make_ds(texture(12), bits_stored=12, ViewPosition="LL",
+                               AccessionNumber="ACC-LAT"))
+    ids = {}
+    for name, data in (("a.dcm", frontal), ("1.2.3.4", frontal), ("lat.dcm", lateral)):
+        (settings.inbox_dir / name).write_bytes(data)
+        ids[name] = intake_file(settings.inbox_dir / name, settings, lambda *_: None).image_id
+    cache = ModelCache(settings.models_path)
+    outcome = process_images(ids.values(), settings, cache)
+    assert [outcome[ids[n]] for n in ids] == ["done", "done", "rejected"]
+    with session_scope(settings.db_url) as session:
+        rows = {r["file_name"]: r for r in list_results(session)}
+        assert session.query(Prediction).count() == 1
+    for name in ("a.dcm", "1.2.3.4"):
+        assert rows[name]["status"] == "done"
+        assert (rows[name]["study_instance_uid"], rows[name]["sop_instance_uid"]) == (
+            UIDS["StudyInstanceUID"], UIDS["SOPInstanceUID"])
+        assert (rows[name]["accession_number"], rows[name]["modality"],
+                rows[name]["view_position"]) == ("ACC-0042", "CR", "PA")
+    assert rows["lat.dcm"]["status"] == "rejected"
+    assert rows["lat.dcm"]["error"].startswith("lateral view (ViewPosition LL)")
+    assert (rows["lat.dcm"]["accession_number"], rows["lat.dcm"]["view_position"]) == (
+        "ACC-LAT", "LL")
+
+
+def test_cxr_classify_takes_dicom(settings, monkeypatch, capsys):
+    from helpers_dicom import make_ds, texture
+
+    from worker.cli import main
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    bright = settings.data_dir / "bright"  # no extension, as PACS exports often are
+    make_ds(texture(8) // 4 + 190, WindowCenter=128, WindowWidth=256).save_as(
+        bright, enforce_file_format=True)
+    monkeypatch.setenv("CXR_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("CXR_DATABASE_URL", settings.db_url)
+    assert main(["classify", str(bright)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(f"{bright}\tPNEUMONIA\t")

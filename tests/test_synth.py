@@ -151,3 +151,43 @@ def test_held_out_images_are_new_and_labelled(dataset, tmp_path):
     assert not {hashlib.sha256(p.read_bytes()).digest() for p, _ in written} & dataset_hashes
     again = held_out_images(tmp_path / "again", 2, seed=3, size_range=SIZE_RANGE)
     assert again[0][0].read_bytes() == written[0][0].read_bytes()
+
+
+def test_the_dicom_format_writes_the_same_drawings_every_way_a_pacs_stores_them(tmp_path):
+    import pydicom
+
+    from trainer.decode import decode_image
+    from trainer.synth_dicom import VARIANTS
+
+    n = len(VARIANTS) + 2
+    counts = generate_dataset(tmp_path / "dcm", n, seed=4, size_range=SIZE_RANGE, fmt="dicom")
+    assert counts == generate_dataset(tmp_path / "jpg", n, seed=4, size_range=SIZE_RANGE)
+    assert '"format": "dicom"' in (tmp_path / "dcm" / MARKER).read_text()
+    dicoms = sorted((tmp_path / "dcm").rglob("*.dcm"))
+    jpegs = sorted((tmp_path / "jpg").rglob("*.jpeg"))
+    assert [p.relative_to(tmp_path / "dcm").with_suffix("") for p in dicoms] == [
+        p.relative_to(tmp_path / "jpg").with_suffix("") for p in jpegs]
+    seen = set()
+    for dcm, jpeg in zip(dicoms, jpegs, strict=True):
+        ds = pydicom.dcmread(dcm)
+        seen.add((ds.file_meta.TransferSyntaxUID, ds.PhotometricInterpretation, ds.BitsStored))
+        assert ds.PatientID == _parse(jpeg)[1] and str(ds.PatientName).startswith("SYNTHETIC")
+        assert (ds.Modality, ds.BodyPartExamined) in {("DX", "CHEST"), ("CR", "CHEST")}
+        difference = decode_image(dcm, 32, 10**7).astype(int) - decode_image(jpeg, 32, 10**7)
+        assert np.abs(difference).mean() < 2.0, dcm.name
+    assert {s for s, _, _ in seen} == {v.transfer_syntax for v in VARIANTS}
+    assert {p for _, p, _ in seen} == {"MONOCHROME1", "MONOCHROME2"}
+    assert {b for _, _, b in seen} >= {8, 10, 12, 16}
+    with pytest.raises(DatasetError, match="unknown synthetic image format"):
+        generate_dataset(tmp_path / "x", 6, fmt="tiff")
+
+
+def test_cxr_synth_format_dicom_and_dicom_held_out_images(tmp_path, capsys):
+    from worker.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "data"), "--n", "6", "--format", "dicom"]) == 0
+    assert "synthetic DICOM data set of 6 images" in capsys.readouterr().out
+    assert len(list((tmp_path / "data").rglob("*.dcm"))) == 6
+    assert not list((tmp_path / "data").rglob("*.jpeg"))
+    written = held_out_images(tmp_path / "inbox", 3, seed=3, size_range=SIZE_RANGE, fmt="dicom")
+    assert [p.name for p, _ in written] == [f"synthetic-s3-000{i}.dcm" for i in (1, 2, 3)]

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 FOLDERS = ("NORMAL", "PNEUMONIA")
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
+"""Files taken from the class folders (the decoder itself tells formats by content)."""
 
 _PNEUMONIA_NAME = re.compile(r"^(person\d+)_(bacteria|virus)_\d+$", re.IGNORECASE)
 _NORMAL_NAME = re.compile(r"^((?:NORMAL2-)?IM-\d+)-\d+$", re.IGNORECASE)

@@ -6,8 +6,10 @@ Every image the service sees passes through here, so every way a file can be wro
 
 Choices that matter for the model:
 
-* Only JPEG and PNG are decoded (Pillow is restricted to those plugins); the real format is told
-  from the content, not the extension, so a GIF named ``.jpg`` is reported as a GIF.
+* JPEG and PNG are decoded by Pillow (restricted to those two plugins), DICOM by
+  ``trainer.dicom`` (a viewer's display pipeline down to 8-bit grey, then the same path as a
+  JPEG from here on); the real format is told from the content, not the extension, so a GIF
+  named ``.jpg`` is reported as a GIF and a DICOM needs no ``.dcm``.
 * The pixel count declared in the header is checked against ``max_pixels`` before any pixel is
   decoded (decompression bombs), and truncated files are rejected, never padded with grey.
 * X-rays carry no colour. Every mode is reduced to 8-bit luminance and replicated to three
@@ -36,6 +38,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -43,12 +46,16 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from db.exceptions import BadImageError
+from db.identifiers import DicomIdentifiers
+from trainer.dicom import looks_like_dicom, read_dicom
 
 MIN_SIDE = 32
 """Smallest accepted width or height. Below this a file is an icon or a placeholder, not a
 radiograph; the number is fixed (not a setting) because no real X-ray comes close to it."""
 
-SUPPORTED_FORMATS = ("JPEG", "PNG")
+PILLOW_FORMATS = ("JPEG", "PNG")
+SUPPORTED_FORMATS = (*PILLOW_FORMATS, "DICOM")
+_CLAIMED_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".dcm", ".dicom")
 _HEAD_BYTES = 512
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -57,7 +64,8 @@ STRETCH_BLOCK_PIXELS = 1 << 20
 
 
 def sniff_bytes(head: bytes) -> str | None:
-    """Name a file's format from its first bytes (132 needed for DICOM); None if unknown."""
+    """Name a file's format from its first bytes (132 needed for DICOM, 512 best); None if
+    unknown."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(_PNG_MAGIC):
@@ -70,7 +78,7 @@ def sniff_bytes(head: bytes) -> str | None:
         return "BMP"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
-    if head[128:132] == b"DICM":
+    if looks_like_dicom(head):
         return "DICOM"
     if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xff\x4f\xff\x51"):
         return "JPEG 2000"
@@ -128,11 +136,25 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What the model sees, and a DICOM's identifiers (None for JPEG and PNG)."""
+
+    pixels: np.ndarray
+    identifiers: DicomIdentifiers | None = None
+
+
 def decode_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
-    """Decode the JPEG or PNG at ``path`` to a ``(size, size, 3)`` uint8 RGB array (grey x 3).
+    """Decode the JPEG, PNG or DICOM at ``path`` to a ``(size, size, 3)`` uint8 RGB array
+    (grey x 3).
 
     Raises BadImageError with a short reason for anything that is not a sound, supported image.
     """
+    return decode_file(path, size, max_pixels).pixels
+
+
+def decode_file(path: Path, size: int, max_pixels: int) -> Decoded:
+    """``decode_image`` with the identifiers of a DICOM beside its pixels."""
     path = Path(path)
     try:
         with open(path, "rb") as fp:
@@ -153,6 +175,11 @@ def decode_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
 
 def decode_bytes(data: bytes, size: int, max_pixels: int, name: str = "") -> np.ndarray:
     """Same as ``decode_image`` for an image already in memory; ``name`` only improves reasons."""
+    return decode_data(data, size, max_pixels, name).pixels
+
+
+def decode_data(data: bytes, size: int, max_pixels: int, name: str = "") -> Decoded:
+    """``decode_bytes`` with the identifiers of a DICOM beside its pixels."""
     if not data:
         raise BadImageError("empty file (0 bytes)")
     return _decode_stream(io.BytesIO(data), size, max_pixels, Path(name).suffix)
@@ -160,15 +187,15 @@ def decode_bytes(data: bytes, size: int, max_pixels: int, name: str = "") -> np.
 
 def decode_many(
     paths: Sequence[Path], size: int, max_pixels: int, threads: int = 4
-) -> list[np.ndarray | BadImageError]:
+) -> list[Decoded | BadImageError]:
     """Decode files in a thread pool (Pillow releases the GIL), results in input order.
 
     A bad file yields its BadImageError in its slot and never affects the others.
     """
 
-    def one(path: Path) -> np.ndarray | BadImageError:
+    def one(path: Path) -> Decoded | BadImageError:
         try:
-            return decode_image(path, size, max_pixels)
+            return decode_file(path, size, max_pixels)
         except BadImageError as exc:
             return exc
 
@@ -178,23 +205,22 @@ def decode_many(
         return list(pool.map(one, paths))
 
 
-def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> np.ndarray:
+def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> Decoded:
     head = fp.read(_HEAD_BYTES)
     fmt = sniff_bytes(head)
     _check_format(fmt, suffix)
     assert fmt is not None
+    if fmt == "DICOM":
+        return _decode_dicom(fp, size, max_pixels)
     if fmt == "PNG":
         _verify_png(fp)
     fp.seek(0)
     try:
-        with Image.open(fp, formats=list(SUPPORTED_FORMATS)) as img:
+        with Image.open(fp, formats=list(PILLOW_FORMATS)) as img:
             _check_dimensions(img.size, max_pixels)
             img.draft("L", (size * 2, size * 2))
             img.load()
-            gray = _to_gray(ImageOps.exif_transpose(img))
-            if gray.size != (size, size):
-                gray = gray.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(gray, dtype=np.uint8)
+            return Decoded(_model_input(_to_gray(ImageOps.exif_transpose(img)), size))
     except BadImageError:
         raise
     except Image.DecompressionBombError:
@@ -205,19 +231,44 @@ def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> np.
         raise
     except Exception as exc:  # any decoder failure is a property of the file
         raise BadImageError(_pillow_reason(fmt, exc)) from None
+
+
+def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
+    """DICOM header checks, then the pixel limit before any pixel is decoded, then the same
+    resize as every other format. Rejections keep the identifiers once they are known."""
+    image = None
+    try:
+        image = read_dicom(fp, max_pixels)
+        _check_dimensions(image.size, max_pixels)
+        gray = Image.fromarray(image.gray8())
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure is a property of the file
+        reason = str(exc) if isinstance(exc, BadImageError) else (
+            f"corrupt DICOM ({type(exc).__name__})")
+        known = image.identifiers if image else getattr(exc, "identifiers", None)
+        raise BadImageError(reason, known) from None
+    return Decoded(_model_input(gray, size), image.identifiers)
+
+
+def _model_input(gray: Image.Image, size: int) -> np.ndarray:
+    """8-bit grey of any format -> ``(size, size, 3)`` uint8: resized, then grey x 3."""
+    if gray.size != (size, size):
+        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(gray, dtype=np.uint8)
     return np.repeat(pixels[:, :, np.newaxis], 3, axis=2)
 
 
 def _check_format(fmt: str | None, suffix: str) -> None:
     if fmt in SUPPORTED_FORMATS:
         return
-    claimed = suffix.lower() in (".jpg", ".jpeg", ".jpe", ".png")
+    claimed = suffix.lower() in _CLAIMED_SUFFIXES
     named = f", although named {suffix}" if claimed else ""
     if fmt in ("HTML", "text", "XML", "SVG"):
         raise BadImageError(f"not an image: looks like {fmt}{named}")
     if fmt is None:
-        raise BadImageError(f"not a JPEG or PNG image: unrecognised content{named}")
-    raise BadImageError(f"unsupported format {fmt} (JPEG and PNG only){named}")
+        raise BadImageError(f"not a JPEG, PNG or DICOM image: unrecognised content{named}")
+    raise BadImageError(f"unsupported format {fmt} (JPEG, PNG and DICOM only){named}")
 
 
 def _check_dimensions(dims: tuple[int, int], max_pixels: int) -> None:

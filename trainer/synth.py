@@ -11,6 +11,7 @@ Layout and names follow Kaggle's "Chest X-Ray Images (Pneumonia)": ``ROOT/{train
 {NORMAL,PNEUMONIA}/``, ``IM-0115-0001.jpeg``, ``NORMAL2-IM-1427-0001.jpeg``,
 ``person1946_bacteria_4874.jpeg``, ``person1_virus_6.jpeg``; each patient has several images
 and all of a patient's images are in one split. Output is deterministic for a seed.
+``fmt="dicom"`` writes the same drawings as ``.dcm`` files instead (``trainer.synth_dicom``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ IMAGES_PER_PATIENT = (1, 2, 3, 4, 5)
 IMAGES_PER_PATIENT_P = (0.15, 0.30, 0.25, 0.18, 0.12)
 SUBTLE_FRACTION = 0.08
 JPEG_QUALITY = 90
+FORMATS = ("jpeg", "dicom")
 _HELD_OUT_STREAM = 7_777_777
 
 README_TEXT = """SYNTHETIC DATA - NOT MEDICAL IMAGES
@@ -172,6 +174,27 @@ def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels, mode="L").save(path, format="JPEG", quality=JPEG_QUALITY)
 
 
+def _save(pixels: np.ndarray, path: Path, fmt: str, *, seed: int, index: int,
+          patient: str) -> Path:
+    """Write one drawing as ``fmt``; returns the path (``.dcm`` instead of ``.jpeg``)."""
+    if fmt == "jpeg":
+        _save_jpeg(pixels, path)
+        return path
+    from trainer.synth_dicom import VARIANTS, synthetic_dataset, write_dicom
+
+    ds = synthetic_dataset(
+        pixels, VARIANTS[index % len(VARIANTS)], patient=patient, accession=f"SYN{index:07d}",
+        seed=seed, index=index, modality="CR" if index % 3 == 2 else "DX",
+        view="AP" if index % 4 == 3 else "PA",
+    )
+    return write_dicom(ds, path.with_suffix(".dcm"))
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown synthetic image format {fmt!r} (jpeg or dicom)")
+
+
 def _image_size(rng, size_range: tuple[int, int]) -> tuple[int, int]:
     side = int(rng.integers(size_range[0], size_range[1] + 1))
     aspect = rng.uniform(0.85, 1.2)
@@ -246,12 +269,15 @@ def plan_dataset(n: int, seed: int = 0) -> list[PlannedImage]:
 
 
 def generate_dataset(
-    out: Path, n: int, seed: int = 0, size_range: tuple[int, int] = (96, 160)
+    out: Path, n: int, seed: int = 0, size_range: tuple[int, int] = (96, 160),
+    fmt: str = "jpeg",
 ) -> dict[str, dict[str, int]]:
     """Write ``n`` images under ``out`` in the Kaggle layout; returns counts[split][label].
 
-    Refuses a folder that already holds a data set, so two runs never mix.
+    ``fmt`` is ``jpeg`` or ``dicom`` (the same drawings either way). Refuses a folder that
+    already holds a data set, so two runs never mix.
     """
+    _check_format(fmt)
     out = Path(out)
     if any((out / split).exists() for split in ("train", "val", "test")):
         raise DatasetError(f"{out} already holds a data set; choose a new folder")
@@ -265,10 +291,9 @@ def generate_dataset(
     for index, item in enumerate(plan):
         rng = np.random.default_rng([seed, 1, index])
         width, height = _image_size(rng, size_range)
-        _save_jpeg(
-            render_xray(rng, item.label, width, height),
-            out / item.split / item.folder / item.file_name,
-        )
+        _save(render_xray(rng, item.label, width, height),
+              out / item.split / item.folder / item.file_name, fmt,
+              seed=seed, index=index, patient=item.patient)
         counts[item.split][item.label] += 1
     (out / README).write_text(README_TEXT)
     meta = {
@@ -277,6 +302,7 @@ def generate_dataset(
         "n": n,
         "seed": seed,
         "size_range": list(size_range),
+        "format": fmt,
         "counts": counts,
     }
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -284,13 +310,15 @@ def generate_dataset(
 
 
 def held_out_images(
-    out: Path, n: int, seed: int = 0, size_range: tuple[int, int] = (96, 160)
+    out: Path, n: int, seed: int = 0, size_range: tuple[int, int] = (96, 160),
+    fmt: str = "jpeg",
 ) -> list[tuple[Path, str]]:
     """Write ``n`` extra images (not in any generated data set) into ``out``, for inbox demos.
 
     Returns (path, true label) pairs; labels cycle NORMAL, BACTERIA, VIRUS. Names look like
-    ``synthetic-s0-0001.jpeg``, so the truth is not in the file name the service sees.
+    ``synthetic-s0-0001.jpeg`` (``.dcm``), so the truth is not in the file name the service sees.
     """
+    _check_format(fmt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -298,7 +326,8 @@ def held_out_images(
         rng = np.random.default_rng([seed, _HELD_OUT_STREAM, i])
         label = LABELS[i % len(LABELS)]
         width, height = _image_size(rng, size_range)
-        path = out / f"synthetic-s{seed}-{i + 1:04d}.jpeg"
-        _save_jpeg(render_xray(rng, label, width, height), path)
+        path = _save(render_xray(rng, label, width, height),
+                     out / f"synthetic-s{seed}-{i + 1:04d}.jpeg", fmt,
+                     seed=seed + _HELD_OUT_STREAM, index=i, patient=f"held-out-{i + 1:04d}")
         written.append((path, label))
     return written

@@ -26,10 +26,11 @@ import numpy as np
 
 from db import images, registry
 from db.exceptions import BadImageError
+from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
 from db.vocabulary import Stage
-from trainer.decode import MemoryBudget, decode_bytes, decode_cost
+from trainer.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
 from worker.celery_app import THREADS_ENV
 from worker.claims import claim_images, holder_id
 from worker.inference import ModelCache, classify_arrays
@@ -54,6 +55,8 @@ class _Read:
     data: bytes = b""
     rejected: str | None = None
     missing: bool = False
+    identifiers: DicomIdentifiers | None = None
+    """A DICOM's study, series and instance UIDs etc. (kept even when it is rejected)."""
 
 
 def decode_threads() -> int:
@@ -128,6 +131,8 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     missing = [r.claim for r in read if r.missing]
     with session_scope(url) as session:
         for r in read:
+            if r.identifiers is not None:
+                images.set_identifiers(session, r.claim.image_id, r.identifiers)
             if r.rejected is not None:
                 stored = None
                 path = stored_file(settings, r.claim.stored_path)
@@ -197,11 +202,12 @@ def read_images(claims: list[Claim], settings: Settings, size: int) -> list[_Rea
             return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
                          "longer matches what was received); not classified")
         try:
-            with budget.reserve(decode_cost(data[:1 << 16], size)):
-                pixels = decode_bytes(data, size, settings.max_image_pixels, name=claim.file_name)
-            return _Read(claim, pixels=pixels, data=data)
+            with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
+                decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
+            return _Read(claim, pixels=decoded.pixels, data=data,
+                         identifiers=decoded.identifiers)
         except BadImageError as exc:
-            return _Read(claim, rejected=str(exc))
+            return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
 
     if len(claims) == 1:
         return [one(claims[0])]

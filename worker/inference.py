@@ -114,7 +114,7 @@ def stage_two_from_files(paths: Sequence[Path], max_pixels: int, threads: int = 
         for result in decoded:
             if isinstance(result, BadImageError):
                 raise result
-        return np.stack(decoded)
+        return np.stack([result.pixels for result in decoded])
 
     return pixels
 

@@ -115,5 +115,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Decode and classify each FILE synchronously with the production models "
         "and print label, p_pneumonia, p_virus and the model versions.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG or PNG chest X-ray")
+    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG, PNG or DICOM chest X-ray")
     p.set_defaults(func=cmd_classify)

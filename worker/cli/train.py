@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--out", type=Path, required=True, help="folder to write (ROOT)")
     synth.add_argument("--n", type=int, default=600, help="number of images (default 600)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    synth.add_argument("--format", choices=("jpeg", "dicom"), default="jpeg",
+                       help="jpeg (Kaggle's) or dicom: the same drawings as DICOM files with "
+                       "mixed photometric interpretations, bit depths and transfer syntaxes")
     synth.set_defaults(func=cmd_synth)
 
     train = sub.add_parser(
@@ -76,8 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_synth(args: argparse.Namespace, settings) -> int:
     from trainer.synth import generate_dataset
 
-    generate_dataset(args.out, args.n, args.seed)
-    print(f"wrote a synthetic data set of {args.n} images to {args.out}")
+    generate_dataset(args.out, args.n, args.seed, fmt=args.format)
+    kind = "DICOM " if args.format == "dicom" else ""
+    print(f"wrote a synthetic {kind}data set of {args.n} images to {args.out}")
     return 0
 
 
