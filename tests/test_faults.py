@@ -55,10 +55,12 @@ def _assert_exactly_once(p: Pipeline, expected: dict[str, str]) -> None:
 
 
 def test_kill_9_worker_mid_inference_is_redelivered_and_written_once(tmp_path):
-    with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "20"}) as p:
+    # Batch size 1: the warm-up is one slow call, then the image's own (about 2 s on 2 cores).
+    with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "20",
+                                         "CXR_BATCH_SIZE": "1"}) as p:
         from helpers_pipeline import register_bundle
 
-        register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model())
+        register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model(layers=12))
         drop(p.inbox, "slow-1.png", png_bytes(BRIGHT))
         p.wait_status(["slow-1.png"], {"processing"})
         wait_until(lambda: "warmed up model" in p.log("worker"), 60, "the model's warm-up")
