@@ -199,6 +199,10 @@ class Stack:
         self.compose("--profile", "tools", "down", "--volumes", "--remove-orphans",
                      "--timeout", "20", check=False)
         run(["docker", "image", "rm", f"cxr-triage:{self.tag}"], check=False)
+        # Each service's build of the shared image is labelled with its service name, so all
+        # but the tagged one are left dangling. Docker's build cache is kept.
+        run(["docker", "image", "prune", "--force", "--filter",
+             f"label=com.docker.compose.project={self.project}"], check=False)
 
 
 def run(argv: list[str], timeout: float = 300, check: bool = True, env=None):
@@ -275,8 +279,9 @@ def test_compose_stack_for_real(engine, tmp_path):
     finally:
         stack.remove()
     label = f"label=com.docker.compose.project={stack.project}"
-    assert not run(["docker", "ps", "--all", "--quiet", "--filter", label]).stdout.strip()
-    assert not run(["docker", "volume", "ls", "--quiet", "--filter", label]).stdout.strip()
+    for listing in (["ps", "--all"], ["volume", "ls"], ["network", "ls"], ["image", "ls", "--all"]):
+        left = run(["docker", *listing, "--quiet", "--filter", label]).stdout.split()
+        assert not left, f"left behind (docker {' '.join(listing)}): {left}"
 
 
 def run_steps(stack: Stack, tmp_path: Path) -> None:

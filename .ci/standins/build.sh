@@ -12,7 +12,8 @@
 #                       listens on TCP with password auth, and answers pg_isready
 #
 # A tag that already exists is left alone (a real upstream image is never replaced); stand-ins
-# carry the label org.cxr-triage.standin and `--force` rebuilds those. Needs root, docker,
+# carry the label org.cxr-triage.standin (images built on them inherit it) and `--force`
+# rebuilds those. Needs root, docker,
 # debootstrap. Usage: .ci/standins/build.sh [--force]
 set -euo pipefail
 
