@@ -13,8 +13,7 @@
 #
 # A tag that already exists is left alone (a real upstream image is never replaced); stand-ins
 # carry the label org.cxr-triage.standin (images built on them inherit it) and `--force`
-# rebuilds those. Needs root, docker,
-# debootstrap. Usage: .ci/standins/build.sh [--force]
+# rebuilds those. Needs root, docker and debootstrap. Usage: .ci/standins/build.sh [--force]
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
