@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test services lint clean
+.PHONY: demo test compose-test services lint clean
 
 $(BIN)/cxr: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -23,6 +23,10 @@ services:
 
 test: $(BIN)/cxr services
 	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra --durations=30
+
+# docker-compose.yml for real (also part of `make test` when a Docker engine answers).
+compose-test: $(BIN)/cxr
+	$(BIN)/pytest -ra tests/test_compose.py tests/test_compose_live.py
 
 lint: $(BIN)/cxr
 	$(BIN)/ruff check .

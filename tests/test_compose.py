@@ -173,11 +173,12 @@ def test_start_order():
     assert SERVICES["flower"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
-def test_gpu_worker_and_cpu_profile():
+def test_gpu_and_cpu_workers_in_their_own_profiles():
+    """A CPU host's `--profile cpu up --build` must not build the CUDA image."""
     devices = SERVICES["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert all(len(d.get("device_ids", [])) == 1 for d in devices), "one GPU per worker"
-    assert "profiles" not in SERVICES["worker"]
+    assert SERVICES["worker"]["profiles"] == ["gpu"]
     cpu = SERVICES["worker-cpu"]
     assert cpu["profiles"] == ["cpu"]
     assert "deploy" not in cpu
@@ -214,7 +215,9 @@ def test_dockerfile_installs_the_project_as_non_root():
     keywords = [parts[0] for parts in instructions]
     args = {parts[0]: parts[1] for parts in instructions if len(parts) == 2}
     assert args["FROM"].startswith("python:3.11-slim")
-    assert re.search(r'pip install "\.', text), "installs the project itself"
+    assert re.search(r'pip install --no-deps "\.', text), "installs the project itself"
+    assert text.index("COPY pyproject.toml") < text.index("pip install -r") < text.index(
+        "COPY worker"), "dependencies in a layer of their own, before the code"
     for package in ("worker", "trainer", "db"):
         assert re.search(rf"^COPY {package} \./{package}$", text, re.M)
     users = [parts[1].strip() for parts in instructions if parts[0] == "USER"]
