@@ -312,19 +312,24 @@ def ids_to_enqueue(
     received_before: datetime,
     include_waiting: bool,
     queued_before: datetime | None = None,
+    claimed_before: datetime | None = None,
 ) -> list[tuple[int, str]]:
     """(id, file_name) of rows the reconcile pass should enqueue again.
 
     ``received`` rows older than ``received_before`` (their enqueue failed or was cut short);
-    ``waiting_model`` rows when a production model exists; and, when ``queued_before`` is
-    given (the caller saw the broker queue empty), ``queued`` rows older than that: their
-    message was lost, e.g. by a Redis restart without persistence.
+    ``waiting_model`` rows when a production model exists; when ``queued_before`` is given
+    (the caller saw the broker queue empty), ``queued`` rows older than that: their message
+    was lost, e.g. by a Redis restart without persistence; and ``processing`` rows claimed
+    before ``claimed_before`` (past their lease: a delivery that sees them takes them over).
     """
     condition = (Image.status == ImageStatus.RECEIVED) & (Image.received_at < received_before)
     if include_waiting:
         condition |= Image.status == ImageStatus.WAITING_MODEL
     if queued_before is not None:
         condition |= (Image.status == ImageStatus.QUEUED) & (Image.received_at < queued_before)
+    if claimed_before is not None:
+        condition |= (Image.status == ImageStatus.PROCESSING) & (
+            Image.claimed_at < claimed_before)
     rows = session.execute(select(Image.id, Image.file_name).where(condition).order_by(Image.id))
     return [(row.id, row.file_name) for row in rows]
 

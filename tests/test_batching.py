@@ -219,6 +219,17 @@ def test_a_holder_that_exited_on_this_host_is_taken_over_at_once(settings):
     assert _rows(settings.db_url)[image_id] == (ImageStatus.DONE, 2)
 
 
+def test_a_reused_pid_is_not_mistaken_for_the_holder():
+    """A restarted container gives a new process the dead holder's pid: its start time differs."""
+    me = holder_id()
+    host, pid, start = me.split(":")
+    assert int(pid) == os.getpid() and start.isdigit()
+    now = datetime.now(UTC)
+    impostor = f"{host}:{pid}:{int(start) + 1}"
+    assert holder_gone(images.Held(1, impostor, now), "someone-else:1", 600)
+    assert not holder_gone(images.Held(1, me, now), "someone-else:1", 600)
+
+
 def test_a_holder_past_its_lease_or_on_a_silent_host_is_taken_over(settings):
     """A hung worker or a dead host: after the lease, or at once when Celery's heartbeat
     (a ping) shows no worker on that host any more."""

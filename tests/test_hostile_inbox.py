@@ -133,7 +133,8 @@ UNPRIVILEGED_INTAKE = textwrap.dedent("""
     settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
     paths = [settings.inbox_dir / name for name in sys.argv[3:]]
     results = intake_files(paths, settings, lambda batch: None)
-    print(json.dumps([[r.file_name, r.status] for r in results]))
+    again = intake_files(paths, settings, lambda batch: None)  # the next scan, same watcher
+    print(json.dumps([[[r.file_name, r.status] for r in rs] for rs in (results, again)]))
 """)
 
 
@@ -147,7 +148,8 @@ def _intake_unprivileged(settings: Settings, *names: str) -> dict[str, str]:
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    first, again = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(first), dict(again)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create another user's files")
@@ -159,8 +161,8 @@ def test_files_owned_by_another_user_are_taken_and_unreadable_ones_refused(setti
     for path, mode in ((readable, 0o644), (locked, 0o600)):
         os.chown(path, OTHER_UID, OTHER_UID)
         os.chmod(path, mode)
-    statuses = _intake_unprivileged(settings, "IM-modality.png", "IM-locked.png")
-    assert statuses == {"IM-modality.png": "queued", "IM-locked.png": "rejected"}
+    statuses, again = _intake_unprivileged(settings, "IM-modality.png", "IM-locked.png")
+    assert statuses == {"IM-modality.png": "queued", "IM-locked.png": "rejected"} and again == {}
     rows = _rows(settings)
     archived = settings.data_dir / rows["IM-modality.png"].stored_path
     assert archived.read_bytes() == b"written by the modality's uid"
@@ -170,6 +172,20 @@ def test_files_owned_by_another_user_are_taken_and_unreadable_ones_refused(setti
     [kept] = settings.rejected_dir.iterdir()
     assert kept.name.endswith("IM-locked.png") and kept.stat().st_uid == OTHER_UID
     assert not list(settings.inbox_dir.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create another user's folder")
+def test_a_file_the_service_cannot_remove_is_recorded_once(settings):
+    """A folder the exporter made with umask 022: readable, not writable by the service."""
+    folder = settings.inbox_dir / "export"
+    folder.mkdir()
+    (folder / "IM-1.png").write_bytes(b"readable, not removable")
+    for path, mode in ((folder / "IM-1.png", 0o644), (folder, 0o755)):
+        os.chown(path, OTHER_UID, OTHER_UID)
+        os.chmod(path, mode)
+    statuses, again = _intake_unprivileged(settings, "export/IM-1.png")
+    assert statuses == {"export/IM-1.png": "queued"} and again == {}
+    assert len(_rows(settings)) == 1 and (folder / "IM-1.png").exists()
 
 
 @pytest.fixture

@@ -213,6 +213,22 @@ def test_queued_rows_whose_message_was_lost_are_sent_again(settings):
     assert sent.sent == [(result.image_id, "lost.png")] * 2
 
 
+def test_a_claim_past_its_lease_is_sent_again(settings):
+    """A holder that hangs keeps its row ``processing``; past the lease the reconcile pass
+    sends it again, and that delivery takes it over."""
+    settings = settings.model_copy(update={"claim_lease_seconds": 30.0})
+    (settings.inbox_dir / "hung.png").write_bytes(b"hung")
+    result = intake_file(settings.inbox_dir / "hung.png", settings, Recorder())
+    with session_scope(settings.db_url) as session:
+        images.claim(session, result.image_id, max_attempts=3, holder="hung-host:1")
+    sent = Recorder()
+    assert reconcile(settings, sent, grace_seconds=0) == 0  # within its lease
+    with session_scope(settings.db_url) as session:
+        session.query(Image).update({Image.claimed_at: images.stale_cutoff(60)})
+    assert reconcile(settings, sent, grace_seconds=0) == 1
+    assert sent.sent == [(result.image_id, "hung.png")]
+
+
 KILL_BEFORE_COMMIT = textwrap.dedent("""
     import os, sys
     from pathlib import Path

@@ -29,9 +29,23 @@ HOSTS_CACHE_SECONDS = 10.0
 PING_TIMEOUT_SECONDS = 1.0
 
 
-def holder_id() -> str:
-    """This process as a claim holder, ``host:pid`` (what ``images.claimed_by`` records)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def holder_id(pid: int | None = None) -> str:
+    """A process as a claim holder, ``host:pid:start`` (what ``images.claimed_by`` records).
+
+    The start time (clock ticks since boot, from /proc) tells a live process from a new one
+    that got a dead holder's pid, as happens in a restarted container.
+    """
+    pid = os.getpid() if pid is None else pid
+    start = _start_time(pid)
+    return f"{socket.gethostname()}:{pid}" + (f":{start}" if start is not None else "")
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def holder_gone(held: Held, me: str, lease_seconds: float,
@@ -43,8 +57,8 @@ def holder_gone(held: Held, me: str, lease_seconds: float,
     """
     if held.holder is None or held.holder == me:
         return True
-    host, _, pid = held.holder.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+    host, pid, start = _parse_holder(held.holder)
+    if host == socket.gethostname() and pid is not None and not _same_process(pid, start):
         return True
     age = held.age_seconds()
     if age is None or age >= lease_seconds:
@@ -53,6 +67,20 @@ def holder_gone(held: Held, me: str, lease_seconds: float,
         hosts = live_hosts()
         return hosts is not None and host not in hosts
     return False
+
+
+def _parse_holder(holder: str) -> tuple[str, int | None, int | None]:
+    """(host, pid, start) from ``host:pid[:start]``; host names hold no colon."""
+    host, _, rest = holder.partition(":")
+    pid, _, start = rest.partition(":")
+    return host, int(pid) if pid.isdigit() else None, int(start) if start.isdigit() else None
+
+
+def _same_process(pid: int, start: int | None) -> bool:
+    """Whether the process that claimed is still running (not just its pid reused)."""
+    if not _pid_alive(pid):
+        return False
+    return start is None or _start_time(pid) in (None, start)
 
 
 def _pid_alive(pid: int) -> bool:

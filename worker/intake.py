@@ -183,7 +183,7 @@ def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings
             return None
         raise
     st = entry.st
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or _inbox_key(st) in _LEFT_IN_INBOX:
         entry.close()
         return None
     try:
@@ -257,11 +257,30 @@ def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]
                             ImageStatus.DONE if image_id in linked else ImageStatus.RECEIVED)
                for image_id, item in zip(ids, taken, strict=True)]
     for item, result in zip(taken, results, strict=True):
-        safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
+        _remove_from_inbox(item, settings)
         if result.status == ImageStatus.DONE:
             log.info("%s: same content already classified; linked",
                      settings.describe(result.image_id, result.file_name))
     return results
+
+
+_LEFT_IN_INBOX: set[tuple[int, int, int, int]] = set()
+"""Files recorded that the service could not remove from the inbox (a folder it may not write):
+this watcher does not take them again."""
+
+
+def _inbox_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _remove_from_inbox(item: _Taken, settings: Settings) -> None:
+    try:
+        safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
+    except OSError as exc:
+        _LEFT_IN_INBOX.add(_inbox_key(item.entry.st))
+        log.warning("%s is recorded but stays in the inbox: it cannot be removed (%s); let the "
+                    "service user write that folder", settings.shown_name(item.name),
+                    exc.strerror or exc)
 
 
 def _link_existing(session, image_ids: list[int], sha256s: list[str]) -> set[int]:
@@ -345,8 +364,9 @@ def reconcile(
     grace_seconds: float = RECEIVED_GRACE_SECONDS,
     queue_empty: Callable[[], bool] | None = None,
 ) -> int:
-    """Enqueue rows left ``received``, ``waiting_model`` rows once a model exists, and
-    ``queued`` rows whose message is gone (queue empty, row older than the visibility timeout).
+    """Enqueue rows left ``received``, ``waiting_model`` rows once a model exists, ``queued``
+    rows whose message is gone (queue empty, row older than the visibility timeout), and
+    ``processing`` rows whose claim outlived its lease (a holder that hangs or vanished).
 
     ``queue_empty`` defaults to asking the broker when ``enqueue`` is the real one.
     """
@@ -366,6 +386,7 @@ def reconcile(
             queued_before=images.stale_cutoff(max(grace_seconds, settings.visibility_timeout))
             if lost_messages
             else None,
+            claimed_before=images.stale_cutoff(settings.claim_lease_seconds),
         )
     return len(send(settings, rows, enqueue)) if rows else 0
 
