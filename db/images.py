@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.identifiers import DicomIdentifiers
@@ -276,34 +276,75 @@ def save_prediction(
     inference_ms: float | None = None,
 ) -> Prediction:
     """Insert-or-get on (sha256, pneumonia model, infection model): never writes twice."""
-    values = {
-        "sha256": sha256,
-        "pneumonia_model_id": pneumonia_model_id,
-        "infection_model_id": infection_model_id,
-        "infection_key": infection_model_id or 0,
-        "p_pneumonia": float(p_pneumonia),
-        "p_virus": None if p_virus is None else float(p_virus),
-        "label": str(label),
-        "threshold": float(threshold),
-        "infection_threshold": None if infection_threshold is None else float(infection_threshold),
-        "inference_ms": inference_ms,
-        "created_at": utcnow(),
-    }
+    [prediction_id] = save_predictions(session, [dict(
+        sha256=sha256, pneumonia_model_id=pneumonia_model_id,
+        infection_model_id=infection_model_id, p_pneumonia=p_pneumonia, p_virus=p_virus,
+        label=label, threshold=threshold, infection_threshold=infection_threshold,
+        inference_ms=inference_ms,
+    )])
+    return session.get(Prediction, prediction_id)
+
+
+def save_predictions(session: Session, rows: list[dict]) -> list[int]:
+    """``save_prediction`` for a batch: one insert-or-ignore and one read; ids in order.
+
+    Each row has the keyword arguments of ``save_prediction``.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    values = [{
+        "sha256": r["sha256"],
+        "pneumonia_model_id": r["pneumonia_model_id"],
+        "infection_model_id": r["infection_model_id"],
+        "infection_key": r["infection_model_id"] or 0,
+        "p_pneumonia": float(r["p_pneumonia"]),
+        "p_virus": None if r["p_virus"] is None else float(r["p_virus"]),
+        "label": str(r["label"]),
+        "threshold": float(r["threshold"]),
+        "infection_threshold": None if r["infection_threshold"] is None
+        else float(r["infection_threshold"]),
+        "inference_ms": r.get("inference_ms"),
+        "created_at": now,
+    } for r in rows]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        from sqlalchemy.dialects.postgresql import insert as upsert
     elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects.sqlite import insert as upsert
     else:
         raise NotImplementedError(f"prediction upsert not written for {dialect}")
     session.execute(
-        insert(Prediction)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=["sha256", "pneumonia_model_id", "infection_key"])
+        upsert(Prediction.__table__).on_conflict_do_nothing(
+            index_elements=["sha256", "pneumonia_model_id", "infection_key"]),
+        values,
     )
-    prediction = find_prediction(session, sha256, pneumonia_model_id, infection_model_id)
-    assert prediction is not None
-    return prediction
+    keys = {(v["sha256"], v["pneumonia_model_id"], v["infection_key"]) for v in values}
+    found = {
+        (row.sha256, row.pneumonia_model_id, row.infection_key): row.id
+        for row in session.execute(
+            select(Prediction.id, Prediction.sha256, Prediction.pneumonia_model_id,
+                   Prediction.infection_key)
+            .where(Prediction.sha256.in_({k[0] for k in keys}),
+                   Prediction.pneumonia_model_id.in_({k[1] for k in keys}))
+        )
+    }
+    return [found[(v["sha256"], v["pneumonia_model_id"], v["infection_key"])] for v in values]
+
+
+def link_predictions(session: Session, links: list[tuple[int, int]]) -> None:
+    """``link_prediction`` for many (image id, prediction id) pairs in one statement."""
+    if not links:
+        return
+    table = Image.__table__
+    session.execute(
+        update(table)
+        .where(table.c.id == bindparam("image"),
+               or_(*(table.c.status == status for status in OPEN_STATUSES)))
+        .values(status=ImageStatus.DONE, prediction_id=bindparam("prediction"), error=None,
+                finished_at=utcnow()),
+        [{"image": image_id, "prediction": prediction_id} for image_id, prediction_id in links],
+    )
 
 
 def ids_to_enqueue(

@@ -140,23 +140,14 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                     stored = reject_archived(settings, path)
                 images.mark_rejected(session, r.claim.image_id, r.rejected, stored_path=stored)
                 outcome[r.claim.image_id] = "rejected"
-        for r, result in zip(good, results, strict=True):
-            c = r.claim
-            infection = models.infection if result.p_virus is not None else None
-            prediction = images.save_prediction(
-                session,
-                sha256=c.sha256,
-                pneumonia_model_id=models.pneumonia.model_id,
-                infection_model_id=infection.model_id if infection else None,
-                p_pneumonia=result.p_pneumonia,
-                p_virus=result.p_virus,
-                label=result.label,
-                threshold=models.pneumonia.threshold,
-                infection_threshold=infection.threshold if infection else None,
-                inference_ms=per_image_ms,
-            )
-            images.link_prediction(session, c.image_id, prediction.id)
-            outcome[c.image_id] = "done"
+        rows = [_prediction_row(r.claim, result, models, per_image_ms)
+                for r, result in zip(good, results, strict=True)]
+        prediction_ids = images.save_predictions(session, rows)
+        images.link_predictions(session, [
+            (r.claim.image_id, prediction_id)
+            for r, prediction_id in zip(good, prediction_ids, strict=True)
+        ])
+        outcome.update(dict.fromkeys((r.claim.image_id for r in good), "done"))
     outcome.update(_retry_missing(missing, settings))
     for r in read:
         if r.rejected is not None:
@@ -170,6 +161,20 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
         (time.perf_counter() - started) * 1000.0,
     )
     return outcome
+
+
+def _prediction_row(claim: Claim, result, models, per_image_ms: float) -> dict:
+    """What ``images.save_predictions`` stores for one image: the cascade's answer and the
+    versions and thresholds that gave it."""
+    infection = models.infection if result.p_virus is not None else None
+    return dict(
+        sha256=claim.sha256, pneumonia_model_id=models.pneumonia.model_id,
+        infection_model_id=infection.model_id if infection else None,
+        p_pneumonia=result.p_pneumonia, p_virus=result.p_virus, label=result.label,
+        threshold=models.pneumonia.threshold,
+        infection_threshold=infection.threshold if infection else None,
+        inference_ms=per_image_ms,
+    )
 
 
 def _stage_two(good: list[_Read], settings: Settings):
