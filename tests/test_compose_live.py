@@ -17,6 +17,7 @@ Flower's API; kill the worker container while it classifies a second burst and s
 
 from __future__ import annotations
 
+import ast
 import base64
 import io
 import json
@@ -335,11 +336,14 @@ def run_steps(stack: Stack, tmp_path: Path) -> None:
         assert status == 200
         done = {}
         for task in tasks.values():
-            assert task["name"] == "cxr.classify_image"
-            match = re.fullmatch(r"\(image_id=(\d+), file='(.*)'\)", task["args"])
-            assert match, f"Flower shows more than the image id and file name: {task['args']}"
+            assert task["name"] == "cxr.classify_images"
+            match = re.fullmatch(r"\(image_ids=\[([\d, ]+)\], files=(\[.*\])\)", task["args"])
+            assert match, f"Flower shows more than image ids and file names: {task['args']}"
+            task_ids = [int(i) for i in match[1].split(",")]
+            task_names = ast.literal_eval(match[2])
+            assert len(task_ids) == len(task_names)
             if task["state"] == "SUCCESS":
-                done[int(match[1])] = match[2]
+                done.update(zip(task_ids, task_names, strict=True))
         if done == ids or time.monotonic() > deadline:
             break
         time.sleep(1)
