@@ -75,8 +75,9 @@ def current_predictions(
     session: Session, sha256s: Iterable[str], pneumonia_model_id: int,
     infection_model_id: int | None,
 ) -> dict[str, int]:
-    """sha256 -> id of a prediction still valid for these production models (see
-    ``find_current_prediction``), for a whole batch in one query."""
+    """sha256 -> id of a prediction still valid for these production models, for a batch in
+    one query. A NORMAL made by the same stage-1 model never ran stage 2, so it stays valid
+    whatever the infection model is now."""
     shas = list(set(sha256s))
     if not shas:
         return {}
@@ -94,49 +95,6 @@ def current_predictions(
     for sha, prediction_id, key in rows:
         if sha not in found or key == (infection_model_id or 0):
             found[sha] = prediction_id
-    return found
-
-
-def has_image(session: Session, sha256: str, file_name: str, stored_path: str) -> bool:
-    """Whether this file (content, name and place) already has a row."""
-    found = session.scalar(
-        select(Image.id).where(
-            Image.sha256 == sha256, Image.file_name == file_name, Image.stored_path == stored_path
-        ).limit(1)
-    )
-    return found is not None
-
-
-def find_prediction(
-    session: Session, sha256: str, pneumonia_model_id: int, infection_model_id: int | None
-) -> Prediction | None:
-    """The prediction these exact models already made for this content, if any."""
-    return session.scalars(
-        select(Prediction).where(
-            Prediction.sha256 == sha256,
-            Prediction.pneumonia_model_id == pneumonia_model_id,
-            Prediction.infection_key == (infection_model_id or 0),
-        )
-    ).first()
-
-
-def find_current_prediction(
-    session: Session, sha256: str, pneumonia_model_id: int, infection_model_id: int | None
-) -> Prediction | None:
-    """A prediction still valid for these production models.
-
-    A NORMAL made by the same stage-1 model never ran stage 2, so it stays valid whatever the
-    infection model is now.
-    """
-    found = find_prediction(session, sha256, pneumonia_model_id, infection_model_id)
-    if found is None and infection_model_id is not None:
-        found = session.scalars(
-            select(Prediction).where(
-                Prediction.sha256 == sha256,
-                Prediction.pneumonia_model_id == pneumonia_model_id,
-                Prediction.label == Label.NORMAL,
-            )
-        ).first()
     return found
 
 
@@ -184,16 +142,6 @@ def has_rejection(session: Session, file_name: str, reason: str) -> bool:
         ).limit(1)
     )
     return found is not None
-
-
-def mark_queued(session: Session, image_id: int) -> bool:
-    """received/waiting_model -> queued (after a successful enqueue)."""
-    return _set_status(
-        session,
-        image_id,
-        ImageStatus.QUEUED,
-        (ImageStatus.RECEIVED, ImageStatus.WAITING_MODEL),
-    )
 
 
 def claim(
@@ -262,33 +210,13 @@ def mark_failed(session: Session, image_id: int, reason: str) -> bool:
     )
 
 
-def save_prediction(
-    session: Session,
-    *,
-    sha256: str,
-    pneumonia_model_id: int,
-    infection_model_id: int | None,
-    p_pneumonia: float,
-    p_virus: float | None,
-    label: str,
-    threshold: float,
-    infection_threshold: float | None,
-    inference_ms: float | None = None,
-) -> Prediction:
-    """Insert-or-get on (sha256, pneumonia model, infection model): never writes twice."""
-    [prediction_id] = save_predictions(session, [dict(
-        sha256=sha256, pneumonia_model_id=pneumonia_model_id,
-        infection_model_id=infection_model_id, p_pneumonia=p_pneumonia, p_virus=p_virus,
-        label=label, threshold=threshold, infection_threshold=infection_threshold,
-        inference_ms=inference_ms,
-    )])
-    return session.get(Prediction, prediction_id)
-
-
 def save_predictions(session: Session, rows: list[dict]) -> list[int]:
-    """``save_prediction`` for a batch: one insert-or-ignore and one read; ids in order.
+    """Insert-or-get predictions on (sha256, pneumonia model, infection model), so a content
+    is never predicted twice by the same models: one insert-or-ignore and one read for the
+    batch; ids in the order given.
 
-    Each row has the keyword arguments of ``save_prediction``.
+    Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
+    ``p_virus``, ``label``, ``threshold``, ``infection_threshold`` and ``inference_ms``.
     """
     if not rows:
         return []
@@ -333,7 +261,8 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
 
 
 def link_predictions(session: Session, links: list[tuple[int, int]]) -> None:
-    """``link_prediction`` for many (image id, prediction id) pairs in one statement."""
+    """Mark open images done with existing predictions, (image id, prediction id) pairs in one
+    statement; final ones are left as they are."""
     if not links:
         return
     table = Image.__table__
@@ -482,10 +411,3 @@ def requeue(session: Session, image_ids: Iterable[int], reason: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return result.rowcount
-
-
-def open_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
-    """Of these ids, the ones not final yet (a redelivered message's remaining work)."""
-    return list(session.scalars(
-        select(Image.id).where(Image.id.in_(list(image_ids)), Image.status.in_(OPEN_STATUSES))
-    ))

@@ -214,10 +214,11 @@ def test_prediction_upsert_never_writes_twice(settings):
         kwargs = dict(sha256="f" * 64, pneumonia_model_id=model_id, infection_model_id=None,
                       p_pneumonia=0.7, p_virus=None, label="PNEUMONIA", threshold=0.5,
                       infection_threshold=None)
-        a = images.save_prediction(session, **kwargs)
-        b = images.save_prediction(session, **{**kwargs, "p_pneumonia": 0.1})
-        assert a.id == b.id and b.p_pneumonia == 0.7
-        assert session.query(Prediction).count() == 1
+        [a] = images.save_predictions(session, [kwargs])
+        [b, c] = images.save_predictions(session, [{**kwargs, "p_pneumonia": 0.1},
+                                                   {**kwargs, "sha256": "e" * 64}])
+        assert a == b != c and session.get(Prediction, b).p_pneumonia == 0.7
+        assert session.query(Prediction).count() == 2
 
 
 def test_cxr_classify_prints_labels_versions_and_disclaimer(settings, monkeypatch, capsys):

@@ -128,18 +128,18 @@ def test_content_already_classified_by_production_models_is_linked(settings):
 
         model = registry.get_production(session, "pneumonia")
         row = session.get(Image, first.image_id)
-        prediction = images.save_prediction(
-            session, sha256=row.sha256, pneumonia_model_id=model.id, infection_model_id=None,
+        [prediction_id] = images.save_predictions(session, [dict(
+            sha256=row.sha256, pneumonia_model_id=model.id, infection_model_id=None,
             p_pneumonia=0.9, p_virus=None, label="PNEUMONIA", threshold=0.5,
             infection_threshold=None,
-        )
-        images.link_prediction(session, first.image_id, prediction.id)
+        )])
+        images.link_predictions(session, [(first.image_id, prediction_id)])
     (settings.inbox_dir / "copy-of-a.png").write_bytes(b"pixels")
     second = intake_file(settings.inbox_dir / "copy-of-a.png", settings, sent)
     assert second.status == ImageStatus.DONE
     assert len(sent.sent) == 1
     row = _row(settings.db_url, second.image_id)
-    assert row.prediction_id == prediction.id and row.finished_at is not None
+    assert row.prediction_id == prediction_id and row.finished_at is not None
 
 
 def test_broker_down_leaves_rows_received_then_reconcile_sends_them(settings):

@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 MISSING_RETRY_MAX_SECONDS = 60
 
 
-class ArchivedFileMissing(Exception):
-    """The archived file is not there now (a network filesystem blip, a restore in progress)."""
-
-
 @dataclass
 class _Read:
     """One claimed image after reading: pixels, or why not."""
