@@ -305,14 +305,22 @@ def _timestamp(value: datetime) -> float:
 
 
 def measure_pipeline(stack: Stack, files: list[Path], progress: Progress) -> dict[str, Any]:
-    """K files copied into the inbox as fast as the copy goes, until K rows are ``done``."""
+    """K files dropped into the inbox at once, until K rows are ``done``.
+
+    They are staged on the inbox's filesystem first and renamed in, as an export that writes
+    to a temporary name does: the clock measures the service, not the copying.
+    """
     names = [p.name for p in files]
+    staged = stack.settings.data_dir.absolute() / "staged"
+    staged.mkdir(exist_ok=True)
+    for path in files:
+        shutil.copyfile(path, staged / path.name)
     before = len(stack.batches())
     started = time.perf_counter()
     for path in files:
-        copy_into(stack.settings.inbox_dir, path)
+        os.rename(staged / path.name, stack.settings.inbox_dir / path.name)
     copied = time.perf_counter() - started
-    progress(f"  copied {len(files)} files in {copied:.1f} s; waiting for the rows")
+    progress(f"  dropped {len(files)} files in {copied:.2f} s; waiting for the rows")
     stack.wait_done(names, timeout=max(120.0, 10.0 * len(files)))
     elapsed = time.perf_counter() - started
     batches = stack.batches()[before:]
