@@ -32,7 +32,6 @@ from worker.flower import (
 )
 from worker.settings import Settings
 
-BROKER = os.environ.get("CXR_TEST_FLOWER_BROKER", "redis://127.0.0.1:6379/3")
 USER, PASSWORD = "tester", f"pw-{uuid.uuid4().hex[:12]}"
 IMAGE_IDS = [990001, 990002, 990003]
 
@@ -161,11 +160,11 @@ def wait_for(what: str, check: Callable[[], object], logs: list[Path], timeout: 
     pytest.fail(f"timed out waiting for {what}\n{tails}")
 
 
-def child_env(tmp_path: Path) -> dict[str, str]:
+def child_env(tmp_path: Path, broker: str) -> dict[str, str]:
     """The test's environment without any CXR_*/FLOWER_* of the developer's, plus ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CXR_", "FLOWER_"))}
     env.update(
-        CXR_BROKER_URL=BROKER,
+        CXR_BROKER_URL=broker,
         CXR_DATA_DIR=str(tmp_path / "data"),
         CXR_DATABASE_URL=f"sqlite:///{tmp_path / 'data' / 'cxr.db'}",
         CXR_QUEUE="inference",
@@ -179,17 +178,16 @@ def child_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def redis_db() -> Iterator[None]:
-    import redis
+def broker(tmp_path) -> Iterator[str]:
+    """A private redis-server on its own port: two runs on one host never share a queue."""
+    from helpers_pipeline import RedisServer
 
-    client = redis.Redis.from_url(BROKER, socket_connect_timeout=3)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
     try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is needed at {BROKER} (.ci/services.sh starts it): {exc}")
-    yield
-    client.flushdb()
-    client.close()
+        yield server.url(0)
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -209,13 +207,13 @@ def processes() -> Iterator[list[subprocess.Popen]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_flower_shows_worker_and_finished_tasks(tmp_path, redis_db, processes):
+def test_flower_shows_worker_and_finished_tasks(tmp_path, broker, processes):
     from db.migrate import upgrade
 
-    env = child_env(tmp_path)
+    env = child_env(tmp_path, broker)
     settings = make_settings(
         data_dir=tmp_path / "data",
-        broker_url=BROKER,
+        broker_url=broker,
         flower_port=free_port(),
         flower_basic_auth=f"{USER}:{PASSWORD}",
     )
