@@ -35,9 +35,9 @@ COMPLETE_EVENTS = frozenset({"closed", "moved"})
 
 
 class _InboxEvents(FileSystemEventHandler):
-    """Observer thread side: turns events into (path, closed) for the watcher loop."""
+    """Observer thread side: turns events into (path, closed, is folder) for the watcher loop."""
 
-    def __init__(self, sink: queue.Queue[tuple[Path, bool]]):
+    def __init__(self, sink: queue.Queue[tuple[Path, bool, bool]]):
         self._sink = sink
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -47,9 +47,9 @@ class _InboxEvents(FileSystemEventHandler):
         path = Path(os.fsdecode(raw))
         if event.is_directory:
             if event.event_type in ("created", "moved"):
-                self._sink.put((path, False))
+                self._sink.put((path, False, True))
             return
-        self._sink.put((path, event.event_type in COMPLETE_EVENTS))
+        self._sink.put((path, event.event_type in COMPLETE_EVENTS, False))
 
 
 def scan_inbox(
@@ -93,7 +93,7 @@ class Watcher:
         self.enqueue = enqueue
         self.polling = polling
         self.tracker = StabilityTracker(settings.stable_seconds)
-        self.events: queue.Queue[tuple[Path, bool]] = queue.Queue()
+        self.events: queue.Queue[tuple[Path, bool, bool]] = queue.Queue()
         self.taken = 0
 
     def _observer(self):
@@ -111,12 +111,13 @@ class Watcher:
     def _drain_events(self) -> None:
         while True:
             try:
-                path, closed = self.events.get_nowait()
+                path, closed, folder = self.events.get_nowait()
             except queue.Empty:
                 return
-            if path.is_dir() and not path.is_symlink():
-                for found, old in scan_inbox(path, self.settings.stable_seconds):
-                    self.tracker.touch(found, closed=old)
+            if folder:
+                if path.is_dir() and not path.is_symlink():
+                    for found, old in scan_inbox(path, self.settings.stable_seconds):
+                        self.tracker.touch(found, closed=old)
             elif is_candidate(path):
                 self.tracker.touch(path, closed=closed)
 
