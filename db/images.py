@@ -265,8 +265,10 @@ def save_prediction(
     threshold: float,
     infection_threshold: float | None,
     inference_ms: float | None = None,
+    heatmap_path: str | None = None,
 ) -> Prediction:
-    """Insert-or-get on (sha256, pneumonia model, infection model): never writes twice."""
+    """Insert-or-get on (sha256, pneumonia model, infection model): never writes twice. A
+    heatmap made now is kept on a prediction found without one."""
     values = {
         "sha256": sha256,
         "pneumonia_model_id": pneumonia_model_id,
@@ -279,6 +281,7 @@ def save_prediction(
         "infection_threshold": None if infection_threshold is None else float(infection_threshold),
         "inference_ms": inference_ms,
         "created_at": utcnow(),
+        "heatmap_path": heatmap_path,
     }
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -294,6 +297,8 @@ def save_prediction(
     )
     prediction = find_prediction(session, sha256, pneumonia_model_id, infection_model_id)
     assert prediction is not None
+    if heatmap_path is not None and prediction.heatmap_path is None:
+        prediction.heatmap_path = heatmap_path
     return prediction
 
 
@@ -434,3 +439,35 @@ def open_ids(session: Session, image_ids: Iterable[int]) -> list[int]:
     return list(session.scalars(
         select(Image.id).where(Image.id.in_(list(image_ids)), Image.status.in_(OPEN_STATUSES))
     ))
+
+
+# --- reading a result back (cxr explain) --------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageResult:
+    """An image row and its prediction, as plain values."""
+
+    image_id: int
+    sha256: str
+    stored_path: str | None
+    status: str
+    error: str | None
+    label: str | None
+    p_pneumonia: float | None
+    p_virus: float | None
+    pneumonia_model_id: int | None
+    infection_model_id: int | None
+    heatmap_path: str | None
+
+
+def image_results(session: Session, image_ids: Iterable[int]) -> dict[int, ImageResult]:
+    """id -> the image and the prediction it is linked to (None fields when it has none)."""
+    rows = session.execute(
+        select(Image.id, Image.sha256, Image.stored_path, Image.status, Image.error,
+               Prediction.label, Prediction.p_pneumonia, Prediction.p_virus,
+               Prediction.pneumonia_model_id, Prediction.infection_model_id,
+               Prediction.heatmap_path)
+        .outerjoin(Prediction, Prediction.id == Image.prediction_id)
+        .where(Image.id.in_(list(image_ids)))
+    )
+    return {row[0]: ImageResult(*row) for row in rows}

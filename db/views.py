@@ -32,6 +32,8 @@ LEFT JOIN model_versions m2 ON m2.id = p.infection_model_id
 _VIEWS = {
     "0001": f"CREATE VIEW results AS\n{_COMMON_COLUMNS}{_JOINS}",
     "0003": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id{_JOINS}",
+    "0004": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
+            f"       p.heatmap_path AS heatmap_path{_JOINS}",
 }
 
 

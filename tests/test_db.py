@@ -39,6 +39,18 @@ def test_the_claims_migration_steps_down_and_up_with_the_results_view(empty_db_u
     assert current_revision(empty_db_url) == head_revision()
 
 
+def test_the_heatmaps_migration_steps_down_and_up_with_the_results_view(empty_db_url):
+    upgrade(empty_db_url)
+    downgrade(empty_db_url, "0003")
+    def columns(table: str) -> set[str]:
+        return {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns(table)}
+
+    assert "heatmap_path" not in columns("predictions") | columns("results")
+    assert "task_id" in columns("results")
+    upgrade(empty_db_url)
+    assert "heatmap_path" in columns("predictions") & columns("results")
+
+
 def _register(url: str, stage: str = "pneumonia", **kw) -> int:
     with session_scope(url) as s:
         return registry.register_version(s, stage=stage, backbone="smallcnn", **kw).version

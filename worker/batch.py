@@ -124,6 +124,14 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                                   models.infection, _stage_two(good, settings))
     forward_s = time.perf_counter() - decoded_at
     per_image_ms = forward_s * 1000.0 / max(1, len(good))
+    # --- heatmaps (CXR_HEATMAPS, worker.heatmaps): drawn before the rows are written ---------
+    heatmaps: dict[str, str] = {}
+    if settings.heatmaps and good:
+        from worker.heatmaps import write_heatmaps
+
+        heatmaps = write_heatmaps(settings, models, results, np.stack([r.pixels for r in good]),
+                                  [r.claim.sha256 for r in good], _stage_two(good, settings))
+    # ------------------------------------------------------------------------------------------
     outcome: dict[int, str] = {}
     missing = [r.claim for r in read if r.missing]
     with session_scope(url) as session:
@@ -149,6 +157,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                 threshold=models.pneumonia.threshold,
                 infection_threshold=infection.threshold if infection else None,
                 inference_ms=per_image_ms,
+                heatmap_path=heatmaps.get(c.sha256),
             )
             images.link_prediction(session, c.image_id, prediction.id)
             outcome[c.image_id] = "done"
