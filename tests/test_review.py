@@ -74,6 +74,8 @@ def test_the_page_in_a_real_browser(reviewed, browser):
     assert view.evaluate("document.querySelectorAll('.card img.heatmap').length") == 2
     assert view.evaluate("Array.from(document.images).every(i => i.complete && "
                          "i.naturalWidth > 0)")  # every data URI decodes
+    assert view.evaluate("Array.from(document.querySelectorAll('img.heatmap')).every("
+                         "i => i.naturalWidth === i.naturalHeight)")  # the heatmap panel
     labels = view.evaluate("Array.from(document.querySelectorAll('.card')).map("
                            "c => c.dataset.label).sort()")
     assert labels == ["BACTERIA", "BACTERIA", "NORMAL"]

@@ -9,6 +9,7 @@ the model found little the X-ray stays plain. The hottest point is ringed.
 
 from __future__ import annotations
 
+import functools
 import io
 import textwrap
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ def turbo(values: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+@functools.cache
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -48,10 +50,11 @@ def _font(size: int):
 
 def blend(pixels: np.ndarray, cam: np.ndarray, display: int = DISPLAY_PX
           ) -> tuple[Image.Image, Image.Image]:
-    """(the image enlarged, the image with the heatmap over it), both ``display`` px or more."""
+    """(the image enlarged, the image with the heatmap over it), by the whole factor that
+    brings them nearest ``display`` px."""
     pixels = np.asarray(pixels, dtype=np.uint8)
     size = pixels.shape[0]
-    scale = max(1, -(-display // size))
+    scale = max(1, round(display / size))
     side = size * scale
     plain = Image.fromarray(pixels).convert("RGB").resize((side, side), Image.Resampling.NEAREST)
     heat = Image.fromarray(np.asarray(cam, dtype=np.float32)).resize(
@@ -61,6 +64,12 @@ def blend(pixels: np.ndarray, cam: np.ndarray, display: int = DISPLAY_PX
     base = np.asarray(plain, dtype=np.float32)
     mixed = base * (1 - alpha) + turbo(h).astype(np.float32) * alpha
     return plain, Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
+
+
+def heatmap_panel(picture: Image.Image) -> Image.Image:
+    """The middle panel (the image with the heatmap over it) of a ``render_overlay`` picture."""
+    side = (picture.width - MARGIN_PX) // 2
+    return picture.crop((side, 0, 2 * side, side))
 
 
 def render_overlay(pixels: np.ndarray, cam: np.ndarray, title: str, lines: Sequence[str],
@@ -96,5 +105,5 @@ def render_overlay(pixels: np.ndarray, cam: np.ndarray, title: str, lines: Seque
     draw.text((x + MARGIN_PX - 28 - draw.textlength(more, font=small), key_top + 16), more,
               fill=MUTED, font=small)
     out = io.BytesIO()
-    canvas.save(out, format="PNG", optimize=True)
+    canvas.save(out, format="PNG")
     return out.getvalue()

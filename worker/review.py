@@ -25,7 +25,6 @@ from db.vocabulary import DISCLAIMER, ImageStatus, Label
 from worker.settings import Settings, printable
 
 THUMBNAIL_PX = 224
-HEATMAP_WIDTH_PX = 640
 NOT_CLASSIFIED = (ImageStatus.REJECTED, ImageStatus.FAILED)
 
 STYLE = """
@@ -101,16 +100,14 @@ def thumbnail_uri(path: Path | None, max_pixels: int) -> str | None:
 
 
 def heatmap_uri(path: Path | None) -> str | None:
-    """A stored heatmap picture, scaled to the card, as a JPEG data URI; None if absent."""
+    """The heatmap panel of a stored heatmap picture as a JPEG data URI; None if absent."""
+    from trainer.overlay import heatmap_panel
+
     if path is None or not path.is_file():
         return None
     try:
         with Image.open(path, formats=["PNG"]) as img:
-            img = img.convert("RGB")
-            if img.width > HEATMAP_WIDTH_PX:
-                img = img.resize((HEATMAP_WIDTH_PX, round(img.height * HEATMAP_WIDTH_PX
-                                                          / img.width)), Image.Resampling.LANCZOS)
-            return _data_uri(img)
+            return _data_uri(heatmap_panel(img.convert("RGB")))
     except OSError:
         return None
 

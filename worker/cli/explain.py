@@ -55,16 +55,35 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
 
 
+def _archived(row, settings: Settings) -> tuple[bytes | None, str | None]:
+    """(the archived file's bytes, checked against the hash intake recorded) or (None, why)."""
+    from db.vocabulary import ImageStatus
+    from worker.storage import stored_file
+
+    if row is None:
+        return None, "no such image"
+    if row.status != ImageStatus.DONE or row.label is None:
+        return None, f"not classified ({row.status}{': ' + row.error if row.error else ''})"
+    path = stored_file(settings, row.stored_path)
+    try:
+        data = path.read_bytes() if path is not None else None
+    except OSError:
+        data = None
+    if data is None:
+        return None, "its archived file is missing"
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        return None, "its archived file changed after intake (SHA-256 mismatch)"
+    return data, None
+
+
 def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
     from db import registry
     from db.images import image_results
     from db.migrate import check_schema
     from db.session import session_scope
-    from db.vocabulary import ImageStatus
     from trainer.decode import decode_bytes
     from worker.heatmaps import explain_results, render
     from worker.inference import CascadeResult, Models, load_registered
-    from worker.storage import stored_file
 
     check_schema(settings.db_url)
     failures = 0
@@ -72,40 +91,27 @@ def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
         found = image_results(session, image_ids)
         loaded: dict[int, object] = {}
 
-        def model(model_id: int | None):
-            if model_id is None:
-                return None
-            if model_id not in loaded:
+        def stage(model_id: int | None):
+            if model_id is not None and model_id not in loaded:
                 row = registry.get_by_id(session, model_id)
                 loaded[model_id] = load_registered(settings.models_path, row)
-            return loaded[model_id]
+            return loaded.get(model_id)
 
         for image_id in image_ids:
             row = found.get(image_id)
-            problem = None
-            if row is None:
-                problem = "no such image"
-            elif row.status != ImageStatus.DONE or row.label is None:
-                problem = f"not classified ({row.status}{': ' + row.error if row.error else ''})"
-            path = stored_file(settings, row.stored_path) if problem is None else None
-            data = path.read_bytes() if path is not None else None
-            if problem is None and data is None:
-                problem = "its archived file is missing"
-            elif problem is None and hashlib.sha256(data).hexdigest() != row.sha256:
-                problem = "its archived file changed after intake (SHA-256 mismatch)"
+            data, problem = _archived(row, settings)
             if problem is not None:
                 failures += 1
                 print(f"image {image_id}: {problem}")
                 continue
-            models = Models(model(row.pneumonia_model_id), model(row.infection_model_id))
-            size = models.pneumonia.input_size
-            pixels = decode_bytes(data, size, settings.max_image_pixels)[None]
+            models = Models(stage(row.pneumonia_model_id), stage(row.infection_model_id))
 
-            def stage_two(indices, other_size, data=data):
-                return decode_bytes(data, other_size, settings.max_image_pixels)[None]
+            def pixels(size: int, data=data):
+                return decode_bytes(data, size, settings.max_image_pixels)[None]
 
             result = CascadeResult(row.label, row.p_pneumonia, row.p_virus)
-            heatmap = explain_results(models, [result], pixels, stage_two)[0]
+            heatmap = explain_results(models, [result], pixels(models.pneumonia.input_size),
+                                      lambda _, size: pixels(size))[0]
             target = out / f"image-{image_id}-heatmap.png"
             _write(target, render(result, heatmap, subject=f"image {image_id}"))
             print(f"image {image_id}: {row.label} -> {target}")
