@@ -24,7 +24,6 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -333,50 +332,3 @@ def grad_cam(explainer: Explainer, pixels: np.ndarray, class_index: int | Sequen
     signs = np.where(index == 1, 1.0, -1.0).astype(np.float32)
     maps, grads = explainer.maps_and_gradients(x, signs)
     return np.stack([upsample(cam, size) for cam in class_activation_maps(maps, grads)])
-
-
-# --- is it right? (the pointing game) --------------------------------------------------------
-
-
-def hottest_point(cam: np.ndarray) -> tuple[float, float]:
-    """(x, y) of the map's maximum as fractions of its width and height (pixel centre)."""
-    cam = np.asarray(cam)
-    row, col = np.unravel_index(int(np.argmax(cam)), cam.shape)
-    return (col + 0.5) / cam.shape[1], (row + 0.5) / cam.shape[0]
-
-
-def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
-    """Whether (x, y) lies in the box (x0, y0, x1, y1), all fractions of width and height."""
-    x, y = point
-    x0, y0, x1, y1 = box
-    return x0 <= x <= x1 and y0 <= y <= y1
-
-
-@dataclass(frozen=True)
-class PointingScore:
-    """Hits of the pointing game (the hottest point inside a true lesion box) and the rate a
-    random point would reach: the mean area fraction of those boxes."""
-
-    hits: int
-    images: int
-    chance: float
-
-    @property
-    def score(self) -> float:
-        return self.hits / self.images if self.images else 0.0
-
-
-def pointing_game(cams: Sequence[np.ndarray], boxes: Sequence[Sequence[Sequence[float]]]
-                  ) -> PointingScore:
-    """Score heatmaps against each image's lesion boxes (a hit inside any of them counts)."""
-    hits, areas = 0, []
-    for cam, image_boxes in zip(cams, boxes, strict=True):
-        point = hottest_point(cam)
-        hits += any(inside(point, box) for box in image_boxes)
-        covered = np.zeros(cam.shape, dtype=bool)
-        h, w = cam.shape
-        for x0, y0, x1, y1 in image_boxes:
-            covered[int(np.floor(y0 * h)):int(np.ceil(y1 * h)),
-                    int(np.floor(x0 * w)):int(np.ceil(x1 * w))] = True
-        areas.append(covered.mean())
-    return PointingScore(hits, len(cams), float(np.mean(areas)) if areas else 0.0)
