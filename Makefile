@@ -1,11 +1,12 @@
 # The two commands in the README: `make demo` (the whole product on synthetic data) and
-# `make test` (the suite, against real PostgreSQL and Redis). Both set themselves up.
+# `make test` (the suite, against real PostgreSQL and Redis, and a headless Chromium for the
+# review page). Both set themselves up.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test compose-test services lint clean
+.PHONY: demo test compose-test services browser lint clean
 
 $(BIN)/cxr: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -21,7 +22,10 @@ demo: $(BIN)/cxr
 services:
 	@sh .ci/services.sh
 
-test: $(BIN)/cxr services
+browser:
+	@sh .ci/browser.sh
+
+test: $(BIN)/cxr services browser
 	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra --durations=30
 
 # docker-compose.yml for real (also part of `make test` when a Docker engine answers).

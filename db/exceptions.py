@@ -47,3 +47,11 @@ class BrokerUnavailableError(CxrError):
 
 class FlowerConfigError(CxrError):
     """Flower settings that would be unsafe or that Flower would misread."""
+
+
+class ExplainError(CxrError):
+    """A heatmap cannot be computed for this model or result (the message says why)."""
+
+
+class NoFeatureMapError(ExplainError):
+    """The model has no convolutional feature map for Grad-CAM to weight."""

@@ -216,7 +216,8 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
     batch; ids in the order given.
 
     Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
-    ``p_virus``, ``label``, ``threshold``, ``infection_threshold`` and ``inference_ms``.
+    ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
+    optionally ``heatmap_path``.
     """
     if not rows:
         return []
@@ -233,6 +234,7 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
         "infection_threshold": None if r["infection_threshold"] is None
         else float(r["infection_threshold"]),
         "inference_ms": r.get("inference_ms"),
+        "heatmap_path": r.get("heatmap_path"),
         "created_at": now,
     } for r in rows]
     dialect = session.get_bind().dialect.name
@@ -257,7 +259,16 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
                    Prediction.pneumonia_model_id.in_({k[1] for k in keys}))
         )
     }
-    return [found[(v["sha256"], v["pneumonia_model_id"], v["infection_key"])] for v in values]
+    ids = [found[(v["sha256"], v["pneumonia_model_id"], v["infection_key"])] for v in values]
+    for prediction_id, v in zip(ids, values, strict=True):
+        if v["heatmap_path"] is not None:  # a heatmap made now goes on a prediction without one
+            session.execute(
+                update(Prediction)
+                .where(Prediction.id == prediction_id, Prediction.heatmap_path.is_(None))
+                .values(heatmap_path=v["heatmap_path"])
+                .execution_options(synchronize_session=False)
+            )
+    return ids
 
 
 def link_predictions(session: Session, links: list[tuple[int, int]]) -> None:
@@ -411,3 +422,33 @@ def requeue(session: Session, image_ids: Iterable[int], reason: str) -> int:
         .execution_options(synchronize_session=False)
     )
     return result.rowcount
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """An image row and its prediction, as plain values."""
+
+    image_id: int
+    sha256: str
+    stored_path: str | None
+    status: str
+    error: str | None
+    label: str | None
+    p_pneumonia: float | None
+    p_virus: float | None
+    pneumonia_model_id: int | None
+    infection_model_id: int | None
+    heatmap_path: str | None
+
+
+def image_results(session: Session, image_ids: Iterable[int]) -> dict[int, ImageResult]:
+    """id -> the image and the prediction it is linked to (None fields when it has none)."""
+    rows = session.execute(
+        select(Image.id, Image.sha256, Image.stored_path, Image.status, Image.error,
+               Prediction.label, Prediction.p_pneumonia, Prediction.p_virus,
+               Prediction.pneumonia_model_id, Prediction.infection_model_id,
+               Prediction.heatmap_path)
+        .outerjoin(Prediction, Prediction.id == Image.prediction_id)
+        .where(Image.id.in_(list(image_ids)))
+    )
+    return {row[0]: ImageResult(*row) for row in rows}

@@ -128,6 +128,9 @@ class Prediction(Base):
     infection_threshold: Mapped[float | None] = mapped_column(Float)
     inference_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heatmap_path: Mapped[str | None] = mapped_column(Text)
+    """The Grad-CAM picture of this prediction (``heatmaps/...``, relative to the data dir):
+    per prediction, since another model looks elsewhere."""
 
     pneumonia_model: Mapped[ModelVersion] = relationship(foreign_keys=[pneumonia_model_id])
     infection_model: Mapped[ModelVersion | None] = relationship(foreign_keys=[infection_model_id])

@@ -88,6 +88,14 @@ def get_version(session: Session, stage: str, version: int) -> ModelVersion:
     return row
 
 
+def get_by_id(session: Session, model_id: int) -> ModelVersion:
+    """The registered version with this id (a prediction names its models by id)."""
+    row = session.get(ModelVersion, model_id)
+    if row is None:
+        raise ModelNotFoundError(f"no registered model with id {model_id}")
+    return row
+
+
 def get_production(session: Session, stage: str) -> ModelVersion | None:
     return session.scalar(
         select(ModelVersion).where(

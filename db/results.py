@@ -24,7 +24,19 @@ RESULT_COLUMNS = (
     "finished_at",
     "error",
     *DICOM_KEYWORDS,
+    "heatmap_path",
 )
+
+
+def review_rows(session: Session, *, since: datetime) -> list[dict[str, Any]]:
+    """Rows of the ``results`` view received since ``since``, oldest first, with each file's
+    place in the data dir (``stored_path``): what `cxr report` shows."""
+    columns = ", ".join(f"r.{name}" for name in RESULT_COLUMNS)
+    query = text(
+        f"SELECT {columns}, i.stored_path AS stored_path FROM results r "
+        "JOIN images i ON i.id = r.id WHERE r.received_at >= :since ORDER BY r.id"
+    ).bindparams(bindparam("since", type_=DateTime(timezone=True)))
+    return [dict(row._mapping) for row in session.execute(query, {"since": since.astimezone(UTC)})]
 
 
 def list_results(

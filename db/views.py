@@ -41,6 +41,8 @@ _VIEWS = {
     "0003": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id{_JOINS}",
     "0004": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
             f"{_DICOM_COLUMNS}{_JOINS}",
+    "0005": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
+            f"{_DICOM_COLUMNS},\n       p.heatmap_path AS heatmap_path{_JOINS}",
 }
 
 

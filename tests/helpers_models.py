@@ -9,6 +9,10 @@ in 0-255::
 With ``bias=0``: black (0) gives p ~ 0.0025, mid grey (127.5) gives 0.5, white (255) gives
 p ~ 0.9975. So bright images are PNEUMONIA (stage "pneumonia") or VIRUS (stage "infection"),
 dark ones NORMAL or BACTERIA. ``bias`` shifts every probability (positive -> higher p).
+
+``conv=True`` puts a 1x1 convolution giving each pixel's brightness (0-1) before the pooling:
+the same answers, and a feature map for Grad-CAM, whose heatmap for the positive class is then
+the image's brightness (the hottest point is the brightest pixel).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def limit_tf_threads(n: int = 1) -> None:
         pass
 
 
-def build_tiny_model(input_size: int = 32, bias: float = 0.0):
+def build_tiny_model(input_size: int = 32, bias: float = 0.0, conv: bool = False):
     """The brightness model described in the module docstring (raw RGB 0-255 in)."""
     import keras
 
@@ -49,13 +53,17 @@ def build_tiny_model(input_size: int = 32, bias: float = 0.0):
 
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = Preprocess("scale01", name="preprocess")(inputs)
+    if conv:
+        brightness = keras.layers.Conv2D(1, 1, use_bias=False, name="brightness")
+        x = brightness(x)
+        brightness.set_weights([np.full((1, 1, 3, 1), 1.0 / 3.0, dtype=np.float32)])
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     dense = keras.layers.Dense(1, activation="sigmoid", name="head")
     outputs = dense(x)
-    per_channel = BRIGHTNESS_GAIN / 3.0
+    gain = BRIGHTNESS_GAIN if conv else BRIGHTNESS_GAIN / 3.0
     dense.set_weights(
         [
-            np.full((3, 1), per_channel, dtype=np.float32),
+            np.full((1 if conv else 3, 1), gain, dtype=np.float32),
             np.array([bias - BRIGHTNESS_GAIN / 2.0], dtype=np.float32),
         ]
     )
@@ -90,9 +98,10 @@ def make_tiny_bundle(
     input_size: int = 32,
     threshold: float = 0.5,
     bias: float = 0.0,
+    conv: bool = False,
 ) -> Path:
     """Write a real tiny bundle at ``models_dir/<stage>/v<version>``; returns that folder."""
-    model = build_tiny_model(input_size, bias)
+    model = build_tiny_model(input_size, bias, conv)
     manifest = tiny_manifest(
         stage, version, input_size, threshold, params={"tiny": True, "bias": bias}
     )
@@ -107,14 +116,15 @@ def register_tiny_bundle(
     input_size: int = 32,
     threshold: float = 0.5,
     bias: float = 0.0,
+    conv: bool = False,
 ) -> int:
     """Publish a tiny bundle in the model registry (optionally promoted); returns its version."""
     from trainer.publish import publish_model
 
     manifest = tiny_manifest(stage, 0, input_size, threshold, params={"tiny": True, "bias": bias},
                              code_version="test")
-    published = publish_model(build_tiny_model(input_size, bias), manifest, models_dir=models_dir,
-                              db_url=db_url, promote=promote)
+    published = publish_model(build_tiny_model(input_size, bias, conv), manifest,
+                              models_dir=models_dir, db_url=db_url, promote=promote)
     return published.version
 
 

@@ -42,7 +42,7 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     code = main([
         "bench", "--backbone", "smallcnn", "--img-size", "32", "--images", "12",
         "--notebook-images", "4", "--latency-images", "3", "--latency-gap", "0.2",
-        "--source-px", "64", "96", "--min-time", "0.2", "--batch-size", "8",
+        "--source-px", "64", "96", "--min-time", "0.2", "--batch-size", "8", "--heatmaps",
         "--work-dir", str(tmp_path / "work"), "--out", str(out),
     ])
     assert code == 0
@@ -56,7 +56,8 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         "pipeline": ["images_per_s", "images", "seconds", "batches", "mean_batch", "forward_s",
                      "forward_share"],
         "latency": ["p50_s", "p95_s", "intake_p50_s", "images"],
-        "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook"],
+        "heatmaps": ["images_per_s", "gradcam_images_per_s", "batch_size"],
+        "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook", "heatmaps_over_ceiling"],
     }.items():
         for key in keys:
             assert result[section][key] > 0, (section, key, result[section])
@@ -70,3 +71,6 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert result["ratios"]["pipeline_over_ceiling"] == pytest.approx(ratio)
     stack_log = (tmp_path / "work" / "stack.log").read_text()
     assert "batch of" in stack_log
+    assert result["config"]["heatmaps"] and "heatmaps / ceiling" in printed
+    assert "heatmaps: " in stack_log  # every image positive: the worker drew its heatmap
+    assert len(list((tmp_path / "work" / "var" / "heatmaps").rglob("*.png"))) == 12 + 3 + 3

@@ -59,6 +59,19 @@ def test_the_task_and_dicom_migrations_step_down_and_up_with_the_results_view(em
     assert set(DICOM_KEYWORDS) <= view_columns()
 
 
+def test_the_heatmaps_migration_steps_down_and_up_with_the_results_view(empty_db_url):
+    upgrade(empty_db_url)
+    downgrade(empty_db_url, "0004")
+
+    def columns(table: str) -> set[str]:
+        return {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns(table)}
+
+    assert "heatmap_path" not in columns("predictions") | columns("results")
+    assert {"task_id", "modality"} <= columns("results")
+    upgrade(empty_db_url)
+    assert "heatmap_path" in columns("predictions") & columns("results")
+
+
 def _register(url: str, stage: str = "pneumonia", **kw) -> int:
     with session_scope(url) as s:
         return registry.register_version(s, stage=stage, backbone="smallcnn", **kw).version

@@ -44,11 +44,21 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     assert flower and flower[0].startswith("Flower saw 6 of the 6 demo images in"), flower
     assert "cxr.classify_images task(s) (SUCCESS" in flower[0], flower
     with sqlite3.connect(tmp_path / "var" / "cxr.db") as db:
-        rows = db.execute("select status, label, pneumonia_model from results").fetchall()
+        rows = db.execute("select status, label, pneumonia_model, heatmap_path "
+                          "from results").fetchall()
     assert len(rows) == 6
     assert all(status == "done" and label in ("NORMAL", "BACTERIA", "VIRUS")
-               for status, label, _ in rows), rows
-    assert {model for *_, model in rows} == {1}
+               for status, label, _, _ in rows), rows
+    assert {model for _, _, model, _ in rows} == {1}
+    # heatmaps on in the demo's worker: one per pneumonia-positive result; one explained
+    assert all((label != "NORMAL") == bool(path) for _, label, _, path in rows), rows
+    assert all((tmp_path / "var" / path).is_file() for *_, path in rows if path)
+    demo = tmp_path / "var" / "demo"
+    explained = list(demo.glob("image-*-heatmap.png"))
+    assert len(explained) == (1 if any(label != "NORMAL" for _, label, _, _ in rows) else 0)
+    assert all(f"-> {path}" in out for path in explained)
+    assert (demo / "review.html").read_text().count('<article class="card"') == 6
+    assert f"open {demo / 'review.html'}" in out
     assert not (tmp_path / "var" / "inbox").exists() or not any(
         p.is_file() for p in (tmp_path / "var" / "inbox").rglob("*"))
     redis.Redis.from_url(broker).flushdb()

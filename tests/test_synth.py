@@ -12,10 +12,12 @@ from PIL import Image
 
 from db.exceptions import DatasetError
 from trainer.synth import (
+    LESIONS,
     MARKER,
     README,
     generate_dataset,
     held_out_images,
+    load_lesions,
     plan_dataset,
     render_xray,
 )
@@ -46,7 +48,7 @@ def dataset(tmp_path_factory):
 def test_layout_names_and_markers(dataset):
     root, counts = dataset
     assert sorted(p.name for p in root.iterdir()) == sorted(
-        [MARKER, README, "test", "train", "val"]
+        [MARKER, README, LESIONS, "test", "train", "val"]
     )
     assert "SYNTHETIC" in (root / README).read_text()
     files = sorted(root.rglob("*.jpeg"))
@@ -140,6 +142,45 @@ def test_pathology_changes_lungs_in_the_expected_direction():
     assert bacteria > normal and virus > normal
     with pytest.raises(ValueError):
         render_xray(np.random.default_rng(0), "FUNGUS", 32, 32)
+
+
+def test_the_generator_records_where_it_drew_each_opacity(dataset):
+    """lesions.json: every pneumonia image has its opacities (a consolidation in every
+    BACTERIA image), none for NORMAL; a box holds the densest pixels of its lung."""
+    root, counts = dataset
+    lesions = load_lesions(root)
+    pneumonia = {p.relative_to(root).as_posix() for p in root.rglob("PNEUMONIA/*.jpeg")}
+    assert set(lesions) == pneumonia
+    for path, drawn in lesions.items():
+        kinds = [d["kind"] for d in drawn]
+        assert "consolidation" in kinds if "_bacteria_" in path else "interstitial" in kinds
+        for d in drawn:
+            x0, y0, x1, y1 = d["box"]
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    plain = render_xray(np.random.default_rng(0), "BACTERIA", 64, 64)
+    drawn: list = []
+    np.testing.assert_array_equal(  # recording changes no pixel
+        render_xray(np.random.default_rng(0), "BACTERIA", 64, 64, drawn), plain)
+    inside, mirrored = [], []
+    for i in range(12):  # the box is denser than the same place in the other lung
+        drawn = []
+        pixels = render_xray(np.random.default_rng([0, i]), "BACTERIA", 64, 64, drawn)
+        x0, y0, x1, y1 = (round(v * 64) for v in drawn[0]["box"])
+        inside.append(pixels[y0:y1, x0:x1].mean())
+        mirrored.append(pixels[y0:y1, 64 - x1:64 - x0].mean())
+    assert np.mean(inside) > np.mean(mirrored) + 15
+
+
+def test_a_lesion_box_covers_the_opacity_above_a_tenth_of_its_peak():
+    from trainer.synth import _noted
+
+    opacity = np.zeros((10, 20))
+    opacity[2:5, 4:9] = 1.0
+    opacity[6, 15] = 0.05  # below a tenth of the peak: not part of the lesion
+    drawn: list = []
+    assert _noted(drawn, "consolidation", opacity) is opacity
+    assert drawn == [{"kind": "consolidation", "box": [0.2, 0.2, 0.45, 0.5]}]
+    _noted(None, "consolidation", opacity)  # nothing to record into: fine
 
 
 def test_held_out_images_are_new_and_labelled(dataset, tmp_path):

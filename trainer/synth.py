@@ -28,6 +28,8 @@ from db.exceptions import DatasetError
 
 MARKER = "SYNTHETIC"
 README = "README.txt"
+LESIONS = "lesions.json"
+LESION_LEVEL = 0.1
 LABELS = ("NORMAL", "BACTERIA", "VIRUS")
 CLASS_MIX = {"NORMAL": 0.27, "BACTERIA": 0.47, "VIRUS": 0.26}
 SPLIT_FRACTIONS = {"test": 0.12, "val": 0.05}
@@ -140,8 +142,22 @@ def _interstitial(rng, u, v, left, right, strength):
     return strength * 0.28 * haze * gradient * lungs
 
 
-def render_xray(rng: np.random.Generator, label: str, width: int, height: int) -> np.ndarray:
-    """One grayscale uint8 image (height, width) of class ``label`` (NORMAL/BACTERIA/VIRUS)."""
+def _noted(lesions: list | None, kind: str, opacity: np.ndarray) -> np.ndarray:
+    """``opacity``, its box (x0, y0, x1, y1 as fractions of width and height, where it
+    reaches LESION_LEVEL of its peak) appended to ``lesions`` when given."""
+    peak = float(opacity.max())
+    if lesions is not None and peak > 0:
+        rows, cols = np.nonzero(opacity >= LESION_LEVEL * peak)
+        h, w = opacity.shape
+        box = [cols.min() / w, rows.min() / h, (cols.max() + 1) / w, (rows.max() + 1) / h]
+        lesions.append({"kind": kind, "box": [round(float(b), 4) for b in box]})
+    return opacity
+
+
+def render_xray(rng: np.random.Generator, label: str, width: int, height: int,
+                lesions: list | None = None) -> np.ndarray:
+    """One grayscale uint8 image (height, width) of class ``label`` (NORMAL/BACTERIA/VIRUS);
+    where each opacity was drawn is appended to ``lesions`` when given (see ``_noted``)."""
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}, got {label!r}")
     angle = math.radians(rng.uniform(-6, 6))
@@ -157,13 +173,15 @@ def render_xray(rng: np.random.Generator, label: str, width: int, height: int) -
     subtle = rng.random() < SUBTLE_FRACTION
     strength = rng.uniform(0.35, 0.6) if subtle else rng.uniform(0.7, 1.2)
     if label == "BACTERIA":
-        img += _consolidation(rng, u, v, left, right, strength)
+        img += _noted(lesions, "consolidation", _consolidation(rng, u, v, left, right, strength))
         if rng.random() < 0.3:
-            img += _interstitial(rng, u, v, left, right, 0.25 * strength)
+            img += _noted(lesions, "interstitial",
+                          _interstitial(rng, u, v, left, right, 0.25 * strength))
     elif label == "VIRUS":
-        img += _interstitial(rng, u, v, left, right, strength)
+        img += _noted(lesions, "interstitial", _interstitial(rng, u, v, left, right, strength))
         if rng.random() < 0.25:
-            img += _consolidation(rng, u, v, left, right, 0.35 * strength)
+            img += _noted(lesions, "consolidation",
+                          _consolidation(rng, u, v, left, right, 0.35 * strength))
     img = np.clip(img, 0, None) ** rng.uniform(0.8, 1.25)
     img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.08, 0.08)
     img += rng.normal(0, rng.uniform(0.01, 0.04), img.shape).astype(np.float32)
@@ -288,14 +306,19 @@ def generate_dataset(
     for split in counts:
         for folder in ("NORMAL", "PNEUMONIA"):
             (out / split / folder).mkdir(parents=True, exist_ok=True)
+    where: dict[str, list] = {}
     for index, item in enumerate(plan):
         rng = np.random.default_rng([seed, 1, index])
         width, height = _image_size(rng, size_range)
-        _save(render_xray(rng, item.label, width, height),
+        lesions: list = []
+        _save(render_xray(rng, item.label, width, height, lesions),
               out / item.split / item.folder / item.file_name, fmt,
               seed=seed, index=index, patient=item.patient)
+        if lesions:
+            where[f"{item.split}/{item.folder}/{item.file_name}"] = lesions
         counts[item.split][item.label] += 1
     (out / README).write_text(README_TEXT)
+    _write_lesions(out, where)
     meta = {
         "synthetic": True,
         "generator": "trainer.synth",
@@ -307,6 +330,20 @@ def generate_dataset(
     }
     (out / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
     return counts
+
+
+def _write_lesions(out: Path, where: dict[str, list]) -> None:
+    (out / LESIONS).write_text(json.dumps({
+        "about": "where each drawn opacity lies: box = x0, y0, x1, y1 as fractions of the "
+                 f"image's width and height, where the opacity reaches {LESION_LEVEL} of its "
+                 "peak; NORMAL images have none",
+        "images": where,
+    }, indent=1) + "\n")
+
+
+def load_lesions(root: Path) -> dict[str, list[dict]]:
+    """Relative path -> the opacities drawn in that image (``kind`` and ``box``)."""
+    return json.loads((Path(root) / LESIONS).read_text())["images"]
 
 
 def held_out_images(

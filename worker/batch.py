@@ -123,6 +123,14 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                                   models.infection, _stage_two(good, settings))
     forward_s = time.perf_counter() - decoded_at
     per_image_ms = forward_s * 1000.0 / max(1, len(good))
+    # --- heatmaps (CXR_HEATMAPS, worker.heatmaps): drawn before the rows are written ---------
+    heatmaps: dict[str, str] = {}
+    if settings.heatmaps and good:
+        from worker.heatmaps import write_heatmaps
+
+        heatmaps = write_heatmaps(settings, models, results, np.stack([r.pixels for r in good]),
+                                  [r.claim.sha256 for r in good], _stage_two(good, settings))
+    # ------------------------------------------------------------------------------------------
     outcome: dict[int, str] = {}
     missing = [r.claim for r in read if r.missing]
     with session_scope(url) as session:
@@ -136,7 +144,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                     stored = reject_archived(settings, path)
                 images.mark_rejected(session, r.claim.image_id, r.rejected, stored_path=stored)
                 outcome[r.claim.image_id] = "rejected"
-        rows = [_prediction_row(r.claim, result, models, per_image_ms)
+        rows = [_prediction_row(r.claim, result, models, per_image_ms, heatmaps)
                 for r, result in zip(good, results, strict=True)]
         prediction_ids = images.save_predictions(session, rows)
         images.link_predictions(session, [
@@ -159,7 +167,8 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
     return outcome
 
 
-def _prediction_row(claim: Claim, result, models, per_image_ms: float) -> dict:
+def _prediction_row(claim: Claim, result, models, per_image_ms: float,
+                    heatmaps: dict[str, str]) -> dict:
     """What ``images.save_predictions`` stores for one image: the cascade's answer and the
     versions and thresholds that gave it."""
     infection = models.infection if result.p_virus is not None else None
@@ -169,7 +178,7 @@ def _prediction_row(claim: Claim, result, models, per_image_ms: float) -> dict:
         p_pneumonia=result.p_pneumonia, p_virus=result.p_virus, label=result.label,
         threshold=models.pneumonia.threshold,
         infection_threshold=infection.threshold if infection else None,
-        inference_ms=per_image_ms,
+        inference_ms=per_image_ms, heatmap_path=heatmaps.get(claim.sha256),
     )
 
 

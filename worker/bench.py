@@ -8,7 +8,10 @@ them), so their ratios mean something even on a busy host:
 * notebook: what the notebooks do, ``load_img`` + ``model.predict`` one file at a time;
 * pipeline: the real stack (``cxr up``: watcher + one worker, its own data dir, SQLite, a
   private queue) from K files copied into the inbox until K rows are ``done``;
-* latency: files dropped one at a time, spaced out, from landing in the inbox to ``done``.
+* latency: files dropped one at a time, spaced out, from landing in the inbox to ``done``;
+* heatmaps: what ``CXR_HEATMAPS`` adds per positive image, Grad-CAM and its PNG on the same
+  decoded tensors as the ceiling (and, with ``heatmaps``, the pipeline run with them on and
+  every image positive: the worst case).
 
 Files are synthetic X-rays at Kaggle-like sizes; each copy gets a unique JPEG comment so its
 content hash differs (the service would otherwise link duplicates without inference).
@@ -63,6 +66,7 @@ class BenchConfig:
     work_dir: Path | None = None
     seed: int = 0
     redis_db: int = 12
+    heatmaps: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,8 +162,10 @@ def build_free_model(img_size: int):
     return keras.Model(inputs, outputs, name="free")
 
 
-def register_random_bundle(settings: Settings, backbone: str, img_size: int) -> Path:
-    """Build ``backbone`` with random weights and publish it as the production pneumonia model."""
+def register_random_bundle(settings: Settings, backbone: str, img_size: int,
+                           threshold: float = 0.5) -> Path:
+    """Build ``backbone`` with random weights and publish it as the production pneumonia model
+    (``threshold`` 0: every image is positive)."""
     from trainer.backbones import build_classifier, get_spec
     from trainer.bundle import Manifest
     from trainer.publish import publish_model
@@ -171,7 +177,7 @@ def register_random_bundle(settings: Settings, backbone: str, img_size: int) -> 
         preprocessing = get_spec(backbone).preprocessing
     manifest = Manifest(
         stage=Stage.PNEUMONIA, version=0, class_names=list(STAGE_CLASSES[Stage.PNEUMONIA]),
-        input_size=img_size, backbone=backbone, preprocessing=preprocessing,
+        input_size=img_size, threshold=threshold, backbone=backbone, preprocessing=preprocessing,
         preprocessing_in_model=True, output="sigmoid", synthetic=True,
         params={"bench": True, "weights": "none"}, code_version="bench",
     )
@@ -209,6 +215,31 @@ def measure_ceiling(bundle, batches: tuple[int, ...], min_time_s: float, progres
             progress(f"  ceiling round {r + 1}, batch {n:>3}: {rate:8.1f} images/s")
     best = max(by_batch, key=by_batch.get)
     return {"images_per_s": by_batch[best], "batch_size": int(best), "by_batch_size": by_batch}
+
+
+def measure_heatmaps(bundle, batch: int, min_time_s: float, progress: Progress
+                     ) -> dict[str, Any]:
+    """Grad-CAM of the positive class and its PNG (what a worker adds per positive image with
+    ``CXR_HEATMAPS``; writing the file aside) on decoded tensors, ``batch`` at a time."""
+    from trainer.explain import explainer_for, grad_cam
+    from trainer.overlay import render_overlay
+
+    size = bundle.manifest.input_size
+    x = np.random.default_rng(1).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    explainer = explainer_for(bundle)
+    cam_rate = _rate(lambda: len(grad_cam(explainer, x, 1)), min_time_s)
+
+    def with_png() -> int:
+        cams = grad_cam(explainer, x, 1)
+        for pixels, cam in zip(x, cams, strict=True):
+            render_overlay(pixels, cam, "PNEUMONIA", ["bench"])
+        return len(cams)
+
+    rate = _rate(with_png, min_time_s)
+    progress(f"  heatmaps, batch {batch}: Grad-CAM {cam_rate:.1f} images/s, with the PNG "
+             f"{rate:.1f} images/s (layer {explainer.layer})")
+    return {"images_per_s": rate, "gradcam_images_per_s": cam_rate, "batch_size": batch,
+            "layer": explainer.layer}
 
 
 def measure_decode(files: list[Path], size: int, min_time_s: float, progress: Progress,
@@ -422,6 +453,7 @@ def _stack_settings(root: Path, base: Settings, cfg: BenchConfig) -> tuple[Setti
         "CXR_STABLE_SECONDS": str(cfg.stable_seconds),
         "CXR_WORKER_CONCURRENCY": "1",
         "CXR_LOG_LEVEL": "INFO",
+        "CXR_HEATMAPS": "true" if cfg.heatmaps else "false",
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
         **cfg.extra_env,
@@ -472,7 +504,8 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
     settings.ensure_dirs()
     upgrade(settings.db_url)
     progress(f"work dir {root}; building {cfg.backbone} at {cfg.img_size} px (random weights)")
-    bundle = load_bundle(register_random_bundle(settings, cfg.backbone, cfg.img_size))
+    bundle = load_bundle(register_random_bundle(settings, cfg.backbone, cfg.img_size,
+                                                threshold=0.0 if cfg.heatmaps else 0.5))
     progress(f"rendering synthetic X-rays ({cfg.source_px[0]}-{cfg.source_px[1]} px)")
     sources = make_sources(root / "sources", min(8, max(1, cfg.images)), cfg.source_px, cfg.seed)
     files = root / "files"
@@ -483,6 +516,8 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
 
     progress("ceiling: compiled forward pass on decoded tensors")
     ceiling = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress)
+    progress("heatmaps: Grad-CAM and its PNG on the same tensors")
+    heatmaps = measure_heatmaps(bundle, ceiling["batch_size"], cfg.min_time_s, progress)
     progress(f"decode ceiling: trainer.decode on {min(len(batch), 200)} of the files")
     decode = measure_decode(batch[:200], cfg.img_size, cfg.min_time_s, progress)
     progress(f"notebook way: load_img + model.predict on {len(notebook_files)} files")
@@ -524,8 +559,10 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         "latency": latency,
         "decode": decode,
         "intake": intake,
+        "heatmaps": heatmaps,
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
+            "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"],
             "pipeline_over_decode": pipeline["images_per_s"] / decode["images_per_s"],
             "pipeline_over_notebook": pipeline["images_per_s"] / notebook["images_per_s"],
         },
@@ -544,12 +581,14 @@ def format_table(result: dict[str, Any]) -> str:
     """The printed summary: throughputs, latency and the two ratios."""
     c, nb, p, lat = (result[k] for k in ("ceiling", "notebook", "pipeline", "latency"))
     cfg, m = result["config"], result["machine"]
-    d = result["decode"]
+    d, h = result["decode"], result["heatmaps"]
     rows = [
         (f"ceiling (forward only, batch {c['batch_size']})", f"{c['images_per_s']:.1f}"),
+        (f"heatmaps (Grad-CAM + PNG, batch {h['batch_size']})", f"{h['images_per_s']:.1f}"),
         (f"decode ceiling ({d['threads']} threads)", f"{d['images_per_s']:.1f}"),
         ("notebook (load_img + predict, 1 by 1)", f"{nb['images_per_s']:.1f}"),
-        ("pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
+        ("pipeline (1 worker, heatmaps on)" if cfg.get("heatmaps")
+         else "pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
     ]
     if result.get("intake"):
         rows.append((f"intake (watcher alone, {result['intake']['files']} files)",
@@ -569,6 +608,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'pipeline / ceiling':<40}{result['ratios']['pipeline_over_ceiling']:>10.2f}",
         f"{'pipeline / decode ceiling':<40}{result['ratios']['pipeline_over_decode']:>10.2f}",
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
+        f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}",
         f"(mean worker batch {p['mean_batch']:.1f}; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
     ]

@@ -175,6 +175,16 @@ def _check_registered_bytes(directory: Path, row) -> None:
         )
 
 
+def load_registered(models_dir: Path, row) -> StageModel:
+    """The bundle of a registered version (``row``, a registry row), checked against its
+    registered hash: for explaining a prediction with the models that made it."""
+    from trainer.bundle import load_bundle
+
+    directory = Path(models_dir) / row.bundle_path
+    _check_registered_bytes(directory, row)
+    return StageModel(row.id, row.version, load_bundle(directory))
+
+
 class ModelCache:
     """Production models for this process, reloaded when the registry says they changed."""
 

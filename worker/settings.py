@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         600.0, description="How long an image stays with the worker that claimed it before "
         "another worker may take it over (only matters if that worker hangs or its host dies)."
     )
+    heatmaps: bool = Field(
+        False, description="Workers write a Grad-CAM heatmap (DATA_DIR/heatmaps/, named in the "
+        "results view) for every pneumonia-positive result: one more forward and backward "
+        "pass per such image."
+    )
     worker_concurrency: int = Field(
         1, description="Worker processes per `cxr worker` (one per GPU on GPU hosts)."
     )
@@ -92,6 +97,10 @@ class Settings(BaseSettings):
     @cached_property
     def rejected_dir(self) -> Path:
         return (self.data_dir / "rejected").absolute()
+
+    @cached_property
+    def heatmaps_dir(self) -> Path:
+        return (self.data_dir / "heatmaps").absolute()
 
     @cached_property
     def models_path(self) -> Path:

@@ -5,7 +5,8 @@ Archived files are content-addressed (``archive/ab/<sha256>.<ext>``); a file tha
 decode moves to ``rejected/`` under that same name, so a later twin still finds it. An inbox
 entry that was never read (a link, a file the service may not open) gets
 ``rejected/<random>-<name>``. Inbox files themselves are only touched through handles
-(``worker.safefs``).
+(``worker.safefs``). A prediction's heatmap is ``heatmaps/ab/<sha256>-p<stage-1 model
+id>-i<stage-2 model id or 0>.png``: one per content and models, like the prediction itself.
 Folders holding patient images are 0700 and files 0600.
 """
 
@@ -25,6 +26,31 @@ def archive_relpath(sha256: str, suffix: str) -> Path:
     ext = suffix.lower().lstrip(".")
     ext = ext if ext.isalnum() and len(ext) <= 8 else "bin"
     return Path("archive") / sha256[:2] / f"{sha256}.{ext}"
+
+
+def heatmap_relpath(sha256: str, pneumonia_model_id: int, infection_model_id: int | None
+                    ) -> Path:
+    """``heatmaps/ab/<sha256>-p<id>-i<id>.png``, relative to the data dir."""
+    name = f"{sha256}-p{int(pneumonia_model_id)}-i{int(infection_model_id or 0)}.png"
+    return Path("heatmaps") / sha256[:2] / name
+
+
+def write_private(settings: Settings, relpath: Path, data: bytes) -> str:
+    """Write ``data`` at ``relpath`` under the data dir, 0600 in 0700 folders, through a
+    temporary file renamed into place (a reader never sees half a file); returns the path
+    as recorded in the database."""
+    target = settings.data_dir.absolute() / relpath
+    private_dirs(settings.data_dir.absolute() / Path(relpath).parts[0], target.parent)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return relative_to_data(settings, target)
 
 
 def relative_to_data(settings: Settings, path: Path) -> str:

@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "worker.cli.pipeline",  # up, watch, worker, classify
     "worker.cli.flower",  # flower
     "worker.cli.db",  # db upgrade|current, results
+    "worker.cli.explain",  # explain
+    "worker.cli.report",  # report
     "worker.cli.models",  # models list|show|promote|rollback|import
     "worker.cli.train",  # synth, train
     "worker.cli.bench",  # bench
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-NEEDS_MODELS = frozenset({"train", "classify", "demo", "bench", "models import"})
+NEEDS_MODELS = frozenset({"train", "classify", "demo", "bench", "models import", "explain"})
 """Commands that load Keras in this process (``cxr worker`` loads it in its pool children)."""
 
 

@@ -26,6 +26,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         min_time_s=args.min_time,
         work_dir=args.work_dir,
         redis_db=args.redis_db,
+        heatmaps=args.heatmaps,
     )
     result = run_bench(cfg, settings, progress=lambda line: print(line, flush=True))
     print()
@@ -44,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tensors (best batch size), the decode throughput of the same files (one thread per "
         "core), the notebooks' load_img + model.predict loop, the real "
         "stack (cxr up with one worker, private data dir, SQLite, a private Redis queue) from "
-        "K files copied into the inbox to K rows done, and inbox-to-done latency at low load. "
+        "K files copied into the inbox to K rows done, inbox-to-done latency at low load, and "
+        "what a heatmap (CXR_HEATMAPS: Grad-CAM and its PNG) costs on the same tensors. "
         "Prints a table with the ratios and optionally writes JSON. Random weights.",
     )
     p.add_argument("--backbone", default="mobilenetv2",
@@ -69,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds per ceiling batch-size measurement (default 2)")
     p.add_argument("--redis-db", type=int, default=12,
                    help="Redis database number for the bench's private queue (default 12)")
+    p.add_argument("--heatmaps", action="store_true",
+                   help="run the pipeline with CXR_HEATMAPS on and every image positive (the "
+                   "worst case); the heatmap cost on tensors is measured either way")
     p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here")
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -1,8 +1,10 @@
 """`cxr demo`: the whole product on synthetic X-rays, from nothing, in one command.
 
 Generate a data set, train and promote both stages with the small backbone, start the stack
-(`cxr up`: Redis if needed, watcher, worker, Flower), drop held-out images into the inbox,
-wait for every result, print them with a summary, and stop (unless --keep-running).
+(`cxr up`: Redis if needed, watcher, worker with heatmaps on, Flower), drop held-out images
+into the inbox, wait for every result, print them with a summary, draw where the model looked
+for one of them (`cxr explain`), write the review page (`cxr report`), and stop (unless
+--keep-running).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from db.vocabulary import DISCLAIMER, FINAL_STATUSES
@@ -69,9 +72,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         names = _drop_images(settings, args.images)
         print(f"[{_elapsed(started)}] copied {len(names)} held-out images into "
               f"{settings.inbox_dir}", flush=True)
+        dropped_at = datetime.now(UTC) - timedelta(seconds=5)
         rows = _wait_for_results(settings, names, stack, args.timeout)
         _report(settings, rows, names)
         _report_flower(settings, set(names))
+        _explain_and_review(settings, rows, dropped_at)
     finally:
         if args.keep_running:
             print(f"\nthe stack keeps running (cxr up, pid {stack.pid}); stop it with "
@@ -124,6 +129,7 @@ def _start_stack(settings: Settings, log_path: Path) -> LocalStack:
 
     env = child_env(settings)
     env["CXR_FLOWER_BASIC_AUTH"] = settings.flower_basic_auth or ""
+    env["CXR_HEATMAPS"] = "true"  # the worker draws where it looked for each positive result
     return LocalStack(env, log_path)
 
 
@@ -194,6 +200,30 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
     user, _, password = (settings.flower_basic_auth or "").partition(":")
     print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ while the stack "
           f"runs (user {user!r}, password {password!r})")
+
+
+def _explain_and_review(settings: Settings, rows: list[dict], since: datetime) -> None:
+    """`cxr explain` one positive result (a BACTERIA one when there is: stage 2 points at a
+    consolidation) and `cxr report` on the demo's results; print where they are."""
+    from worker.cli import build_parser
+
+    out = settings.data_dir.absolute() / "demo"
+    positive = sorted((r for r in rows if r["label"] and r["label"] != "NORMAL"),
+                      key=lambda r: (r["label"] != "BACTERIA", r["id"]))
+    stored = sum(1 for r in rows if r.get("heatmap_path"))
+    print(f"\nheatmaps: the worker drew {stored} (CXR_HEATMAPS=true), under "
+          f"{settings.heatmaps_dir}")
+    commands = [["report", "--since", since.isoformat(timespec="seconds"),
+                 "--out", str(out / "review.html")]]
+    if positive:
+        commands.insert(0, ["explain", str(positive[0]["id"]), "--out", str(out)])
+    else:
+        print("no pneumonia-positive result to draw a heatmap for")
+    for argv in commands:
+        print("$ cxr " + " ".join(argv), flush=True)
+        parsed = build_parser().parse_args(argv)
+        parsed.func(parsed, settings)
+    print(f"open {out / 'review.html'} in a browser: every result with its heatmap")
 
 
 def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -> None:

@@ -1,0 +1,149 @@
+"""`cxr explain IMAGE_ID... [--file PATH] [--out DIR]`: where the model looked (Grad-CAM).
+
+For an image id, the prediction is explained with the model versions that made it, on its
+archived file (hash-checked) decoded as the worker decoded it; for ``--file``, the production
+models classify the file first. Each PNG shows the image as the model saw it, the heatmap over
+it, and the label, probabilities and model version in the margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+from db.exceptions import CxrError
+from db.vocabulary import DISCLAIMER
+from worker.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="draw where the model looked (a Grad-CAM heatmap PNG) for results or files",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("image_ids", nargs="*", type=int, metavar="IMAGE_ID",
+                   help="ids from `cxr results`")
+    p.add_argument("--file", action="append", type=Path, default=[], metavar="PATH",
+                   help="classify this JPEG or PNG with the production models and explain it "
+                   "(repeatable)")
+    p.add_argument("--out", type=Path, default=Path("."),
+                   help="folder for the PNGs (default: the current folder)")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.image_ids and not args.file:
+        raise CxrError("name at least one IMAGE_ID (see `cxr results`) or --file PATH")
+    args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    if args.image_ids:
+        failures += _explain_images(args.image_ids, args.out, settings)
+    if args.file:
+        failures += _explain_files(args.file, args.out, settings)
+    print(DISCLAIMER)
+    return 1 if failures else 0
+
+
+def _write(path: Path, data: bytes) -> None:
+    """0600: the picture holds the patient's image."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _archived(row, settings: Settings) -> tuple[bytes | None, str | None]:
+    """(the archived file's bytes, checked against the hash intake recorded) or (None, why)."""
+    from db.vocabulary import ImageStatus
+    from worker.storage import stored_file
+
+    if row is None:
+        return None, "no such image"
+    if row.status != ImageStatus.DONE or row.label is None:
+        return None, f"not classified ({row.status}{': ' + row.error if row.error else ''})"
+    path = stored_file(settings, row.stored_path)
+    try:
+        data = path.read_bytes() if path is not None else None
+    except OSError:
+        data = None
+    if data is None:
+        return None, "its archived file is missing"
+    if hashlib.sha256(data).hexdigest() != row.sha256:
+        return None, "its archived file changed after intake (SHA-256 mismatch)"
+    return data, None
+
+
+def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
+    from db import registry
+    from db.images import image_results
+    from db.migrate import check_schema
+    from db.session import session_scope
+    from trainer.decode import decode_bytes
+    from worker.heatmaps import explain_results, render
+    from worker.inference import CascadeResult, Models, load_registered
+
+    check_schema(settings.db_url)
+    failures = 0
+    with session_scope(settings.db_url) as session:
+        found = image_results(session, image_ids)
+        loaded: dict[int, object] = {}
+
+        def stage(model_id: int | None):
+            if model_id is not None and model_id not in loaded:
+                row = registry.get_by_id(session, model_id)
+                loaded[model_id] = load_registered(settings.models_path, row)
+            return loaded.get(model_id)
+
+        for image_id in image_ids:
+            row = found.get(image_id)
+            data, problem = _archived(row, settings)
+            if problem is not None:
+                failures += 1
+                print(f"image {image_id}: {problem}")
+                continue
+            models = Models(stage(row.pneumonia_model_id), stage(row.infection_model_id))
+
+            def pixels(size: int, data=data):
+                return decode_bytes(data, size, settings.max_image_pixels)[None]
+
+            result = CascadeResult(row.label, row.p_pneumonia, row.p_virus)
+            heatmap = explain_results(models, [result], pixels(models.pneumonia.input_size),
+                                      lambda _, size: pixels(size))[0]
+            target = out / f"image-{image_id}-heatmap.png"
+            _write(target, render(result, heatmap, subject=f"image {image_id}"))
+            print(f"image {image_id}: {row.label} -> {target}")
+    return failures
+
+
+def _explain_files(files: list[Path], out: Path, settings: Settings) -> int:
+    from db.exceptions import BadImageError, ModelNotFoundError
+    from db.session import session_scope
+    from trainer.decode import decode_image
+    from worker.heatmaps import explain_results, render
+    from worker.inference import ModelCache, classify_arrays, stage_two_from_files
+
+    with session_scope(settings.db_url) as session:
+        models = ModelCache(settings.models_path).current(session)
+    if models.pneumonia is None:
+        raise ModelNotFoundError(
+            "no production pneumonia model; train one (cxr train) or promote one "
+            "(cxr models promote pneumonia N)")
+    failures = 0
+    for path in files:
+        try:
+            pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
+            stage_two = stage_two_from_files([path], settings.max_image_pixels)
+            result = classify_arrays(pixels[None], models.pneumonia, models.infection,
+                                     stage_two)[0]
+        except (BadImageError, OSError) as exc:
+            failures += 1
+            print(f"{path}: rejected: {exc}")
+            continue
+        heatmap = explain_results(models, [result], pixels[None], stage_two)[0]
+        target = out / f"{path.stem}-heatmap.png"
+        _write(target, render(result, heatmap))
+        print(f"{path}: {result.label} -> {target}")
+    return failures
