@@ -74,3 +74,32 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert result["config"]["heatmaps"] and "heatmaps / ceiling" in printed
     assert "heatmaps: " in stack_log  # every image positive: the worker drew its heatmap
     assert len(list((tmp_path / "work" / "var" / "heatmaps").rglob("*.png"))) == 12 + 3 + 3
+
+
+def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():
+    """The control-plane mode: pooling and one dense layer, nothing to explain."""
+    import numpy as np
+
+    from worker.bench import build_free_model, format_table
+
+    model = build_free_model(32)
+    assert not [layer for layer in model.layers if len(layer.output.shape) == 4
+                and "conv" in layer.name]
+    assert model.predict_on_batch(np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 1)
+    result = {
+        "ceiling": {"batch_size": 16, "images_per_s": 4000.0},
+        "notebook": {"images_per_s": 20.0},
+        "pipeline": {"images_per_s": 150.0, "mean_batch": 16.0, "forward_share": 0.1},
+        "latency": {"p50_s": 0.1, "p95_s": 0.2, "intake_p50_s": 0.05},
+        "decode": {"threads": 2, "images_per_s": 200.0},
+        "intake": {"files": 5000, "files_per_s": 1100.0},
+        "heatmaps": None,
+        "ratios": {"pipeline_over_ceiling": 0.04, "pipeline_over_decode": 0.75,
+                   "pipeline_over_notebook": 7.5, "heatmaps_over_ceiling": None},
+        "config": {"backbone": "free", "img_size": 224, "images": 1500, "batch_size": 16},
+        "machine": {"cpu": "x", "cores": 2, "gpus": [], "tensorflow": "2", "loadavg_start": [0.1],
+                    "loadavg_end": [0.2]},
+    }
+    table = format_table(result)
+    assert "pipeline / decode ceiling" in table and "0.75" in table
+    assert "intake (watcher alone, 5000 files)" in table and "heatmaps" not in table

@@ -516,8 +516,10 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
 
     progress("ceiling: compiled forward pass on decoded tensors")
     ceiling = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress)
-    progress("heatmaps: Grad-CAM and its PNG on the same tensors")
-    heatmaps = measure_heatmaps(bundle, ceiling["batch_size"], cfg.min_time_s, progress)
+    heatmaps = None
+    if cfg.backbone != FREE:  # the near-free model has no feature map to explain
+        progress("heatmaps: Grad-CAM and its PNG on the same tensors")
+        heatmaps = measure_heatmaps(bundle, ceiling["batch_size"], cfg.min_time_s, progress)
     progress(f"decode ceiling: trainer.decode on {min(len(batch), 200)} of the files")
     decode = measure_decode(batch[:200], cfg.img_size, cfg.min_time_s, progress)
     progress(f"notebook way: load_img + model.predict on {len(notebook_files)} files")
@@ -562,7 +564,8 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         "heatmaps": heatmaps,
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
-            "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"],
+            "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"]
+            if heatmaps else None,
             "pipeline_over_decode": pipeline["images_per_s"] / decode["images_per_s"],
             "pipeline_over_notebook": pipeline["images_per_s"] / notebook["images_per_s"],
         },
@@ -584,12 +587,14 @@ def format_table(result: dict[str, Any]) -> str:
     d, h = result["decode"], result["heatmaps"]
     rows = [
         (f"ceiling (forward only, batch {c['batch_size']})", f"{c['images_per_s']:.1f}"),
-        (f"heatmaps (Grad-CAM + PNG, batch {h['batch_size']})", f"{h['images_per_s']:.1f}"),
         (f"decode ceiling ({d['threads']} threads)", f"{d['images_per_s']:.1f}"),
         ("notebook (load_img + predict, 1 by 1)", f"{nb['images_per_s']:.1f}"),
         ("pipeline (1 worker, heatmaps on)" if cfg.get("heatmaps")
          else "pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
     ]
+    if h:
+        rows.insert(1, (f"heatmaps (Grad-CAM + PNG, batch {h['batch_size']})",
+                        f"{h['images_per_s']:.1f}"))
     if result.get("intake"):
         rows.append((f"intake (watcher alone, {result['intake']['files']} files)",
                      f"{result['intake']['files_per_s']:.0f}"))
@@ -608,7 +613,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'pipeline / ceiling':<40}{result['ratios']['pipeline_over_ceiling']:>10.2f}",
         f"{'pipeline / decode ceiling':<40}{result['ratios']['pipeline_over_decode']:>10.2f}",
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
-        f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}",
+        *([f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}"]
+          if h else []),
         f"(mean worker batch {p['mean_batch']:.1f}; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
     ]
