@@ -216,11 +216,14 @@ def _take_opened(entry: safefs.Entry, name: str, settings: Settings) -> _Taken |
         return None
     rel = archive_relpath(sha256, suffix)
     target = settings.data_dir.absolute() / rel
-    private_dirs(settings.archive_dir, target.parent)
     if target.exists():
         tmp.unlink()
     else:
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except FileNotFoundError:  # the first file of this ab/ folder: create it, private
+            private_dirs(settings.archive_dir, target.parent)
+            os.replace(tmp, target)
     return _Taken(entry, name, sha256, size, rel.as_posix())
 
 
