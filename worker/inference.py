@@ -155,6 +155,34 @@ def classify_arrays(
     ]
 
 
+def production_models(models_dir: Path, db_url: str) -> Models:
+    """The production models now, for a one-off command; no pneumonia model is an error that
+    says how to get one."""
+    from db.exceptions import ModelNotFoundError
+    from db.session import session_scope
+
+    with session_scope(db_url) as session:
+        models = ModelCache(models_dir).current(session)
+    if models.pneumonia is None:
+        raise ModelNotFoundError(
+            "no production pneumonia model; train one (cxr train) or promote one "
+            "(cxr models promote pneumonia N)"
+        )
+    return models
+
+
+def classify_file(path: Path, models: Models, max_pixels: int
+                  ) -> tuple[np.ndarray, StagePixels, CascadeResult]:
+    """One file through the cascade: (stage-1 pixels, stage-2 pixels, result). Raises
+    BadImageError or OSError for a file that cannot be decoded."""
+    from trainer.decode import decode_image
+
+    pixels = decode_image(path, models.pneumonia.input_size, max_pixels)
+    stage_two = stage_two_from_files([path], max_pixels)
+    result = classify_arrays(pixels[None], models.pneumonia, models.infection, stage_two)[0]
+    return pixels, stage_two, result
+
+
 def _check_registered_bytes(directory: Path, row) -> None:
     """Refuse a bundle whose files are not the ones registered (edited, swapped, half-copied):
     the registry's version number would otherwise name predictions another model made."""

@@ -119,25 +119,15 @@ def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
 
 
 def _explain_files(files: list[Path], out: Path, settings: Settings) -> int:
-    from db.exceptions import BadImageError, ModelNotFoundError
-    from db.session import session_scope
-    from trainer.decode import decode_image
+    from db.exceptions import BadImageError
     from worker.heatmaps import explain_results, render
-    from worker.inference import ModelCache, classify_arrays, stage_two_from_files
+    from worker.inference import classify_file, production_models
 
-    with session_scope(settings.db_url) as session:
-        models = ModelCache(settings.models_path).current(session)
-    if models.pneumonia is None:
-        raise ModelNotFoundError(
-            "no production pneumonia model; train one (cxr train) or promote one "
-            "(cxr models promote pneumonia N)")
+    models = production_models(settings.models_path, settings.db_url)
     failures = 0
     for path in files:
         try:
-            pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
-            stage_two = stage_two_from_files([path], settings.max_image_pixels)
-            result = classify_arrays(pixels[None], models.pneumonia, models.infection,
-                                     stage_two)[0]
+            pixels, stage_two, result = classify_file(path, models, settings.max_image_pixels)
         except (BadImageError, OSError) as exc:
             failures += 1
             print(f"{path}: rejected: {exc}")

@@ -37,19 +37,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from db.exceptions import BadImageError, ModelNotFoundError
-    from db.session import session_scope
+    from db.exceptions import BadImageError
     from db.vocabulary import DISCLAIMER
-    from trainer.decode import decode_image
-    from worker.inference import ModelCache, classify_arrays, stage_two_from_files
+    from worker.inference import classify_file, production_models
 
-    with session_scope(settings.db_url) as session:
-        models = ModelCache(settings.models_path).current(session)
-    if models.pneumonia is None:
-        raise ModelNotFoundError(
-            "no production pneumonia model; train one (cxr train) or promote one "
-            "(cxr models promote pneumonia N)"
-        )
+    models = production_models(settings.models_path, settings.db_url)
     versions = f"pneumonia/v{models.pneumonia.version}"
     if models.infection is not None:
         versions += f" infection/v{models.infection.version}"
@@ -58,10 +50,7 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     for name in args.files:
         path = Path(name)
         try:
-            pixels = decode_image(path, models.pneumonia.input_size, settings.max_image_pixels)
-            stage_two = stage_two_from_files([path], settings.max_image_pixels)
-            result = classify_arrays(pixels[None], models.pneumonia, models.infection,
-                                     stage_two)[0]
+            _, _, result = classify_file(path, models, settings.max_image_pixels)
         except (BadImageError, OSError) as exc:
             failures += 1
             print(f"{name}\trejected: {exc}")
