@@ -141,6 +141,51 @@ def test_one_message_classifies_its_images_together(settings, caplog):
         "t-1"}
 
 
+def test_a_message_is_classified_in_forward_passes_while_the_rest_decodes(settings, monkeypatch):
+    """A message of 10 with CXR_BATCH_SIZE 4: passes of 4, 4 and 2, in order, and the decoding
+    threads go on while the model runs (the first pass waits here until every image of the
+    message is decoded, which would never happen if decoding waited for the model)."""
+    from worker import batch
+
+    settings = settings.model_copy(update={"batch_size": 4})
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    levels = [250 if k % 3 else 5 for k in range(10)]
+    ids = [_drop(settings, f"m{k}.png", level) for k, level in enumerate(levels)]
+    decoded, passes = [], []
+    real_read, real_classify = batch._read_one, batch.classify_arrays
+
+    def counting_read(*args):
+        result = real_read(*args)
+        decoded.append(result.claim.image_id)
+        return result
+
+    def watching_classify(pixels, *args):
+        if not passes:
+            deadline = time.monotonic() + 30
+            while len(decoded) < len(ids) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(decoded) == len(ids), "decoding stopped while the model ran"
+        passes.append(len(pixels))
+        return real_classify(pixels, *args)
+
+    monkeypatch.setattr(batch, "_read_one", counting_read)
+    monkeypatch.setattr(batch, "classify_arrays", watching_classify)
+    assert process_images(ids, settings, ModelCache(settings.models_path)) == dict.fromkeys(
+        ids, "done")
+    assert passes == [4, 4, 2]
+    labels = {r.file_name: r.prediction.label for r in _images(settings.db_url)}
+    assert labels == {f"m{k}.png": Label.PNEUMONIA if level > 128 else Label.NORMAL
+                      for k, level in enumerate(levels)}
+
+
+def _images(db_url: str) -> list[Image]:
+    with session_scope(db_url) as session:
+        rows = list(session.scalars(select(Image)))
+        for row in rows:
+            _ = row.prediction
+        return rows
+
+
 def test_a_failed_batch_is_retried_and_a_redelivery_runs_each_image_alone(settings, monkeypatch):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     ids = [_drop(settings, f"{k}.png", 200) for k in range(3)]
@@ -368,9 +413,10 @@ def test_a_real_worker_classifies_a_message_of_images_at_a_time(settings, tmp_pa
         img.save(path)
         paths.append(path)
         expected[path.name] = Label.PNEUMONIA if level > 128 else Label.NORMAL
-    intake_files(paths, settings.model_copy(update={"batch_size": 8}), enqueue)
+    intake_files(paths, settings.model_copy(update={"message_size": 8}), enqueue)
     env = {**os.environ, "CXR_DATA_DIR": str(settings.data_dir), "CXR_DATABASE_URL":
            settings.db_url, "CXR_BROKER_URL": broker, "CXR_QUEUE": queue, "CXR_BATCH_SIZE": "8",
+           "CXR_MESSAGE_SIZE": "8",
            "CXR_TF_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:

@@ -55,9 +55,10 @@ def _assert_exactly_once(p: Pipeline, expected: dict[str, str]) -> None:
 
 
 def test_kill_9_worker_mid_inference_is_redelivered_and_written_once(tmp_path):
-    # Batch size 1: the warm-up is one slow call, then the image's own (about 2 s on 2 cores).
+    # Messages and batches of 1: the warm-up is one slow call, then the image's own forward
+    # pass (about 2 s on 2 cores).
     with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "20",
-                                         "CXR_BATCH_SIZE": "1"}) as p:
+                                         "CXR_BATCH_SIZE": "1", "CXR_MESSAGE_SIZE": "1"}) as p:
         from helpers_pipeline import register_bundle
 
         register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model(layers=12))
@@ -83,7 +84,7 @@ def test_a_whole_worker_killed_is_recovered_at_restart_without_the_visibility_ti
     messages stay unacknowledged in Redis, which would hand them out again only after the
     visibility timeout (an hour here). The restarted worker puts them back at once."""
     with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "3600",
-                                         "CXR_BATCH_SIZE": "2"}) as p:
+                                         "CXR_BATCH_SIZE": "2", "CXR_MESSAGE_SIZE": "2"}) as p:
         from helpers_pipeline import register_bundle
 
         register_bundle(p.db_url, p.models_dir, "pneumonia", build_slow_model())

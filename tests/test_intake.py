@@ -265,8 +265,8 @@ def test_a_watcher_killed_between_archive_and_commit_loses_nothing(settings):
     assert not path.exists()
 
 
-def test_a_batch_is_one_transaction_and_messages_of_batch_size(settings):
-    settings = settings.model_copy(update={"batch_size": 4})
+def test_a_batch_is_one_transaction_and_messages_of_message_size(settings):
+    settings = settings.model_copy(update={"message_size": 4})
     paths = []
     for k in range(10):
         path = settings.inbox_dir / f"f{k}.png"

@@ -106,7 +106,7 @@ def test_two_worker_processes_share_a_burst_without_doing_an_image_twice(tmp_pat
     """Batches take other images' rows, whose tasks then reach the other process: each such
     task must wait for the live holder, never take the row over (no second attempt)."""
     files = 240
-    env = {"CXR_BATCH_SIZE": "8"}
+    env = {"CXR_BATCH_SIZE": "8", "CXR_MESSAGE_SIZE": "8"}
     with pipeline_session(tmp_path, env=env, concurrency=2) as p:
         register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")
         names = [f"pair-{i:04d}.png" for i in range(files)]

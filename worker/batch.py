@@ -1,5 +1,5 @@
-"""Classifying a message's images together: read and decode in threads, one forward pass per
-stage, every row written in one transaction.
+"""Classifying a message's images together: read and decode in threads, forward passes of
+``CXR_BATCH_SIZE`` images as they are decoded, every row written in one transaction.
 
 ``process_images`` is what a delivery does (callable without Celery, e.g. from tests): claim
 the images its message names (``worker.claims``), then classify them. A redelivered message
@@ -9,7 +9,9 @@ deliveries both finish.
 
 What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
 checked against the row, and decoded from those bytes; decoding large images waits for a
-memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once.
+memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once. Decoding runs ahead of
+the forward passes (``CXR_BATCH_SIZE`` images each), so the model and the decoder work at the
+same time.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,14 +117,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
             images.mark_waiting_model(session, [c.image_id for c in claims])
         return dict.fromkeys((c.image_id for c in claims), "waiting_model")
     started = time.perf_counter()
-    read = read_images(claims, settings, models.pneumonia.input_size)
-    good = [r for r in read if r.pixels is not None]
-    decoded_at = time.perf_counter()
-    results = []
-    if good:
-        results = classify_arrays(np.stack([r.pixels for r in good]), models.pneumonia,
-                                  models.infection, _stage_two(good, settings))
-    forward_s = time.perf_counter() - decoded_at
+    read, good, results, waited_s, forward_s = _decode_and_classify(claims, settings, models)
     per_image_ms = forward_s * 1000.0 / max(1, len(good))
     # --- heatmaps (CXR_HEATMAPS, worker.heatmaps): drawn before the rows are written ---------
     heatmaps: dict[str, str] = {}
@@ -161,7 +157,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
         log.info("%s: %s", settings.describe(r.claim.image_id, r.claim.file_name), result.label)
     log.info(
         "batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms",
-        len(claims), (decoded_at - started) * 1000.0, forward_s * 1000.0,
+        len(claims), waited_s * 1000.0, forward_s * 1000.0,
         (time.perf_counter() - started) * 1000.0,
     )
     return outcome
@@ -193,36 +189,69 @@ def _stage_two(good: list[_Read], settings: Settings):
     return pixels
 
 
-def read_images(claims: list[Claim], settings: Settings, size: int) -> list[_Read]:
-    """Each claimed image read once, hash-checked and decoded, in threads under one memory
-    budget; results in input order, a bad file never affecting the others."""
+def _decode_and_classify(claims: list[Claim], settings: Settings, models
+                         ) -> tuple[list[_Read], list[_Read], list, float, float]:
+    """Decode in threads and classify in forward passes of ``CXR_BATCH_SIZE`` as the decoded
+    images come in, so the next images decode while the model runs on these (a GPU, or the
+    other core, is not left waiting for the whole message to decode).
+
+    Returns (every image read, in order; the good ones; their results; seconds spent waiting
+    for decoding; seconds in forward passes)."""
+    size = max(1, settings.batch_size)
+    read: list[_Read] = []
+    good: list[_Read] = []
+    results: list = []
+    waited_s = forward_s = 0.0
+    with _reader(claims, settings, models.pneumonia.input_size) as pending:
+        for start in range(0, len(pending), size):
+            began = time.perf_counter()
+            chunk = [future.result() for future in pending[start:start + size]]
+            decoded = [r for r in chunk if r.pixels is not None]
+            waited_s += time.perf_counter() - began
+            read += chunk
+            if decoded:
+                began = time.perf_counter()
+                results += classify_arrays(np.stack([r.pixels for r in decoded]),
+                                           models.pneumonia, models.infection,
+                                           _stage_two(decoded, settings))
+                forward_s += time.perf_counter() - began
+                good += decoded
+    return read, good, results, waited_s, forward_s
+
+
+@contextmanager
+def _reader(claims: list[Claim], settings: Settings, size: int) -> Iterator[list[Future]]:
+    """Futures of ``_read_one`` for every claim, in order, all started on one thread pool (the
+    images wait for a shared memory budget, not for each other's forward pass)."""
     budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
+    try:
+        yield [pool.submit(_read_one, claim, settings, size, budget) for claim in claims]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)  # a forward pass failed: stop decoding
+        raise
+    pool.shutdown(wait=True)
 
-    def one(claim: Claim) -> _Read:
-        path = stored_file(settings, claim.stored_path)
-        if path is None:
-            return _Read(claim, missing=True)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return _Read(claim, missing=True)
-        except OSError as exc:
-            return _Read(claim, rejected=f"cannot read the archived file: {exc.strerror or exc}")
-        if hashlib.sha256(data).hexdigest() != claim.sha256:
-            return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
-                         "longer matches what was received); not classified")
-        try:
-            with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
-                decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
-            return _Read(claim, pixels=decoded.pixels, data=data,
-                         identifiers=decoded.identifiers)
-        except BadImageError as exc:
-            return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
 
-    if len(claims) == 1:
-        return [one(claims[0])]
-    with ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims)))) as pool:
-        return list(pool.map(one, claims))
+def _read_one(claim: Claim, settings: Settings, size: int, budget: MemoryBudget) -> _Read:
+    path = stored_file(settings, claim.stored_path)
+    if path is None:
+        return _Read(claim, missing=True)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _Read(claim, missing=True)
+    except OSError as exc:
+        return _Read(claim, rejected=f"cannot read the archived file: {exc.strerror or exc}")
+    if hashlib.sha256(data).hexdigest() != claim.sha256:
+        return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
+                     "longer matches what was received); not classified")
+    try:
+        with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
+            decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
+        return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers)
+    except BadImageError as exc:
+        return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
 
 
 def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:

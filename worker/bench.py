@@ -48,13 +48,15 @@ Progress = Callable[[str], None]
 
 @dataclass
 class BenchConfig:
-    """One benchmark run. ``batch_size`` is the images per message and forward pass;
+    """One benchmark run. ``batch_size`` is the images per forward pass, ``message_size`` per
+    message;
     ``burst`` files (0: skip) measure how fast the watcher alone takes a burst."""
 
     backbone: str = "mobilenetv2"
     img_size: int = 224
     images: int = 200
     batch_size: int = 16
+    message_size: int = 64
     burst: int = 0
     notebook_images: int = 40
     latency_images: int = 12
@@ -450,6 +452,7 @@ def _stack_settings(root: Path, base: Settings, cfg: BenchConfig) -> tuple[Setti
         "CXR_BROKER_URL": broker,
         "CXR_QUEUE": queue,
         "CXR_BATCH_SIZE": str(cfg.batch_size),
+        "CXR_MESSAGE_SIZE": str(cfg.message_size),
         "CXR_STABLE_SECONDS": str(cfg.stable_seconds),
         "CXR_WORKER_CONCURRENCY": "1",
         "CXR_LOG_LEVEL": "INFO",
@@ -534,7 +537,7 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         progress(f"  stack warm; copying {len(batch)} files into the inbox")
         pipeline = measure_pipeline(stack, batch, progress)
         progress(f"  pipeline: {pipeline['images_per_s']:.1f} images/s "
-                 f"(mean batch {pipeline['mean_batch']:.1f})")
+                 f"(mean message {pipeline['mean_batch']:.1f} images)")
         progress(f"latency: {len(spaced)} files one at a time, {cfg.latency_gap_s} s apart")
         latency = measure_latency(stack, spaced, cfg.latency_gap_s, progress)
     finally:
@@ -600,7 +603,7 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{result['intake']['files_per_s']:.0f}"))
     lines = [
         f"cxr bench: {cfg['backbone']} at {cfg['img_size']} px, {cfg['images']} images, "
-        f"worker batch {cfg['batch_size']}",
+        f"worker batch {cfg['batch_size']}, message {cfg.get('message_size', cfg['batch_size'])}",
         f"machine: {m['cpu']} ({m['cores']} cores), GPU: {', '.join(m['gpus']) or 'none'}, "
         f"TensorFlow {m['tensorflow']}, load {m['loadavg_start'][0]:.2f} -> "
         f"{m.get('loadavg_end', [0])[0]:.2f}",
@@ -615,7 +618,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
         *([f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}"]
           if h else []),
-        f"(mean worker batch {p['mean_batch']:.1f}; forward pass {p['forward_share']:.0%} of "
+        f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
     ]
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,37 @@ def open_folder(root: Path, parts: Sequence[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class Folders:
+    """Handles on the folders of one intake pass, each opened once (``open_folder``) and shared
+    by every file taken from it, then closed together: a burst into one folder costs one
+    open, not one per file."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._fds: dict[tuple[str, ...], int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, parts: Sequence[str]) -> int:
+        """The handle on ``root/parts...``; raises ``Unreachable`` like ``open_folder``."""
+        key = tuple(parts)
+        with self._lock:
+            if key not in self._fds:
+                self._fds[key] = open_folder(self.root, key)
+            return self._fds[key]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> Folders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -93,22 +125,26 @@ def hash_entry(entry: Entry) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def link_entry(entry: Entry, dest_dir: Path) -> Path | None:
-    """A second name for the opened file in ``dest_dir``, made without copying and checked to
-    be the very file opened. None where no link can be made (another filesystem, a file of
-    another user under ``protected_hardlinks``) or the entry was swapped meanwhile."""
+def link_entry(entry: Entry, dest_dir: Path, dest_fd: int | None = None) -> Path | None:
+    """A second name for the opened file in ``dest_dir`` (``dest_fd``: a handle on it, if the
+    caller holds one), made without copying and checked to be the very file opened. None where
+    no link can be made (another filesystem, a file of another user under
+    ``protected_hardlinks``) or the entry was swapped meanwhile."""
     tmp = dest_dir / f".incoming-{uuid.uuid4().hex}.tmp"
-    dest = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    dest = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if dest_fd is None \
+        else dest_fd
     try:
         os.link(entry.name, tmp.name, src_dir_fd=entry.folder, dst_dir_fd=dest,
                 follow_symlinks=False)
+        linked = os.stat(tmp.name, dir_fd=dest, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOENT):
             return None
         raise
     finally:
-        os.close(dest)
-    if not same_file(os.stat(tmp, follow_symlinks=False), entry.st):
+        if dest_fd is None:
+            os.close(dest)
+    if not same_file(linked, entry.st):
         tmp.unlink()
         return None
     os.fchmod(entry.fd, 0o600)

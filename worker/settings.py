@@ -64,8 +64,14 @@ class Settings(BaseSettings):
         "arguments, Flower and logs: the image id only. The results table still has them."
     )
     batch_size: int = Field(
-        16, description="Images per message and per forward pass at most (the watcher groups "
-        "files that are complete at the same moment)."
+        16, description="Images per forward pass at most. The best size depends on the model "
+        "and device (`cxr bench` prints the forward rate at each size)."
+    )
+    message_size: int = Field(
+        64, description="Images per message at most (the watcher groups files that are complete "
+        "at the same moment). The worker decodes a message's next images while the model runs "
+        "on the ones before, so larger messages keep the model busier; each image still gets "
+        "its own row, task id and attempts."
     )
     claim_lease_seconds: float = Field(
         600.0, description="How long an image stays with the worker that claimed it before "

@@ -17,7 +17,15 @@ import time
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 
 from worker.filters import is_candidate
 from worker.intake import Enqueue, intake_files, reconcile
@@ -27,11 +35,23 @@ from worker.stability import StabilityTracker
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
+"""The longest the loop sleeps: files complete by quiet period are checked this often."""
+COALESCE_SECONDS = 0.02
+DRAIN_LIMIT = 256
+"""Events handled per turn of the loop: a burst of thousands is taken a few batches at a time,
+so the first batch reaches the workers while the rest are still being read, not after."""
+"""After the first event wakes the loop, how long the rest of a burst gets to arrive, so that
+it is taken in batches rather than one file at a time."""
 MAX_DEPTH = 32
 """Folders nested deeper than this below the inbox are not looked into."""
 SCAN_ONLY_SECONDS = 1.0
 """How often the inbox is scanned when no file observer can run on it."""
 COMPLETE_EVENTS = frozenset({"closed", "moved"})
+NOMINATING_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
+                     FileClosedEvent]
+"""The only events asked of the kernel. Intake's own open, link, chmod and unlink of every
+file it takes would otherwise come back as four events a file for the observer threads to
+parse; a file growing without a close is seen by the stability check's own ``stat``."""
 
 
 class _InboxEvents(FileSystemEventHandler):
@@ -105,26 +125,38 @@ class Watcher:
             from watchdog.observers import Observer
 
             observer = Observer()
-        observer.schedule(_InboxEvents(self.events), str(self.settings.inbox_dir), recursive=True)
+        observer.schedule(_InboxEvents(self.events), str(self.settings.inbox_dir), recursive=True,
+                          event_filter=NOMINATING_EVENTS)
         return observer
 
-    def _drain_events(self) -> None:
-        while True:
+    def _drain_events(self, wait_s: float = 0.0, limit: int = DRAIN_LIMIT) -> None:
+        """Hand up to ``limit`` queued events to the tracker; with ``wait_s``, first wait that
+        long for one (a drop wakes the loop at once instead of at the next tick)."""
+        if wait_s > 0:
             try:
-                path, closed, folder = self.events.get_nowait()
+                self._handle(*self.events.get(timeout=wait_s))
             except queue.Empty:
                 return
-            if folder:
-                if path.is_dir() and not path.is_symlink():
-                    for found, old in scan_inbox(path, self.settings.stable_seconds):
-                        self.tracker.touch(found, closed=old)
-            elif is_candidate(path):
-                self.tracker.touch(path, closed=closed)
+            time.sleep(COALESCE_SECONDS)
+        for _ in range(limit):
+            try:
+                self._handle(*self.events.get_nowait())
+            except queue.Empty:
+                return
 
-    def _take_due(self) -> None:
+    def _handle(self, path: Path, closed: bool, folder: bool) -> None:
+        if folder:
+            if path.is_dir() and not path.is_symlink():
+                for found, old in scan_inbox(path, self.settings.stable_seconds):
+                    self.tracker.touch(found, closed=old)
+        elif is_candidate(path):
+            self.tracker.touch(path, closed=closed)
+
+    def _take_due(self) -> bool:
+        """Take the files complete now; True when there were any."""
         due = self.tracker.due()
         if not due:
-            return
+            return False
         try:
             results = intake_files(due, self.settings, self.enqueue)
         except OperationalError as exc:
@@ -183,10 +215,11 @@ class Watcher:
             self.reconcile_once()
             next_reconcile = time.monotonic() + self.settings.rescan_seconds
             next_scan = time.monotonic() + SCAN_ONLY_SECONDS
+            busy = False
             while not stop.is_set():
                 try:
-                    self._drain_events()
-                    self._take_due()
+                    self._drain_events(0.0 if busy else TICK_SECONDS)
+                    busy = self._take_due()
                     now = time.monotonic()
                     if now >= next_reconcile:
                         self.reconcile_once()
@@ -200,7 +233,8 @@ class Watcher:
                         self.reconcile_once()
                 except Exception:
                     log.exception("watch loop error; carrying on")
-                stop.wait(TICK_SECONDS)
+                    busy = False
+                    stop.wait(TICK_SECONDS)
         finally:
             if observer is not None:
                 observer.stop()

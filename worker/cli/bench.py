@@ -16,6 +16,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         img_size=args.img_size,
         images=args.images,
         batch_size=args.batch_size or settings.batch_size,
+        message_size=args.message_size or settings.message_size,
         burst=args.burst,
         notebook_images=args.notebook_images,
         latency_images=args.latency_images,
@@ -54,7 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "to measure the control plane and decoding alone")
     p.add_argument("--img-size", type=int, default=224, help="model input size (default 224)")
     p.add_argument("--images", type=int, default=200, help="files for the pipeline run (K)")
-    p.add_argument("--batch-size", type=int, help="worker batch size (default CXR_BATCH_SIZE)")
+    p.add_argument("--batch-size", type=int,
+                   help="images per forward pass in the worker (default CXR_BATCH_SIZE)")
+    p.add_argument("--message-size", type=int,
+                   help="images per message (default CXR_MESSAGE_SIZE)")
     p.add_argument("--burst", type=int, default=0,
                    help="also time the watcher alone taking a burst of N files (default 0: skip)")
     p.add_argument("--notebook-images", type=int, default=40,
