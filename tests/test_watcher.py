@@ -159,6 +159,32 @@ def test_watch_loop_takes_complete_files_once(settings, polling):
     assert not (inbox / "before.jpeg").exists()
 
 
+def test_a_file_renamed_into_the_inbox_is_complete_at_once(settings, tmp_path):
+    """A rename is atomic: a file written elsewhere and moved in (what exports do) is taken on
+    its event, not after the quiet period (30 s here); one moved out is simply gone."""
+    settings = settings.model_copy(update={"stable_seconds": 30.0, "rescan_seconds": 60.0})
+    settings.ensure_dirs()
+    outside = tmp_path / "export"
+    outside.mkdir()
+    sent: list[tuple[int, str]] = []
+    watcher = Watcher(settings, enqueue=sent.extend)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the start-up scan is over: only the events can find these files
+        (outside / "moved.jpeg").write_bytes(b"written elsewhere, renamed in")
+        (settings.inbox_dir / "leaving.jpeg.part").write_bytes(b"partial")
+        os.rename(outside / "moved.jpeg", settings.inbox_dir / "moved.jpeg")
+        os.rename(settings.inbox_dir / "leaving.jpeg.part", outside / "left.jpeg")
+        _wait_for(lambda: sent, timeout=10.0)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert [name for _, name in sent] == ["moved.jpeg"]
+    assert not (settings.inbox_dir / "moved.jpeg").exists()
+
+
 def test_watch_loop_survives_a_broker_outage(settings):
     attempts: list[int] = []
     broker_up = threading.Event()

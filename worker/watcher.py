@@ -64,6 +64,8 @@ class _InboxEvents(FileSystemEventHandler):
         if event.event_type in ("opened", "closed_no_write", "deleted"):
             return
         raw = event.dest_path if event.event_type == "moved" else event.src_path
+        if not raw:  # moved out of the inbox
+            return
         path = Path(os.fsdecode(raw))
         if event.is_directory:
             if event.event_type in ("created", "moved"):
@@ -124,7 +126,10 @@ class Watcher:
         else:
             from watchdog.observers import Observer
 
-            observer = Observer()
+            try:  # a file renamed in from outside is a move (complete), not a creation
+                observer = Observer(generate_full_events=True)
+            except TypeError:  # an observer other than inotify's
+                observer = Observer()
         observer.schedule(_InboxEvents(self.events), str(self.settings.inbox_dir), recursive=True,
                           event_filter=NOMINATING_EVENTS)
         return observer
