@@ -9,8 +9,9 @@ deliveries both finish.
 
 What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
 checked against the row, and decoded from those bytes; decoding large images waits for a
-memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once. Decoding runs two
-forward passes (``CXR_BATCH_SIZE`` images each) ahead of the model, so both work at once.
+memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once. The forward passes
+(``CXR_BATCH_SIZE`` images each) start as soon as their images are decoded, so the model and
+the decoder work at once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,31 +191,25 @@ def _stage_two(good: list[_Read], settings: Settings):
 def _decode_and_classify(claims: list[Claim], settings: Settings, models
                          ) -> tuple[list[_Read], list[_Read], list, float, float]:
     """Decode in threads and classify in forward passes of ``CXR_BATCH_SIZE`` as the decoded
-    images come in: while the model runs on one group, the threads decode the next two, so a
-    GPU (or the other core) does not wait for the whole message to decode, and a heavy model on
-    the CPU shares its cores with the decoder only briefly.
+    images come in: every image is handed to the threads at once, so they decode the next ones
+    while the model runs on these, and a GPU (or the other core) does not wait for the whole
+    message to decode.
 
     Returns (every image read, in order; the good ones; their results; seconds spent waiting
     for decoding; seconds in forward passes)."""
     size = max(1, settings.batch_size)
-    groups = [claims[i:i + size] for i in range(0, len(claims), size)]
     read: list[_Read] = []
     good: list[_Read] = []
     results: list = []
     waited_s = forward_s = 0.0
     budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
     pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
-
-    def submit(k: int) -> list[Future]:
-        return [pool.submit(_read_one, claim, settings, models.pneumonia.input_size, budget)
-                for claim in groups[k]] if k < len(groups) else []
-
     try:
-        pending = [submit(0), submit(1)]
-        for k in range(len(groups)):
+        pending = [pool.submit(_read_one, claim, settings, models.pneumonia.input_size, budget)
+                   for claim in claims]
+        for start in range(0, len(claims), size):
             began = time.perf_counter()
-            chunk = [future.result() for future in pending.pop(0)]
-            pending.append(submit(k + 2))
+            chunk = [future.result() for future in pending[start:start + size]]
             decoded = [r for r in chunk if r.pixels is not None]
             waited_s += time.perf_counter() - began
             read += chunk
