@@ -37,11 +37,11 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.2
 """The longest the loop sleeps: files complete by quiet period are checked this often."""
 COALESCE_SECONDS = 0.02
+"""After the first event wakes the loop, how long the rest of a burst gets to arrive, so that
+it is taken in batches rather than one file at a time."""
 DRAIN_LIMIT = 256
 """Events handled per turn of the loop: a burst of thousands is taken a few batches at a time,
 so the first batch reaches the workers while the rest are still being read, not after."""
-"""After the first event wakes the loop, how long the rest of a burst gets to arrive, so that
-it is taken in batches rather than one file at a time."""
 MAX_DEPTH = 32
 """Folders nested deeper than this below the inbox are not looked into."""
 SCAN_ONLY_SECONDS = 1.0
