@@ -1,6 +1,6 @@
 """DICOM files for tests, built with pydicom: a CR chest PA data set carrying a known patient
 name, id and birth date (which must never reach the database, logs or broker), any pixels,
-any transfer syntax (compressed frames through ``trainer.synth_dicom.store_pixels``).
+any transfer syntax (compressed frames through ``trainer.synth.dicom_writer.store_pixels``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from trainer.synth_dicom import store_pixels
+from trainer.synth.dicom_writer import store_pixels
 
 PATIENT_NAME, PATIENT_ID, BIRTH_DATE = "Zzyzx^Quintessa", "PHI-8675309", "19010203"
 UIDS = {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.1",

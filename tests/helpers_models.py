@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from db.vocabulary import STAGE_CLASSES
-from trainer.bundle import Manifest, save_bundle
+from trainer.model.bundle import Manifest, save_bundle
 
 BRIGHTNESS_GAIN = 12.0
 
@@ -49,7 +49,7 @@ def build_tiny_model(input_size: int = 32, bias: float = 0.0, conv: bool = False
     """The brightness model described in the module docstring (raw RGB 0-255 in)."""
     import keras
 
-    from trainer.preprocessing import Preprocess
+    from trainer.model.preprocessing import Preprocess
 
     inputs = keras.Input((input_size, input_size, 3), name="image")
     x = Preprocess("scale01", name="preprocess")(inputs)
@@ -119,7 +119,7 @@ def register_tiny_bundle(
     conv: bool = False,
 ) -> int:
     """Publish a tiny bundle in the model registry (optionally promoted); returns its version."""
-    from trainer.publish import publish_model
+    from trainer.training.publish import publish_model
 
     manifest = tiny_manifest(stage, 0, input_size, threshold, params={"tiny": True, "bias": bias},
                              code_version="test")
@@ -130,7 +130,7 @@ def register_tiny_bundle(
 
 def load_images(paths: Sequence[Path | str], img_size: int, batch_size: int = 64) -> np.ndarray:
     """All images through the training pipeline, as one (N, S, S, 3) float32 array."""
-    from trainer.pipeline import make_dataset
+    from trainer.training.dataset import make_dataset
 
     ds = make_dataset(paths, [0] * len(paths), img_size, batch_size, cache=False)
     chunks = [x.numpy() for x, _ in ds]

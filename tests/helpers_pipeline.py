@@ -463,7 +463,7 @@ def register_bundle(db_url: str, models_dir: Path, stage: str, model, **manifest
     """Publish and promote ``model`` (any Keras model, raw RGB 32 px in, sigmoid out)."""
     from helpers_models import tiny_manifest
 
-    from trainer.publish import publish_model
+    from trainer.training.publish import publish_model
 
     manifest = tiny_manifest(stage, 0, int(model.inputs[0].shape[1]), params={"test": True},
                              code_version="test", **manifest_extra)
@@ -480,7 +480,7 @@ def build_slow_model(input_size: int = 32, upsample: int = 32, layers: int = 4):
     import keras
     import numpy as np
 
-    from trainer.preprocessing import Preprocess
+    from trainer.model.preprocessing import Preprocess
 
     inputs = keras.Input((input_size, input_size, 3))
     x = Preprocess("scale01")(inputs)

@@ -13,7 +13,8 @@ limit_tf_threads()
 import keras  # noqa: E402
 
 from db.exceptions import WeightsUnavailableError  # noqa: E402
-from trainer.backbones import (  # noqa: E402
+from trainer.model.preprocessing import Preprocess  # noqa: E402
+from trainer.training.backbones import (  # noqa: E402
     BACKBONES,
     build_classifier,
     freeze_base,
@@ -21,7 +22,6 @@ from trainer.backbones import (  # noqa: E402
     unfreeze_top,
     weights_file_name,
 )
-from trainer.preprocessing import Preprocess  # noqa: E402
 
 SLOW = {"xception", "inceptionv3", "densenet121", "resnet50", "resnet50v2", "efficientnetb0"}
 REQUIRED = {
@@ -135,7 +135,7 @@ def test_offline_imagenet_error_names_the_file(monkeypatch, tmp_path, name, size
 
 @pytest.mark.parametrize("name", ["smallcnn", "mobilenetv2", "vgg16"])
 def test_classifier_bundle_round_trip_in_safe_mode(tmp_path, name):
-    from trainer.bundle import Manifest, load_bundle, save_bundle
+    from trainer.model.bundle import Manifest, load_bundle, save_bundle
 
     spec = get_spec(name)
     model, _ = build_classifier(name, 32, weights="none")

@@ -21,8 +21,9 @@ from PIL import Image as PILImage
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 10_000_000
-SERVING_MODULES = ("worker.batch", "worker.inference", "trainer.decode", "trainer.bundle",
-                   "trainer.preprocessing", "trainer.cascade", "trainer.runtime")
+SERVING_MODULES = ("worker.classify.batch", "worker.classify.inference",
+                   "trainer.imaging.decode", "trainer.model.bundle",
+                   "trainer.model.preprocessing", "trainer.model.cascade", "trainer.model.runtime")
 # Mean brightness of each test image, kept clear of the tiny models' decision points (127.5 at
 # stage 1; 191 at stage 2 with bias -3) so labels cannot flip on float rounding.
 MEANS = (20, 90, 150, 165, 215, 240, 60)
@@ -42,9 +43,14 @@ import keras
 import numpy as np
 
 from db.session import session_scope
-from trainer.bundle import load_bundle
-from trainer.decode import decode_many
-from worker.inference import ModelCache, classify_arrays, predict_in_buckets, stage_two_from_files
+from trainer.model.bundle import load_bundle
+from trainer.imaging.decode import decode_many
+from worker.classify.inference import (
+    ModelCache,
+    classify_arrays,
+    predict_in_buckets,
+    stage_two_from_files,
+)
 
 paths = [Path(p) for p in args["images"]]
 cache = ModelCache(Path(args["models_dir"]), warm_batch=4)
@@ -97,12 +103,12 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _smallcnn_bundle(models_dir: Path) -> Path:
-    """A real backbone from trainer.backbones (random weights) with Preprocess inside."""
+    """A real backbone from trainer.training.backbones (random weights) with Preprocess inside."""
     import keras
 
     from db.vocabulary import STAGE_CLASSES
-    from trainer.backbones import build_classifier, get_spec
-    from trainer.bundle import Manifest, save_bundle
+    from trainer.model.bundle import Manifest, save_bundle
+    from trainer.training.backbones import build_classifier, get_spec
 
     keras.utils.set_random_seed(3)
     model, _ = build_classifier("smallcnn", 32, weights="none")
@@ -117,7 +123,7 @@ def _imported_bundle(models_dir: Path) -> Path:
     loader wraps both around the model."""
     import keras
 
-    from trainer.bundle import Manifest, save_bundle
+    from trainer.model.bundle import Manifest, save_bundle
 
     keras.utils.set_random_seed(5)
     inputs = keras.Input((40, 40, 3))

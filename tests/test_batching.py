@@ -26,10 +26,10 @@ from db import images
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
-from worker.batch import classify_claimed, process_images
-from worker.claims import LiveHosts, holder_gone, holder_id
-from worker.inference import ModelCache
-from worker.intake import intake_file, intake_files
+from worker.classify.batch import classify_claimed, process_images
+from worker.classify.claims import LiveHosts, holder_gone, holder_id
+from worker.classify.inference import ModelCache
+from worker.inbox.intake import intake_file, intake_files
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def test_one_message_classifies_its_images_together(settings, caplog):
     levels = {"a.png": 250, "b.png": 5, "c.png": 240, "bad.png": None, "d.png": 10}
     ids = {name: _drop(settings, name, level) for name, level in levels.items()}
     cache = ModelCache(settings.models_path)
-    with caplog.at_level("INFO", logger="worker.batch"):
+    with caplog.at_level("INFO", logger="worker.classify.batch"):
         outcome = process_images(ids.values(), settings, cache, task_id="t-1")
     assert outcome == {ids[n]: ("rejected" if n == "bad.png" else "done") for n in levels}
     assert [int(n) for n in BATCH_LINE.findall(caplog.text)] == [5]
@@ -145,7 +145,7 @@ def test_a_message_is_classified_in_forward_passes_while_the_rest_decodes(settin
     """A message of 10 with CXR_BATCH_SIZE 4: passes of 4, 4 and 2, in order, and the decoding
     threads go on while the model runs (the first pass waits here until every image of the
     message is decoded, which would never happen if decoding waited for the model)."""
-    from worker import batch
+    from worker.classify import batch
 
     settings = settings.model_copy(update={"batch_size": 4})
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
@@ -190,19 +190,19 @@ def test_a_failed_batch_is_retried_and_a_redelivery_runs_each_image_alone(settin
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     ids = [_drop(settings, f"{k}.png", 200) for k in range(3)]
     cache = ModelCache(settings.models_path)
-    import worker.batch
+    import worker.classify.batch
 
     def boom(*_args, **_kwargs):
         raise RuntimeError("forward pass failed")
 
-    monkeypatch.setattr(worker.batch, "classify_arrays", boom)
+    monkeypatch.setattr(worker.classify.batch, "classify_arrays", boom)
     with pytest.raises(RuntimeError):
         process_images(ids, settings, cache)
     assert set(_rows(settings.db_url).values()) == {(ImageStatus.PROCESSING, 1)}
     monkeypatch.undo()
     sizes: list[int] = []
-    real = worker.batch.classify_arrays
-    monkeypatch.setattr(worker.batch, "classify_arrays",
+    real = worker.classify.batch.classify_arrays
+    monkeypatch.setattr(worker.classify.batch, "classify_arrays",
                         lambda batch, *a: sizes.append(len(batch)) or real(batch, *a))
     assert process_images(ids, settings, cache) == dict.fromkeys(ids, "done")
     assert sizes == [1, 1, 1]  # taken over from this very process, one at a time
@@ -212,9 +212,9 @@ def test_a_failed_batch_is_retried_and_a_redelivery_runs_each_image_alone(settin
 def test_an_image_that_keeps_failing_ends_failed_with_the_error(settings, monkeypatch):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     image_id = _drop(settings, "poison.png", 200)
-    import worker.batch
+    import worker.classify.batch
 
-    monkeypatch.setattr(worker.batch, "classify_arrays",
+    monkeypatch.setattr(worker.classify.batch, "classify_arrays",
                         lambda *a: (_ for _ in ()).throw(ValueError("bad tensor")))
     cache = ModelCache(settings.models_path)
     for _ in range(settings.max_attempts - 1):
@@ -321,13 +321,13 @@ def test_the_worker_decodes_what_intake_hashed(settings):
 def test_a_missing_archived_file_is_retried_then_failed(settings, monkeypatch):
     """An NFS blip: the file comes back and the image is classified; gone for good, the image
     fails once its attempts are used, never a final ``rejected`` on the first miss."""
-    import worker.broker
+    import worker.classify.broker
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     blip = _drop(settings, "blip.png", 250)
     gone = _drop(settings, "gone.png", 5)
     resent: list = []
-    monkeypatch.setattr(worker.broker, "enqueue_batch",
+    monkeypatch.setattr(worker.classify.broker, "enqueue_batch",
                         lambda batch, countdown=None: resent.append((list(batch), countdown)))
     with session_scope(settings.db_url) as session:
         paths = {i: settings.data_dir / session.get(Image, i).stored_path for i in (blip, gone)}
@@ -350,7 +350,7 @@ def test_a_missing_archived_file_is_retried_then_failed(settings, monkeypatch):
 
 def test_decoding_waits_for_the_memory_budget():
     """Large decodes never all run at once: the budget admits them one by one."""
-    from trainer.decode import MemoryBudget
+    from trainer.imaging.decode import MemoryBudget
 
     budget = MemoryBudget(100)
     peak, lock = [0], threading.Lock()
@@ -373,7 +373,7 @@ def test_decoding_waits_for_the_memory_budget():
 def test_a_16_bit_png_costs_what_its_header_says(tmp_path):
     import numpy as np
 
-    from trainer.decode import decode_cost, decode_image
+    from trainer.imaging.decode import decode_cost, decode_image
 
     path = tmp_path / "deep.png"
     PILImage.fromarray(np.linspace(0, 4095, 300 * 200, dtype=np.uint16).reshape(200, 300)).save(
@@ -389,7 +389,7 @@ def test_a_16_bit_png_costs_what_its_header_says(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_real_worker_classifies_a_message_of_images_at_a_time(settings, tmp_path):
-    from worker.celery_app import CLASSIFY_TASK, make_app
+    from worker.classify.celery_app import CLASSIFY_TASK, make_app
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
     db_number = random.randint(4, 15)
@@ -457,8 +457,8 @@ def test_forward_passes_use_power_of_two_batches(tmp_path):
     import numpy as np
     from helpers_models import make_tiny_bundle
 
-    from trainer.bundle import load_bundle
-    from worker.inference import bucket_sizes, predict_in_buckets, warm_up
+    from trainer.model.bundle import load_bundle
+    from worker.classify.inference import bucket_sizes, predict_in_buckets, warm_up
 
     assert bucket_sizes(13) == [8, 4, 1] and bucket_sizes(16) == [16] and bucket_sizes(0) == []
     bundle = load_bundle(make_tiny_bundle(tmp_path, "pneumonia", 1))

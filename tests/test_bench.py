@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from worker.bench import _with_comment, percentile, with_db
+from worker.ops.bench import _with_comment, percentile, with_db
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -80,7 +80,7 @@ def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():
     """The control-plane mode: pooling and one dense layer, nothing to explain."""
     import numpy as np
 
-    from worker.bench import build_free_model, format_table
+    from worker.ops.bench import build_free_model, format_table
 
     model = build_free_model(32)
     assert not [layer for layer in model.layers if len(layer.output.shape) == 4

@@ -14,13 +14,13 @@ import keras  # noqa: E402
 from helpers_models import make_tiny_bundle, tiny_probability  # noqa: E402
 
 from db.exceptions import ModelNotFoundError  # noqa: E402
-from trainer.bundle import (  # noqa: E402
+from trainer.model.bundle import (  # noqa: E402
     Manifest,
     bundle_sha256,
     load_bundle,
     save_bundle,
 )
-from trainer.preprocessing import BACKBONE_MODES, Preprocess, resolve_mode  # noqa: E402
+from trainer.model.preprocessing import BACKBONE_MODES, Preprocess, resolve_mode  # noqa: E402
 
 APPLICATION_PREPROCESS = {
     "vgg16": keras.applications.vgg16.preprocess_input,

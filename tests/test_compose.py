@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from worker.cli import build_parser
-from worker.flower import check_flower_settings
+from worker.ops.flower import check_flower_settings
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -219,7 +219,7 @@ def synthetic_xray(label: str, seed: int, size: int = 256) -> bytes:
     """A synthetic chest film of ``label`` whose brightness makes the tiny models say it."""
     from PIL import Image
 
-    from trainer.synth import render_xray
+    from trainer.synth.xrays import render_xray
 
     pixels = render_xray(np.random.default_rng(seed), label, size, size).astype(np.float32)
     pixels = LEVELS[label] + (pixels - pixels.mean()) * 0.15

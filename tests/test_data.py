@@ -11,7 +11,7 @@ from PIL import Image
 
 from db.exceptions import DatasetError
 from db.vocabulary import CASCADE_CLASSES
-from trainer import data
+from trainer.training import data
 
 
 def _jpeg(path: Path, value: int = 128, size: int = 40, mode: str = "L") -> None:
@@ -164,7 +164,7 @@ def test_fingerprint_changes_with_content_and_names(tmp_path):
 def test_pipeline_decodes_grey_and_rgb_to_raw_pixels(tmp_path):
     from helpers_models import load_images
 
-    from trainer.pipeline import make_dataset
+    from trainer.training.dataset import make_dataset
 
     grey, rgb = tmp_path / "g.png", tmp_path / "c.jpeg"
     _jpeg(grey, 200, size=40)
@@ -199,8 +199,8 @@ def test_dicom_files_in_the_kaggle_layout_go_through_the_same_decoder(tmp_path):
     decoded by the service's own decoder in the tf.data pipeline."""
     from helpers_models import load_images
 
-    from trainer.decode import decode_image
-    from trainer.synth import generate_dataset
+    from trainer.imaging.decode import decode_image
+    from trainer.synth.xrays import generate_dataset
 
     root = tmp_path / "data"
     generate_dataset(root, 12, seed=2, size_range=(40, 48), fmt="dicom")

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from db.exceptions import BadImageError
-from trainer.decode import (
+from trainer.imaging.decode import (
     MIN_SIDE,
     declared_size,
     decode_bytes,
@@ -334,7 +334,8 @@ def test_unreadable_file_is_permission_denied(tmp_path):
         pytest.skip("running as root without setpriv: root can read a chmod 000 file")
     drop = "-dac_override,-dac_read_search"
     code = (
-        "import json, sys; from pathlib import Path; from trainer.decode import decode_image\n"
+        "import json, sys; from pathlib import Path\n"
+        "from trainer.imaging.decode import decode_image\n"
         "from db.exceptions import BadImageError\nout = []\n"
         "for name in sys.argv[1:]:\n"
         "    try: out.append(decode_image(Path(name), 32, 10**6).shape[0])\n"

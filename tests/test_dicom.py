@@ -1,4 +1,4 @@
-"""trainer.dicom through the one decoder: recognition, the viewer's display pipeline, every
+"""trainer.imaging.dicom through the one decoder: recognition, the viewer's display pipeline, every
 transfer syntax, every rejection, the identifiers kept and the patient data never read.
 
 Every DICOM is built here with pydicom (compressed frames through ``synth_dicom.store_pixels``);
@@ -46,8 +46,8 @@ from pydicom.uid import (
 
 from db.exceptions import BadImageError
 from db.identifiers import DICOM_KEYWORDS, DicomIdentifiers
-from trainer import dicom
-from trainer.decode import Decoded, decode_bytes, decode_file, decode_many, sniff_bytes
+from trainer.imaging import dicom
+from trainer.imaging.decode import Decoded, decode_bytes, decode_file, decode_many, sniff_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -235,7 +235,7 @@ def test_missing_decoders_name_the_package_to_install(tmp_path):
         "import sys\n"
         "for name in ('gdcm', 'pylibjpeg', 'libjpeg', 'openjpeg', 'rle', 'jpeg_ls'):\n"
         "    sys.modules[name] = None\n"
-        "from trainer.decode import decode_image\nfrom db.exceptions import BadImageError\n"
+        "from trainer.imaging.decode import decode_image\nfrom db.exceptions import BadImageError\n"
         "for path in sys.argv[1:]:\n"
         "    try: decode_image(path, 64, 10**6); print('decoded')\n"
         "    except BadImageError as e: print(e)\n"
@@ -429,10 +429,10 @@ def test_a_dicom_and_a_png_or_jpeg_of_the_same_drawing_get_the_same_answer(tmp_p
     sides of both thresholds)."""
     from helpers_models import make_tiny_bundle
 
-    from trainer.bundle import load_bundle
-    from trainer.synth import render_xray
-    from trainer.synth_dicom import VARIANTS, synthetic_dataset, write_dicom
-    from worker.inference import StageModel, classify_arrays
+    from trainer.model.bundle import load_bundle
+    from trainer.synth.dicom_writer import VARIANTS, synthetic_dataset, write_dicom
+    from trainer.synth.xrays import render_xray
+    from worker.classify.inference import StageModel, classify_arrays
 
     stages = [StageModel(i, 1, load_bundle(make_tiny_bundle(tmp_path / "models", stage, 1,
                                                               bias=bias)))

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer import evaluate
-from trainer.cascade import cascade_labels
+from trainer.model.cascade import cascade_labels
+from trainer.training import evaluate
 
 Y = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
 S = [0.1, 0.4, 0.35, 0.8, 0.9, 0.7, 0.65, 0.3, 0.85, 0.95]

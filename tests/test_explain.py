@@ -1,4 +1,4 @@
-"""Grad-CAM (trainer.explain): the feature map found in every backbone and in imported models,
+"""Grad-CAM (trainer.model.explain): the feature map found in every backbone and in imported models,
 the map pointing at the evidence, the same maps on TensorFlow and JAX, and, on a small model
 trained on synthetic X-rays, the hottest point inside the drawn lesion far more often than
 chance.
@@ -23,14 +23,14 @@ limit_tf_threads(2)
 import keras  # noqa: E402
 
 from db.exceptions import ExplainError, NoFeatureMapError  # noqa: E402
-from trainer.backbones import BACKBONES, build_classifier, get_spec  # noqa: E402
-from trainer.bundle import Manifest, load_bundle, save_bundle  # noqa: E402
-from trainer.explain import (  # noqa: E402
+from trainer.model.bundle import Manifest, load_bundle, save_bundle  # noqa: E402
+from trainer.model.explain import (  # noqa: E402
     build_explainer,
     class_activation_maps,
     explainer_for,
     grad_cam,
 )
+from trainer.training.backbones import BACKBONES, build_classifier, get_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST_MAPS = {
@@ -165,7 +165,7 @@ def test_pointing_game_and_its_chance_level():
 def test_an_imported_model_is_explained_through_its_declared_preprocessing(tmp_path, db_url):
     """A file from elsewhere: a Sequential with a softmax head, imported through the real
     importer (preprocessing declared, not in the model), loaded in safe mode."""
-    from trainer.importer import import_model
+    from trainer.training.importer import import_model
 
     size = 32
     model = keras.Sequential([
@@ -214,8 +214,8 @@ JAX_CHILD = """
 import json, sys
 import numpy as np
 from pathlib import Path
-from trainer.bundle import load_bundle
-from trainer.explain import explainer_for, grad_cam
+from trainer.model.bundle import load_bundle
+from trainer.model.explain import explainer_for, grad_cam
 args = json.loads(sys.argv[1])
 pixels = np.load(args["pixels"])
 cams = {}
@@ -278,10 +278,10 @@ def test_heatmaps_point_at_the_drawn_lesion_far_more_often_than_chance(tmp_path)
     12 epochs, augmented) on synthetic X-rays whose generator recorded where it drew each
     opacity: for every BACTERIA image, the map of its deciding stage (stage 2, BACTERIA vs
     VIRUS) is scored by whether its hottest point lies inside the drawn consolidation."""
-    from trainer.data import scan_dataset, split_records
-    from trainer.decode import decode_image
-    from trainer.synth import generate_dataset, load_lesions
-    from trainer.train import TrainConfig, train_stage
+    from trainer.imaging.decode import decode_image
+    from trainer.synth.xrays import generate_dataset, load_lesions
+    from trainer.training.data import scan_dataset, split_records
+    from trainer.training.train import TrainConfig, train_stage
 
     root = tmp_path / "synthetic"
     generate_dataset(root, POINTING_N, seed=POINTING_SEED)

@@ -25,7 +25,7 @@ import pytest
 
 from db.exceptions import FlowerConfigError
 from worker.cli import build_parser
-from worker.flower import (
+from worker.ops.flower import (
     check_flower_settings,
     flower_command,
     flower_env,
@@ -41,7 +41,7 @@ def make_settings(**overrides) -> Settings:
 
 
 def flower_options(argv: list[str]) -> dict[str, str]:
-    assert argv[1:3] == ["-m", "worker.flower"]
+    assert argv[1:3] == ["-m", "worker.ops.flower"]
     return dict(arg[2:].split("=", 1) for arg in argv[3:])
 
 
@@ -248,7 +248,7 @@ def test_flower_shows_worker_and_finished_tasks(tmp_path, broker, processes):
     wait_for("the worker's heartbeat in /api/workers", worker_heard, logs)
 
     names = {i: f"scan-{i}.png" for i in IMAGE_IDS}
-    enqueue = ("from worker.broker import enqueue_batch\n"
+    enqueue = ("from worker.classify.broker import enqueue_batch\n"
                f"for i, n in {names!r}.items(): enqueue_batch([(i, n)])")
     subprocess.run([sys.executable, "-c", enqueue], env=env, cwd=tmp_path, check=True,
                    timeout=120)

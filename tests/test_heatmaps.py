@@ -1,5 +1,5 @@
-"""Heatmaps in the service (worker.heatmaps): written by the batch with CXR_HEATMAPS for every
-pneumonia-positive result, per prediction, from the deciding stage's own pixels; named in the
+"""Heatmaps in the service (worker.classify.heatmaps): written by the batch with CXR_HEATMAPS for
+every pneumonia-positive result, per prediction, from the deciding stage's own pixels; named in the
 ``results`` view; `cxr explain` for results and files. Tiny real bundles whose 1x1 convolution
 makes the heatmap of the positive class the image's brightness.
 """
@@ -17,10 +17,10 @@ from PIL import Image as PILImage
 from db.results import list_results
 from db.session import session_scope
 from db.vocabulary import DISCLAIMER, Label, Stage
-from worker.batch import process_images
-from worker.heatmaps import deciding_stage, explain_results
-from worker.inference import CascadeResult, ModelCache
-from worker.intake import intake_file
+from worker.classify.batch import process_images
+from worker.classify.heatmaps import deciding_stage, explain_results
+from worker.classify.inference import CascadeResult, ModelCache
+from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 
@@ -92,8 +92,8 @@ def test_workers_write_a_heatmap_for_every_positive_result(settings):
 
 
 def test_each_stage_is_explained_on_its_own_pixels(settings):
-    from trainer.bundle import load_bundle
-    from worker.inference import Models, StageModel
+    from trainer.model.bundle import load_bundle
+    from worker.classify.inference import Models, StageModel
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", conv=True)
     register_tiny_bundle(settings.db_url, settings.models_path, "infection", conv=True,
@@ -122,7 +122,7 @@ def test_no_feature_map_no_heatmap_and_the_batch_goes_on(settings, caplog):
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")  # no convolution
     ids = [_drop(settings, "one.png", 220), _drop(settings, "two.png", 230)]
     cache = ModelCache(settings.models_path)
-    with caplog.at_level(logging.WARNING, logger="worker.heatmaps"):
+    with caplog.at_level(logging.WARNING, logger="worker.classify.heatmaps"):
         assert process_images(ids[:1], settings, cache) == {ids[0]: "done"}
         assert process_images(ids[1:], settings, cache) == {ids[1]: "done"}
     rows = _results(settings)

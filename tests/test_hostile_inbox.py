@@ -24,8 +24,8 @@ from db.migrate import upgrade
 from db.models import Image
 from db.session import dispose_engines, session_scope
 from db.vocabulary import ImageStatus
-from worker import safefs
-from worker.intake import intake_file, intake_files
+from worker.files import safefs
+from worker.inbox.intake import intake_file, intake_files
 from worker.settings import Settings
 
 UNPRIVILEGED = ["setpriv", "--bounding-set=-fowner,-dac_override,-dac_read_search,-chown", "--"]
@@ -127,7 +127,7 @@ def test_a_file_swapped_for_a_link_mid_intake_leaves_no_link_in_the_archive(
 UNPRIVILEGED_INTAKE = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from worker.intake import intake_files
+    from worker.inbox.intake import intake_files
     from worker.settings import Settings
 
     settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
@@ -231,7 +231,7 @@ def test_an_inbox_on_another_filesystem_is_copied_and_refusals_recorded_once(
 
 
 def test_a_tree_too_deep_to_walk_does_not_stop_the_watcher(settings):
-    from worker.watcher import Watcher
+    from worker.inbox.watcher import Watcher
 
     fd = os.open(settings.inbox_dir, os.O_RDONLY | os.O_DIRECTORY)
     for _ in range(1100):

@@ -13,9 +13,9 @@ import keras  # noqa: E402
 from db import registry  # noqa: E402
 from db.exceptions import ImportModelError  # noqa: E402
 from db.session import session_scope  # noqa: E402
-from trainer.bundle import bundle_sha256, load_bundle  # noqa: E402
-from trainer.checksum import sha256_file  # noqa: E402
-from trainer.importer import import_model  # noqa: E402
+from trainer.imaging.checksum import sha256_file  # noqa: E402
+from trainer.model.bundle import bundle_sha256, load_bundle  # noqa: E402
+from trainer.training.importer import import_model  # noqa: E402
 
 SIZE = 16
 

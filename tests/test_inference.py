@@ -15,11 +15,11 @@ from db import images, registry
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
-from trainer.bundle import load_bundle
-from trainer.cascade import positive_probability
-from worker.batch import process_images
-from worker.inference import ModelCache, StageModel, classify_arrays
-from worker.intake import intake_file
+from trainer.model.bundle import load_bundle
+from trainer.model.cascade import positive_probability
+from worker.classify.batch import process_images
+from worker.classify.inference import ModelCache, StageModel, classify_arrays
+from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 
@@ -145,7 +145,7 @@ def test_stage_two_sees_the_pixels_training_gave_it(settings):
     trainer's pipeline feeds it), not the 16 px stage-1 pixels scaled up."""
     import keras
 
-    from trainer.decode import decode_image
+    from trainer.imaging.decode import decode_image
 
     register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", input_size=16)
     register_tiny_bundle(settings.db_url, settings.models_path, "infection", input_size=48)

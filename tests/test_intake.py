@@ -20,7 +20,8 @@ from db import images
 from db.models import Image
 from db.session import session_scope
 from db.vocabulary import ImageStatus
-from worker.intake import (
+from worker.files.storage import archive_relpath
+from worker.inbox.intake import (
     display_name,
     inbox_parts,
     intake_file,
@@ -30,7 +31,6 @@ from worker.intake import (
     requeue_waiting,
 )
 from worker.settings import Settings
-from worker.storage import archive_relpath
 
 
 @pytest.fixture
@@ -233,7 +233,7 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from db import images
-    from worker.intake import intake_file
+    from worker.inbox.intake import intake_file
     from worker.settings import Settings
 
     def die(*args, **kwargs):  # the watcher is killed after the archive copy, before the commit
@@ -281,7 +281,7 @@ def test_a_batch_is_one_transaction_and_messages_of_message_size(settings):
 
 
 def test_an_interrupted_copy_leaves_no_temp_file(settings, monkeypatch):
-    from worker import safefs
+    from worker.files import safefs
 
     path = settings.inbox_dir / "big.png"
     path.write_bytes(b"x" * 100)

@@ -31,7 +31,7 @@ from sqlalchemy import update
 from db.models import Image, ModelVersion
 from db.session import dispose_engines, session_scope
 from db.vocabulary import ImageStatus, Label, ModelStatus
-from worker.supervisor import CXR_COMMAND
+from worker.ops.supervisor import CXR_COMMAND
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -181,7 +181,7 @@ def test_celery_contract_and_what_flower_sees():
     """Late acks, prefetch 1, JSON only, no result backend; the message names only id and file."""
     import json
 
-    from worker.celery_app import CLASSIFY_TASK, make_app
+    from worker.classify.celery_app import CLASSIFY_TASK, make_app
     from worker.settings import Settings
 
     db_number = random.randint(4, 15)
@@ -193,7 +193,7 @@ def test_celery_contract_and_what_flower_sees():
     assert conf.worker_prefetch_multiplier == 1 and conf.task_ignore_result is True
     assert conf.accept_content == ["json"] and conf.task_serializer == "json"
     assert conf.task_routes[CLASSIFY_TASK] == {"queue": queue}
-    from worker.tasks import classify_images
+    from worker.classify.tasks import classify_images
 
     assert classify_images.name == CLASSIFY_TASK
     with app.connection_for_write() as conn:

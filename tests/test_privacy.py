@@ -19,8 +19,8 @@ from db.models import Image
 from db.session import redacted_url, session_scope
 from db.vocabulary import ImageStatus
 from worker.cli import main
+from worker.ops.supervisor import broker_answers, private_redis
 from worker.settings import Settings
-from worker.supervisor import broker_answers, private_redis
 
 SECRET = "p@ss w#rd:%/?&=\"'\\"
 
@@ -78,7 +78,7 @@ def test_a_private_redis_takes_a_password_with_any_characters(tmp_path):
 
 
 def test_hidden_file_names_leave_only_the_image_id(monkeypatch):
-    import worker.broker
+    import worker.classify.broker
 
     shown = Settings(hide_file_names=True)
     assert shown.describe(7, "Doe^Jane 1970.png") == "image 7"
@@ -86,12 +86,12 @@ def test_hidden_file_names_leave_only_the_image_id(monkeypatch):
     assert named.describe(7, "evil\nINFO forged line\x1b[31m") == (
         "image 7 (evil\\nINFO forged line\\x1b[31m)")
     sent = []
-    monkeypatch.setattr(worker.broker.app, "send_task", lambda *a, **k: sent.append(k))
-    monkeypatch.setattr(worker.broker, "settings", shown)
-    worker.broker.enqueue_batch([(7, "Doe^Jane 1970.png"), (8, "Roe^Richard.png")])
+    monkeypatch.setattr(worker.classify.broker.app, "send_task", lambda *a, **k: sent.append(k))
+    monkeypatch.setattr(worker.classify.broker, "settings", shown)
+    worker.classify.broker.enqueue_batch([(7, "Doe^Jane 1970.png"), (8, "Roe^Richard.png")])
     assert sent[-1]["argsrepr"] == "(image_ids=[7, 8])"
-    monkeypatch.setattr(worker.broker, "settings", named)
-    worker.broker.enqueue_batch([(9, "a\nb.png")])
+    monkeypatch.setattr(worker.classify.broker, "settings", named)
+    worker.classify.broker.enqueue_batch([(9, "a\nb.png")])
     assert sent[-1]["argsrepr"] == "(image_ids=[9], files=['a\\\\nb.png'])"
 
 
@@ -133,7 +133,7 @@ def test_results_arguments_fail_in_one_line(cli_env, capsys, args, message):
 
 
 def test_a_worker_refuses_a_bundle_whose_files_changed(tmp_path, db_url, caplog):
-    from worker.inference import ModelCache
+    from worker.classify.inference import ModelCache
 
     settings = Settings(data_dir=tmp_path / "var", database_url=db_url)
     register_tiny_bundle(db_url, settings.models_path, "pneumonia")
@@ -149,9 +149,9 @@ def test_log_lines_name_images_through_describe_only(caplog, tmp_path, db_url):
     from helpers_models import register_tiny_bundle as publish
     from PIL import Image as PILImage
 
-    from worker.batch import process_images
-    from worker.inference import ModelCache
-    from worker.intake import intake_files
+    from worker.classify.batch import process_images
+    from worker.classify.inference import ModelCache
+    from worker.inbox.intake import intake_files
 
     settings = Settings(data_dir=tmp_path / "var", database_url=db_url, hide_file_names=True)
     settings.ensure_dirs()

@@ -1,5 +1,5 @@
-"""`cxr report` (worker.review): one self-contained HTML page of recent results, read back by a
-real headless Chromium: it loads without a script error or a blocked resource, shows every card
+"""`cxr report` (worker.ops.review_page): one self-contained HTML page of recent results, read back
+by a real headless Chromium: it loads without a script error or a blocked resource, shows every card
 with its images decoded, the summary, the rejected files and the disclaimer, and its filter
 works. A file name written to attack the page stays text.
 """
@@ -16,8 +16,8 @@ from helpers_models import register_tiny_bundle
 from test_heatmaps import _drop
 
 from db.vocabulary import DISCLAIMER
-from worker.batch import process_images
-from worker.inference import ModelCache
+from worker.classify.batch import process_images
+from worker.classify.inference import ModelCache
 from worker.settings import Settings
 
 HOSTILE = '<img src=x onerror="document.title=1">.png'

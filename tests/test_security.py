@@ -64,7 +64,7 @@ def test_password_redis_json_only_and_no_patient_data_leaks(tmp_path):
         assert [rows[n]["status"] for n in files] == ["done", "done", "rejected"]
 
         # JSON only: a pickled message is refused and its payload never runs
-        from worker.celery_app import CLASSIFY_TASK, make_app
+        from worker.classify.celery_app import CLASSIFY_TASK, make_app
         from worker.settings import Settings
 
         marker = tmp_path / "unpickled"
@@ -106,9 +106,9 @@ def test_nothing_outside_the_inbox_is_read_or_moved(tmp_path):
     """'..' names, a symlinked folder and a symlinked file that point outside the inbox."""
     from db.migrate import upgrade
     from db.session import dispose_engines
-    from worker.intake import intake_file
+    from worker.inbox.intake import intake_file
+    from worker.inbox.watcher import scan_inbox
     from worker.settings import Settings
-    from worker.watcher import scan_inbox
 
     settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path}/c.db")
     settings.ensure_dirs()

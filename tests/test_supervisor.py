@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 from db.exceptions import BrokerUnavailableError
 from db.migrate import ensure_schema
-from worker.supervisor import (
+from worker.ops.supervisor import (
     CXR_COMMAND,
     ChildSpec,
     Supervisor,

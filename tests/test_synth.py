@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from db.exceptions import DatasetError
-from trainer.synth import (
+from trainer.synth.xrays import (
     LESIONS,
     MARKER,
     README,
@@ -172,7 +172,7 @@ def test_the_generator_records_where_it_drew_each_opacity(dataset):
 
 
 def test_a_lesion_box_covers_the_opacity_above_a_tenth_of_its_peak():
-    from trainer.synth import _noted
+    from trainer.synth.xrays import _noted
 
     opacity = np.zeros((10, 20))
     opacity[2:5, 4:9] = 1.0
@@ -197,8 +197,8 @@ def test_held_out_images_are_new_and_labelled(dataset, tmp_path):
 def test_the_dicom_format_writes_the_same_drawings_every_way_a_pacs_stores_them(tmp_path):
     import pydicom
 
-    from trainer.decode import decode_image
-    from trainer.synth_dicom import VARIANTS
+    from trainer.imaging.decode import decode_image
+    from trainer.synth.dicom_writer import VARIANTS
 
     n = len(VARIANTS) + 2
     counts = generate_dataset(tmp_path / "dcm", n, seed=4, size_range=SIZE_RANGE, fmt="dicom")

@@ -20,7 +20,7 @@ N_IMAGES = 600
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
-    from trainer.synth import generate_dataset
+    from trainer.synth.xrays import generate_dataset
 
     root = tmp_path_factory.mktemp("synth") / "chest_xray"
     generate_dataset(root, N_IMAGES, 0)
@@ -29,7 +29,7 @@ def synth_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def synth_splits(synth_root):
-    from trainer.data import scan_dataset, split_records
+    from trainer.training.data import scan_dataset, split_records
 
     return split_records(scan_dataset(synth_root), val_fraction=0.2, seed=0)
 
@@ -41,7 +41,7 @@ def _bundle_files(bundle: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def pneumonia_result(synth_splits, tmp_path_factory):
     """One real training run shared by the tests below (it is the expensive part)."""
-    from trainer.train import TrainConfig, train_stage
+    from trainer.training.train import TrainConfig, train_stage
 
     # Without augmentation the small CNN converges within the CPU budget (measured 0.95 test
     # accuracy, AUC 1.0, in about 80 s on 2 shared cores); the CLI test below trains augmented.
@@ -54,7 +54,7 @@ def pneumonia_result(synth_splits, tmp_path_factory):
 
 @pytest.mark.slow
 def test_smallcnn_learns_pneumonia_on_synthetic_data(pneumonia_result, synth_root):
-    from trainer.data import is_synthetic
+    from trainer.training.data import is_synthetic
 
     result = pneumonia_result
     test = result.metrics["test"]
@@ -73,9 +73,9 @@ def test_publish_registers_and_bundle_round_trips(pneumonia_result, synth_root, 
 
     from db import registry
     from db.session import session_scope
-    from trainer.bundle import bundle_sha256, load_bundle
-    from trainer.data import dataset_fingerprint, scan_dataset
-    from trainer.train import OUTPUT_FILES, publish
+    from trainer.model.bundle import bundle_sha256, load_bundle
+    from trainer.training.data import dataset_fingerprint, scan_dataset
+    from trainer.training.train import OUTPUT_FILES, publish
 
     result = pneumonia_result
     test = result.metrics["test"]
@@ -113,7 +113,7 @@ def test_cli_trains_both_stages_promotes_and_fine_tunes_from_a_version(
     from db import registry
     from db.migrate import upgrade
     from db.session import session_scope
-    from trainer.bundle import load_bundle
+    from trainer.model.bundle import load_bundle
     from worker.cli import main
 
     db_url = f"sqlite:///{tmp_path / 'cxr.db'}"  # one backend: the registry is covered above
@@ -178,8 +178,8 @@ def test_cli_gives_a_brand_new_database_its_schema(tmp_path, monkeypatch, capsys
 def test_head_split_shares_layers_with_the_model():
     import keras
 
-    from trainer.backbones import build_classifier
-    from trainer.train import split_head
+    from trainer.training.backbones import build_classifier
+    from trainer.training.train import split_head
 
     keras.utils.set_random_seed(0)
     model, base = build_classifier("mobilenetv2", 32, "none")
@@ -201,8 +201,8 @@ def test_feature_cache_path_with_a_pretrained_style_backbone(tmp_path):
     import keras
     from test_data import make_kaggle
 
-    from trainer.data import scan_dataset, split_records
-    from trainer.train import TrainConfig, train_stage
+    from trainer.training.data import scan_dataset, split_records
+    from trainer.training.train import TrainConfig, train_stage
 
     root = make_kaggle(tmp_path / "d", patients=8, per_patient=2, test_patients=3)
     splits = split_records(scan_dataset(root), val_fraction=0.3, seed=0)

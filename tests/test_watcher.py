@@ -15,10 +15,10 @@ from db import images
 from db.models import Image
 from db.session import session_scope
 from db.vocabulary import ImageStatus
-from worker.filters import is_candidate
+from worker.inbox.filters import is_candidate
+from worker.inbox.stability import StabilityTracker, file_signature
+from worker.inbox.watcher import Watcher, scan_inbox
 from worker.settings import Settings
-from worker.stability import StabilityTracker, file_signature
-from worker.watcher import Watcher, scan_inbox
 
 
 class FakeClock:
@@ -242,9 +242,9 @@ def test_database_outage_logs_one_line_per_pass_and_keeps_every_file(tmp_path, c
     watcher = Watcher(settings, enqueue=lambda *_: pytest.fail("nothing is recorded"))
     watcher.reconcile_once()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="worker.watcher"):
+    with caplog.at_level("WARNING", logger="worker.inbox.watcher"):
         watcher._take_due()
-    warnings = [r for r in caplog.records if r.name == "worker.watcher"]
+    warnings = [r for r in caplog.records if r.name == "worker.inbox.watcher"]
     assert len(warnings) == 1 and "database unreachable" in warnings[0].getMessage()
     assert "3 file(s) stay in the inbox" in warnings[0].getMessage()
     assert warnings[0].exc_info is None

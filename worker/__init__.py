@@ -10,7 +10,7 @@ from typing import Any
 
 def __getattr__(name: str) -> Any:
     if name in ("app", "celery"):
-        from worker.celery_app import app
+        from worker.classify.celery_app import app
 
         return app
     raise AttributeError(name)

@@ -46,7 +46,7 @@ NEEDS_MODELS = frozenset({"train", "classify", "demo", "bench", "models import",
 
 def main(argv: list[str] | None = None) -> int:
     from db.exceptions import CxrError
-    from trainer.runtime import load_backend, quiet_native_logs
+    from trainer.model.runtime import load_backend, quiet_native_logs
     from worker.settings import Settings
 
     args = build_parser().parse_args(argv)

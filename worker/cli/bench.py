@@ -1,4 +1,4 @@
-"""``cxr bench``: ceiling, notebook way, pipeline and latency in one run (see worker.bench)."""
+"""``cxr bench``: ceiling, notebook way, pipeline and latency in one run (see worker.ops.bench)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from worker.settings import Settings
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.bench import BenchConfig, format_table, run_bench, write_json
+    from worker.ops.bench import BenchConfig, format_table, run_bench, write_json
 
     cfg = BenchConfig(
         backbone=args.backbone,

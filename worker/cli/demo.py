@@ -22,8 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from db.vocabulary import DISCLAIMER, FINAL_STATUSES
+from worker.ops.stack import LocalStack
 from worker.settings import Settings
-from worker.stack import LocalStack
 
 SYNTHETIC_NOTE = (
     "Models here are trained on SYNTHETIC images in a few minutes: they show how the service "
@@ -102,7 +102,7 @@ def _has_production_models(settings: Settings) -> bool:
 
 def _synthetic_dataset(settings: Settings, n: int) -> Path:
     """A synthetic Kaggle-layout data set under the data dir (reused when it already exists)."""
-    from trainer.synth import generate_dataset
+    from trainer.synth.xrays import generate_dataset
 
     root = settings.data_dir.absolute() / f"synthetic-{n}"
     if not (root / "train").exists():
@@ -125,7 +125,7 @@ def _train_both(settings: Settings, data: Path, args: argparse.Namespace) -> Non
 
 
 def _start_stack(settings: Settings, log_path: Path) -> LocalStack:
-    from worker.supervisor import child_env
+    from worker.ops.supervisor import child_env
 
     env = child_env(settings)
     env["CXR_FLOWER_BASIC_AUTH"] = settings.flower_basic_auth or ""
@@ -141,7 +141,7 @@ def _stop_stack(stack: LocalStack) -> None:
 
 def _drop_images(settings: Settings, n: int) -> dict[str, str]:
     """Copy held-out synthetic images into the inbox; returns file name -> true label."""
-    from trainer.synth import held_out_images
+    from trainer.synth.xrays import held_out_images
 
     staging = settings.data_dir.absolute() / "demo-staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -228,7 +228,7 @@ def _explain_and_review(settings: Settings, rows: list[dict], since: datetime) -
 
 def _report_flower(settings: Settings, names: set[str], timeout: float = 30.0) -> None:
     """Read Flower's API: every demo image should be named by a task (one task per batch)."""
-    from worker.celery_app import CLASSIFY_TASK
+    from worker.classify.celery_app import CLASSIFY_TASK
 
     request = _flower_request(settings, "/api/tasks?limit=100000")
     deadline = time.monotonic() + timeout

@@ -58,7 +58,7 @@ def _write(path: Path, data: bytes) -> None:
 def _archived(row, settings: Settings) -> tuple[bytes | None, str | None]:
     """(the archived file's bytes, checked against the hash intake recorded) or (None, why)."""
     from db.vocabulary import ImageStatus
-    from worker.storage import stored_file
+    from worker.files.storage import stored_file
 
     if row is None:
         return None, "no such image"
@@ -81,9 +81,9 @@ def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
     from db.images import image_results
     from db.migrate import check_schema
     from db.session import session_scope
-    from trainer.decode import decode_bytes
-    from worker.heatmaps import explain_results, render
-    from worker.inference import CascadeResult, Models, load_registered
+    from trainer.imaging.decode import decode_bytes
+    from worker.classify.heatmaps import explain_results, render
+    from worker.classify.inference import CascadeResult, Models, load_registered
 
     check_schema(settings.db_url)
     failures = 0
@@ -120,8 +120,8 @@ def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
 
 def _explain_files(files: list[Path], out: Path, settings: Settings) -> int:
     from db.exceptions import BadImageError
-    from worker.heatmaps import explain_results, render
-    from worker.inference import classify_file, production_models
+    from worker.classify.heatmaps import explain_results, render
+    from worker.classify.inference import classify_file, production_models
 
     models = production_models(settings.models_path, settings.db_url)
     failures = 0

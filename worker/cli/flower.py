@@ -8,7 +8,7 @@ from worker.settings import Settings
 
 
 def run_flower(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.flower import check_flower_settings, exec_flower
+    from worker.ops.flower import check_flower_settings, exec_flower
 
     overrides = {"flower_address": args.address, "flower_port": args.port}
     settings = settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})

@@ -173,7 +173,7 @@ def cmd_models_rollback(args: argparse.Namespace, settings: Any) -> int:
 
 def _requeue_waiting(settings: Any) -> None:
     """Images parked as waiting_model go back to the queue now, not at the next reconcile."""
-    from worker.intake import requeue_waiting
+    from worker.inbox.intake import requeue_waiting
 
     try:
         n = requeue_waiting(settings)
@@ -186,7 +186,7 @@ def _requeue_waiting(settings: Any) -> None:
 
 def cmd_models_import(args: argparse.Namespace, settings) -> int:
     from db.migrate import ensure_schema
-    from trainer.importer import import_model
+    from trainer.training.importer import import_model
 
     if ensure_schema(settings.db_url):
         print("created the database schema (first use of this database)")

@@ -9,13 +9,13 @@ from worker.settings import Settings
 
 
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.watcher import watch
+    from worker.inbox.watcher import watch
 
     return watch(settings, polling=args.polling)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.celery_app import app
+    from worker.classify.celery_app import app
 
     argv = [
         "worker",
@@ -30,7 +30,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.supervisor import up
+    from worker.ops.supervisor import up
 
     return up(settings, flower=not args.no_flower, polling=args.polling,
               concurrency=args.concurrency)
@@ -39,7 +39,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
     from db.exceptions import BadImageError
     from db.vocabulary import DISCLAIMER
-    from worker.inference import classify_file, production_models
+    from worker.classify.inference import classify_file, production_models
 
     models = production_models(settings.models_path, settings.db_url)
     versions = f"pneumonia/v{models.pneumonia.version}"

@@ -36,7 +36,7 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from db.migrate import check_schema
     from db.results import review_rows
     from db.session import session_scope
-    from worker.review import render_review, write_page
+    from worker.ops.review_page import render_review, write_page
 
     since = args.since or datetime.now().astimezone() - timedelta(days=1)
     check_schema(settings.db_url)

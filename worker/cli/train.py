@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_synth(args: argparse.Namespace, settings) -> int:
-    from trainer.synth import generate_dataset
+    from trainer.synth.xrays import generate_dataset
 
     generate_dataset(args.out, args.n, args.seed, fmt=args.format)
     kind = "DICOM " if args.format == "dicom" else ""
@@ -95,7 +95,7 @@ def resolve_init_from(value: str | None, stage: str, settings):
     if head in ("pneumonia", "infection") and tail.lower().removeprefix("v").isdigit():
         from db import registry
         from db.session import session_scope
-        from trainer.bundle import MODEL_FILE, Manifest
+        from trainer.model.bundle import MODEL_FILE, Manifest
 
         if head != stage:
             raise CxrError(f"--init-from {value} is a {head} model; this run trains {stage}")
@@ -119,16 +119,16 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
 
     if ensure_schema(settings.db_url):
         print("created the database schema (first use of this database)")
-    from trainer.backbones import get_spec
-    from trainer.data import (
+    from trainer.model.runtime import describe_device
+    from trainer.training.backbones import get_spec
+    from trainer.training.data import (
         dataset_fingerprint,
         is_synthetic,
         scan_dataset,
         split_records,
         summarize,
     )
-    from trainer.runtime import describe_device
-    from trainer.train import TrainConfig, publish, train_stage
+    from trainer.training.train import TrainConfig, publish, train_stage
 
     stages = ["pneumonia", "infection"] if args.stage == "both" else [args.stage]
     if args.init_from and len(stages) > 1:
@@ -180,7 +180,7 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
 
 
 def _model_input_size(path: Path) -> int:
-    from trainer.bundle import load_keras_model
+    from trainer.model.bundle import load_keras_model
 
     model = load_keras_model(path)
     return int(model.inputs[0].shape[1])
@@ -188,7 +188,7 @@ def _model_input_size(path: Path) -> int:
 
 def _add_cascade(results: dict, test_records, settings) -> None:
     """Three-class evaluation when both stages exist: this run's models, else production."""
-    from trainer.train import evaluate_cascade_on, model_predictor, write_outputs
+    from trainer.training.train import evaluate_cascade_on, model_predictor, write_outputs
 
     stages = {}
     for stage in ("pneumonia", "infection"):
@@ -211,7 +211,7 @@ def _add_cascade(results: dict, test_records, settings) -> None:
 def _production_bundle(stage: str, settings):
     from db import registry
     from db.session import session_scope
-    from trainer.bundle import load_bundle
+    from trainer.model.bundle import load_bundle
 
     with session_scope(settings.db_url) as session:
         mv = registry.get_production(session, stage)

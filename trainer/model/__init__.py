@@ -1,0 +1,1 @@
+"""What a model version is: bundle, preprocessing layers, runtime, cascade rule, explain."""

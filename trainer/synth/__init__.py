@@ -1,0 +1,1 @@
+"""Synthetic JPEG and DICOM chest X-rays: the demo's and the tests' data."""

@@ -1,0 +1,1 @@
+"""Data sets, backbones, training, evaluation, model card, publishing and import."""

@@ -1,0 +1,121 @@
+"""Import a model trained elsewhere (``.keras`` or legacy ``.h5``) as a registered bundle.
+
+Imported models take preprocessed input, so the manifest declares the preprocessing and the
+loader applies it (``preprocessing_in_model=False``). Models load in safe mode: a file holding
+a ``Lambda`` (arbitrary code) is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from db.exceptions import ImportModelError
+from db.vocabulary import STAGE_CLASSES
+from trainer.imaging.checksum import sha256_file
+from trainer.model.bundle import Manifest, load_keras_model
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+def load_external_model(src: Path):
+    """Load ``src`` in safe mode without compiling; errors become ImportModelError."""
+    src = Path(src)
+    if src.suffix.lower() not in SUFFIXES:
+        raise ImportModelError(f"{src.name}: expected a .keras or .h5 model file")
+    if not src.is_file():
+        raise ImportModelError(f"{src} does not exist")
+    try:
+        return load_keras_model(src)
+    except Exception as exc:
+        raise ImportModelError(f"cannot load {src.name} in safe mode: {exc}") from exc
+
+
+def _final_activation(model) -> str | None:
+    """Name of the activation the output layer applies ('linear', 'sigmoid', ...), if known."""
+    layer = model.layers[-1] if model.layers else None
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", None)
+
+
+def output_kind(model, input_size: int, logits: bool) -> str:
+    """'sigmoid', 'softmax' or 'logits', after checking shapes, the final activation and, for
+    probabilities, that a probe batch gives values in [0, 1] (rows summing to 1 for softmax)."""
+    in_shape = tuple(model.inputs[0].shape)[1:]
+    if len(in_shape) != 3 or in_shape[2] != 3:
+        raise ImportModelError(f"model input {in_shape} is not an RGB image (H, W, 3)")
+    if in_shape[0] not in (None, input_size) or in_shape[1] not in (None, input_size):
+        raise ImportModelError(f"model takes {in_shape[:2]} images, not --input-size {input_size}")
+    out_shape = tuple(model.outputs[0].shape)
+    if len(out_shape) != 2 or out_shape[1] not in (1, 2):
+        raise ImportModelError(
+            f"model output {out_shape} does not fit 2 classes (need 1 or 2 units)"
+        )
+    activation = _final_activation(model)
+    if logits:
+        if activation in ("sigmoid", "softmax"):
+            raise ImportModelError(f"model ends in {activation}; drop --logits")
+        return "logits"
+    if activation == "linear":
+        raise ImportModelError("model ends in a linear layer (raw logits); pass --logits")
+    import keras
+
+    probe = np.random.default_rng(0).uniform(-1.0, 1.0, (4, input_size, input_size, 3))
+    y = keras.ops.convert_to_numpy(model(probe.astype(np.float32), training=False))
+    if np.any(y < 0) or np.any(y > 1) or (y.shape[1] == 2 and not np.allclose(y.sum(1), 1, 1e-3)):
+        raise ImportModelError("model outputs are not probabilities; pass --logits if they are raw")
+    return "sigmoid" if y.shape[1] == 1 else "softmax"
+
+
+def import_model(
+    src: Path,
+    *,
+    stage: str,
+    class_names: list[str] | None = None,
+    input_size: int,
+    preprocess: str,
+    logits: bool = False,
+    models_dir: Path,
+    db_url: str,
+    threshold: float = 0.5,
+    promote: bool = False,
+) -> int:
+    """Register ``src`` as the next version of ``stage``; returns that version number.
+
+    ``preprocess`` is a mode or backbone name (trainer.model.preprocessing); ``class_names``
+    defaults to the stage's classes, in the model's output order.
+    """
+    from trainer.model.preprocessing import resolve_mode
+    from trainer.training.publish import publish_model
+
+    src = Path(src)
+    try:
+        resolve_mode(preprocess)
+    except ValueError as exc:
+        raise ImportModelError(str(exc)) from None
+    names = list(class_names or STAGE_CLASSES.get(stage, ()))
+    if len(names) != 2:
+        raise ImportModelError(f"need exactly 2 class names in output order, got {names}")
+    model = load_external_model(src)
+    output = output_kind(model, input_size, logits)
+    params = {
+        "imported": True,
+        "source_file": src.name,
+        "source_sha256": sha256_file(src),
+        "preprocessing": preprocess,
+        "output": output,
+    }
+    manifest = Manifest(
+        stage=stage, version=0, class_names=names, input_size=input_size, threshold=threshold,
+        backbone="imported", preprocessing=preprocess, preprocessing_in_model=False,
+        output=output, params=params,
+    )
+    published = publish_model(
+        model, manifest, models_dir=models_dir, db_url=db_url, promote=promote, verify_load=True
+    )
+    log.info("imported %s as %s", src.name, published.name)
+    return published.version

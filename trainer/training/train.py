@@ -1,0 +1,519 @@
+"""Two-phase transfer learning for one stage, then a versioned, registered bundle.
+
+Follows the Keras transfer-learning guide: build (backbone with its preprocessing inside,
+called with ``training=False``), train the head on the frozen base, unfreeze the top layers
+(BatchNorm kept frozen), recompile at a lower learning rate and fine-tune. Phase 1 can run on
+cached pooled features of the frozen base: the base runs once instead of once per epoch,
+which is the big CPU win (the measured epoch-time ratio goes into the metrics). The decision
+threshold is tuned on validation for a target sensitivity; the test split is only evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from db.exceptions import DatasetError
+from db.vocabulary import STAGE_CLASSES
+from trainer.training import evaluate, model_card, plots
+from trainer.training.data import Splits, class_weights, stage_view
+from trainer.training.dataset import batches, decoded_dataset, make_dataset
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("metrics.json", "roc.png", "confusion.png", "curves.png", "report.md")
+TIMING_BATCHES = 3
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of one training run; stored as the bundle's ``params``.
+
+    ``unfreeze_layers``: top layers of the base trained in phase 2 (None: the backbone's default).
+    ``min_epochs``: early stopping never stops a phase before this many epochs (validation AUC
+    of a model trained from scratch is noise for the first few).
+    """
+
+    stage: str
+    backbone: str = "vgg16"
+    img_size: int = 224
+    epochs: int = 10
+    fine_tune_epochs: int = 5
+    batch_size: int = 32
+    weights: str = "imagenet"
+    seed: int = 0
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float = 1e-5
+    unfreeze_layers: int | None = None
+    patience: int = 5
+    min_epochs: int = 5
+    target_sensitivity: float = 0.95
+    feature_cache: bool = True
+    augment: bool = True
+    flip: bool = False
+    n_boot: int = 1000
+    val_fraction: float | None = None
+    init_from: str | None = None
+
+
+@dataclass
+class TrainResult:
+    """The trained model (best validation AUC weights) and everything measured about it."""
+
+    model: Any
+    config: TrainConfig
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+    threshold: float
+    test_labels: np.ndarray
+    test_scores: np.ndarray
+    out_dir: Path
+    synthetic: bool = False
+    parent_version: int | None = None
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Best-so-far checkpoint (in memory) of ``target`` on ``monitor``, kept across phases.
+
+    Phase 1 may fit a head model that shares layers with ``target``; the snapshot is always of
+    the full model so the end result is the best model seen in either phase.
+    """
+
+    def __init__(self, target, monitor: str = "val_auc") -> None:
+        super().__init__()
+        self.target = target
+        self.monitor = monitor
+        self.best = -np.inf
+        self.best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and np.isfinite(value) and value > self.best:
+            self.best = float(value)
+            self.best_weights = self.target.get_weights()
+
+    def restore(self) -> None:
+        if self.best_weights is not None:
+            self.target.set_weights(self.best_weights)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch, for the cached-versus-uncached comparison."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _metrics() -> list:
+    return [keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")]
+
+
+def compile_model(model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=_metrics(),
+    )
+
+
+def build_model(config: TrainConfig, init_model_path: Path | None = None):
+    """(model, base): a new classifier from the backbone registry, or a copy of an existing model.
+
+    ``base`` is the frozen-able backbone, or None for a model trained end to end (smallcnn).
+    """
+    from trainer.training.backbones import build_classifier
+
+    if init_model_path is None:
+        return build_classifier(config.backbone, config.img_size, config.weights)
+    from trainer.model.bundle import load_keras_model
+
+    model = load_keras_model(init_model_path)
+    size = model.inputs[0].shape[1]
+    if size != config.img_size:
+        raise DatasetError(
+            f"--init-from model takes {size} px images; use --img-size {size}"
+        )
+    return model, find_base(model)
+
+
+def find_base(model):
+    """The nested backbone (a Model layer with weights) inside a classifier, or None."""
+    nested = [
+        layer for layer in model.layers if isinstance(layer, keras.Model) and layer.weights
+    ]
+    return max(nested, key=lambda m: len(m.weights)) if nested else None
+
+
+def split_head(model, base):
+    """(features, head) models sharing ``model``'s layers: features end at the pooled vector.
+
+    The head is the chain of layers after the first rank-2 output at or after ``base``;
+    training the head model trains those layers of ``model`` itself.
+    """
+    layers = model.layers
+    start = layers.index(base)
+    cut = next(
+        i for i in range(start, len(layers)) if len(layers[i].output.shape) == 2
+    )
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    features = keras.Model(inputs, layers[cut].output, name="features")
+    x = inputs = keras.Input(layers[cut].output.shape[1:], name="pooled")
+    for layer in layers[cut + 1 :]:
+        x = layer(x)
+    return features, keras.Model(inputs, x, name="head")
+
+
+@tf.function(reduce_retracing=True)
+def _infer(model, x):
+    """One compiled function for every model: a new ``tf.function`` per call would trace anew
+    each time (and TensorFlow warns about it); here each model traces once or twice."""
+    return model(x, training=False)
+
+
+def predict_scores(model, dataset: tf.data.Dataset) -> np.ndarray:
+    """Positive-class probabilities for a dataset, via one compiled function (no ``predict``)."""
+    chunks = [np.asarray(_infer(model, x)).reshape(-1) for x, _ in dataset]
+    return np.concatenate(chunks) if chunks else np.zeros((0,), dtype=np.float32)
+
+
+def _features(features_model, dataset: tf.data.Dataset) -> np.ndarray:
+    return np.concatenate([np.asarray(_infer(features_model, x)) for x, _ in dataset])
+
+
+def _timed_image_batches(model, dataset: tf.data.Dataset, steps: int, n_batches: int) -> float:
+    """Seconds per epoch when the head trains on images through the frozen base, measured on a
+    few batches and scaled to ``steps``; the weights are put back afterwards."""
+    saved = model.get_weights()
+    probe = dataset.take(n_batches + 1)
+    model.fit(probe.take(1), epochs=1, verbose=0, shuffle=False)  # compile and warm up, not timed
+    start = time.perf_counter()
+    model.fit(probe.skip(1), epochs=1, verbose=0, shuffle=False)
+    elapsed = time.perf_counter() - start
+    model.set_weights(saved)
+    return elapsed / n_batches * steps
+
+
+def _merge(history: dict[str, list[float]], new: dict[str, list[float]], phase: int) -> None:
+    for key, values in new.items():
+        history.setdefault(key, []).extend(float(v) for v in values)
+    history.setdefault("phase", []).extend([phase] * len(next(iter(new.values()), [])))
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+@dataclass
+class StageData:
+    """One stage's datasets: augmented training batches, plain ones (for features), validation."""
+
+    train: tf.data.Dataset
+    plain_train: tf.data.Dataset
+    val: tf.data.Dataset
+    train_y: np.ndarray
+    val_y: np.ndarray
+    class_weight: dict[int, float]
+    steps: int
+
+
+def _stopper(config: TrainConfig) -> keras.callbacks.EarlyStopping:
+    return keras.callbacks.EarlyStopping(
+        monitor="val_auc", mode="max", patience=config.patience,
+        start_from_epoch=config.min_epochs,
+    )
+
+
+def _fit(model, data: StageData, config: TrainConfig, keep: KeepBest, epochs: int,
+         verbose: int) -> tuple[dict[str, list[float]], float]:
+    """Fit on image batches with early stopping on validation AUC; (history, median epoch s)."""
+    timer = EpochTimer()
+    fit = model.fit(
+        data.train, validation_data=data.val, epochs=epochs, class_weight=data.class_weight,
+        callbacks=[keep, _stopper(config), timer], verbose=verbose, shuffle=False,
+    )
+    return fit.history, float(np.median(timer.times))
+
+
+def train_end_to_end(model, data, config, keep, verbose) -> tuple[dict, dict]:
+    """A from-scratch model (smallcnn): every layer trains from the first epoch."""
+    compile_model(model, config.learning_rate)
+    history, epoch_s = _fit(model, data, config, keep, config.epochs, verbose)
+    return history, {"epoch_s": epoch_s}
+
+
+def train_head_on_features(model, base, data, config, keep, verbose) -> tuple[dict, dict]:
+    """Phase 1 on cached pooled features of the frozen base (computed once, no augmentation).
+
+    The uncached epoch time is measured on a few image batches through the frozen base, so
+    the report can state the ratio measured in this run.
+    """
+    compile_model(model, config.learning_rate)
+    features, head = split_head(model, base)
+    compile_model(head, config.learning_rate)
+    t0 = time.perf_counter()
+    train_f, val_f = _features(features, data.plain_train), _features(features, data.val)
+    extraction_s = time.perf_counter() - t0
+    timer = EpochTimer()
+    fit = head.fit(
+        train_f, data.train_y, batch_size=config.batch_size, validation_data=(val_f, data.val_y),
+        epochs=config.epochs, class_weight=data.class_weight, shuffle=True,
+        callbacks=[keep, _stopper(config), timer], verbose=verbose,
+    )
+    cached_s = float(np.median(timer.times))
+    uncached_s = _timed_image_batches(
+        model, data.train, data.steps, min(TIMING_BATCHES, max(data.steps - 1, 1))
+    )
+    return fit.history, {
+        "feature_extraction_s": extraction_s,
+        "cached_epoch_s": cached_s,
+        "uncached_epoch_s": uncached_s,
+        "epoch_time_ratio": uncached_s / max(cached_s, 1e-9),
+    }
+
+
+def train_head_through_base(model, data, config, keep, verbose) -> tuple[dict, dict]:
+    """Phase 1 without the cache: images (augmented) through the frozen base every epoch."""
+    compile_model(model, config.learning_rate)
+    history, epoch_s = _fit(model, data, config, keep, config.epochs, verbose)
+    return history, {"uncached_epoch_s": epoch_s}
+
+
+def fine_tune(model, base, data, config, keep, verbose) -> tuple[dict, dict]:
+    """Phase 2: unfreeze the top of the base (BatchNorm stays frozen), recompile at a low rate."""
+    from trainer.training.backbones import get_spec, unfreeze_top
+
+    n_layers = config.unfreeze_layers
+    if n_layers is None:
+        n_layers = get_spec(config.backbone).fine_tune_layers
+    unfreeze_top(base, n_layers)
+    compile_model(model, config.fine_tune_learning_rate)
+    history, epoch_s = _fit(model, data, config, keep, config.fine_tune_epochs, verbose)
+    return history, {"fine_tune_epoch_s": epoch_s}
+
+
+def stage_data(splits: Splits, config: TrainConfig) -> tuple[StageData, tf.data.Dataset, list]:
+    """(StageData, test batches, test labels) for ``config.stage``; decodes each image once."""
+    stage, size, bs = config.stage, config.img_size, config.batch_size
+    train_paths, train_y = stage_view(splits.train, stage)
+    val_paths, val_y = stage_view(splits.val, stage)
+    test_paths, test_y = stage_view(splits.test, stage)
+    for name, ys in (("validation", val_y), ("test", test_y)):
+        if len(set(ys)) < 2:
+            raise DatasetError(f"the {name} split of stage {stage} lacks one of its two classes")
+    decoded = decoded_dataset(train_paths, train_y, size)
+    data = StageData(
+        train=batches(decoded, bs, training=True, augment=config.augment, flip=config.flip,
+                      seed=config.seed),
+        plain_train=batches(decoded, bs),
+        val=make_dataset(val_paths, val_y, size, bs),
+        train_y=np.asarray(train_y, np.float32),
+        val_y=np.asarray(val_y, np.float32),
+        class_weight=class_weights(train_y),
+        steps=int(np.ceil(len(train_paths) / bs)),
+    )
+    return data, make_dataset(test_paths, test_y, size, bs, cache=False), test_y
+
+
+def evaluate_stage(model, data: StageData, test_ds, test_y: list[int], config: TrainConfig):
+    """(threshold, test scores, metrics): the threshold comes from validation only; the test
+    split is scored once with it."""
+    val_y = data.val_y.astype(int).tolist()
+    val_scores = predict_scores(model, data.val)
+    threshold = evaluate.threshold_for_sensitivity(val_y, val_scores, config.target_sensitivity)
+    test_scores = predict_scores(model, test_ds)
+    val_metrics = evaluate.threshold_metrics(val_y, val_scores, threshold)
+    val_metrics["auc"] = evaluate.roc_auc(val_y, val_scores)
+    metrics: dict[str, Any] = {
+        "stage": config.stage,
+        "class_names": STAGE_CLASSES[config.stage],
+        "threshold": threshold,
+        "target_sensitivity": config.target_sensitivity,
+        "test": evaluate.evaluate_binary(
+            test_y, test_scores, threshold, n_boot=config.n_boot, seed=config.seed
+        ),
+        "val": val_metrics,
+        "counts": {
+            "train": _counts(data.train_y.astype(int).tolist()),
+            "val": _counts(val_y),
+            "test": _counts(list(test_y)),
+        },
+        "class_weights": {str(k): v for k, v in data.class_weight.items()},
+    }
+    return threshold, test_scores, metrics
+
+
+def train_stage(
+    splits: Splits,
+    config: TrainConfig,
+    out_dir: Path | str,
+    *,
+    init_model_path: Path | None = None,
+    parent_version: int | None = None,
+    synthetic: bool = False,
+    verbose: int | None = None,
+) -> TrainResult:
+    """Train one stage, tune its threshold on validation, evaluate on test, write the outputs.
+
+    Writes ``metrics.json``, ``roc.png``, ``confusion.png``, ``curves.png`` and ``report.md``
+    into ``out_dir``; registering the bundle is ``publish``'s job. The returned model holds the
+    weights of the best validation AUC over both phases.
+    """
+    keras.utils.set_random_seed(config.seed)
+    verbose = _verbose() if verbose is None else verbose
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data, test_ds, test_y = stage_data(splits, config)
+    model, base = build_model(config, init_model_path)
+    keep = KeepBest(model)
+    history: dict[str, list[float]] = {}
+    timing: dict[str, float] = {}
+    if base is None:
+        phase, times = train_end_to_end(model, data, config, keep, verbose)
+        _merge(history, phase, 1)
+        timing.update(times)
+    else:
+        from trainer.training.backbones import freeze_base
+
+        freeze_base(base)
+        if config.epochs > 0:
+            if config.feature_cache:
+                phase, times = train_head_on_features(model, base, data, config, keep, verbose)
+            else:
+                phase, times = train_head_through_base(model, data, config, keep, verbose)
+            _merge(history, phase, 1)
+            timing.update(times)
+            keep.restore()
+        if config.fine_tune_epochs > 0:
+            phase, times = fine_tune(model, base, data, config, keep, verbose)
+            _merge(history, phase, 2)
+            timing.update(times)
+    keep.restore()
+    threshold, test_scores, metrics = evaluate_stage(model, data, test_ds, test_y, config)
+    metrics.update(
+        best_val_auc=keep.best if np.isfinite(keep.best) else None,
+        timing=timing,
+        epochs_run=len(history.get("loss", [])),
+        synthetic=synthetic,
+    )
+    result = TrainResult(
+        model=model, config=config, history=history, metrics=metrics, threshold=threshold,
+        test_labels=np.asarray(test_y), test_scores=test_scores, out_dir=out_dir,
+        synthetic=synthetic, parent_version=parent_version,
+    )
+    write_outputs(result)
+    return result
+
+
+def _counts(labels: list[int]) -> dict[str, int]:
+    return {"0": int(labels.count(0)), "1": int(labels.count(1))}
+
+
+def write_outputs(result: TrainResult) -> None:
+    """metrics.json, the three plots and report.md in ``result.out_dir`` (rewritten on update)."""
+    out, stage = result.out_dir, result.config.stage
+    names = STAGE_CLASSES[stage]
+    (out / "metrics.json").write_text(
+        json.dumps(_json_safe(result.metrics), indent=2, sort_keys=True) + "\n"
+    )
+    title = f"{stage} ({result.config.backbone})"
+    plots.plot_curves(result.history, out / "curves.png", title=title, synthetic=result.synthetic)
+    plots.plot_roc(
+        result.test_labels, result.test_scores, out / "roc.png", title=title,
+        synthetic=result.synthetic, threshold=result.threshold,
+    )
+    plots.plot_confusion(
+        np.asarray(result.metrics["test"]["confusion"]), names, out / "confusion.png",
+        title=title, synthetic=result.synthetic,
+    )
+    (out / "report.md").write_text(
+        model_card.render_report(result.metrics, asdict(result.config), synthetic=result.synthetic)
+    )
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def publish(
+    result: TrainResult,
+    *,
+    models_dir: Path | str,
+    db_url: str,
+    dataset_fingerprint: str | None,
+    promote: bool = False,
+):
+    """Register this run's model with its evaluation outputs (``trainer.training.publish``)."""
+    from trainer.model.bundle import Manifest
+    from trainer.model.preprocessing import BACKBONE_MODES
+    from trainer.training.publish import publish_model
+
+    config = result.config
+    params = _json_safe(asdict(config))
+    manifest = Manifest(
+        stage=config.stage, version=0, class_names=list(STAGE_CLASSES[config.stage]),
+        input_size=config.img_size, threshold=float(result.threshold), backbone=config.backbone,
+        preprocessing=BACKBONE_MODES.get(config.backbone, "none"), preprocessing_in_model=True,
+        output="sigmoid", metrics=_json_safe(result.metrics), params=params,
+        dataset_fingerprint=dataset_fingerprint, parent_version=result.parent_version,
+        synthetic=result.synthetic,
+    )
+    published = publish_model(
+        result.model, manifest, models_dir=models_dir, db_url=db_url,
+        extra_files=[result.out_dir / name for name in OUTPUT_FILES], promote=promote,
+    )
+    log.info("registered %s (%s) at %s", published.name, published.status, published.bundle_dir)
+    return published
+
+
+def score_paths(predict, paths: list[Path], img_size: int, batch_size: int = 32) -> np.ndarray:
+    """``predict`` (raw 0-255 batch -> positive probabilities) over image files, batch by batch."""
+    ds = make_dataset(paths, [0] * len(paths), img_size, batch_size, cache=False)
+    chunks = [np.asarray(predict(x.numpy()), dtype=np.float64).reshape(-1) for x, _ in ds]
+    return np.concatenate(chunks) if chunks else np.zeros((0,))
+
+
+def model_predictor(model):
+    """A batch predictor for a trainer model, through one compiled function."""
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        return model(x, training=False)
+
+    return lambda x: np.asarray(step(tf.convert_to_tensor(x, tf.float32))).reshape(-1)
+
+
+def evaluate_cascade_on(
+    test_records, pneumonia: tuple, infection: tuple, batch_size: int = 32
+) -> dict[str, Any]:
+    """Three-class cascade on every test image; each stage is (predict, img_size, threshold)."""
+    paths = [r.path for r in test_records]
+    p1 = score_paths(pneumonia[0], paths, pneumonia[1], batch_size)
+    p2 = score_paths(infection[0], paths, infection[1], batch_size)
+    return evaluate.evaluate_cascade(
+        [r.label3 for r in test_records], p1, p2, pneumonia[2], infection[2]
+    )

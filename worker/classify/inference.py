@@ -1,0 +1,269 @@
+"""The two-stage cascade and the per-process cache of production models.
+
+``classify_arrays`` is batch-shaped: stage 1 runs on the whole batch, stage 2 once on the
+stage-1 positives, each in power-of-two chunks so only a few input shapes ever occur.
+``ModelCache`` loads the production bundles lazily (warming those shapes up) and reloads a
+stage when the registry's production version changes (one small query per batch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from db.exceptions import BadImageError
+from db.vocabulary import POSITIVE_CLASS, Label, Stage
+from trainer.imaging.decode import decode_many
+from trainer.model.cascade import cascade_labels, positive_probability, positive_threshold
+
+log = logging.getLogger(__name__)
+
+WARM_UP_BUDGET_S = 10.0
+
+StagePixels = Callable[[np.ndarray, int], np.ndarray]
+"""(indices into the batch, input size) -> those images' pixels at that size."""
+
+
+@dataclass(frozen=True)
+class StageModel:
+    """A production bundle and the registry row it came from."""
+
+    model_id: int
+    version: int
+    bundle: Any  # trainer.model.bundle.LoadedBundle
+
+    @property
+    def threshold(self) -> float:
+        return float(self.bundle.manifest.threshold)
+
+    @property
+    def input_size(self) -> int:
+        return int(self.bundle.manifest.input_size)
+
+
+@dataclass(frozen=True)
+class Models:
+    pneumonia: StageModel | None
+    infection: StageModel | None
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    label: Label
+    p_pneumonia: float
+    p_virus: float | None
+
+
+def bucket_sizes(n: int) -> list[int]:
+    """``n`` as descending powers of two (13 -> [8, 4, 1]).
+
+    The CPU kernels (oneDNN) are built once per input shape and the first call at a new batch
+    size costs about as much as a whole batch, so every forward pass uses one of a few sizes,
+    all warmed up when the model loads (``warm_up``), and no image is padded.
+    """
+    return [1 << bit for bit in range(n.bit_length() - 1, -1, -1) if n >> bit & 1]
+
+
+def predict_in_buckets(bundle, batch: np.ndarray) -> np.ndarray:
+    """``bundle.predict_proba`` over power-of-two chunks of ``batch``, in order."""
+    if len(batch) <= 1:
+        return np.asarray(bundle.predict_proba(batch)).reshape(-1)
+    out, start = [], 0
+    for size in bucket_sizes(len(batch)):
+        out.append(np.asarray(bundle.predict_proba(batch[start:start + size])).reshape(-1))
+        start += size
+    return np.concatenate(out)
+
+
+def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S) -> list[int]:
+    """Run the bucket sizes up to ``max_batch`` once, smallest first, until ``budget_s`` is
+    spent (a slow model is not held back for minutes); returns the sizes warmed."""
+    size = int(bundle.manifest.input_size)
+    started = time.perf_counter()
+    warmed, n = [], 1
+    while n <= max(1, max_batch) and time.perf_counter() - started < budget_s:
+        bundle.predict_proba(np.zeros((n, size, size, 3), dtype=np.float32))
+        warmed.append(n)
+        n *= 2
+    return warmed
+
+
+def _positive(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, float]:
+    """(p(positive) per image, the manifest's threshold on that probability)."""
+    names = stage.bundle.manifest.class_names
+    proba = predict_in_buckets(stage.bundle, batch)
+    return (positive_probability(proba, names, positive),
+            positive_threshold(stage.threshold, names, positive))
+
+
+def stage_two_from_files(paths: Sequence[Path], max_pixels: int, threads: int = 1) -> StagePixels:
+    """Stage-2 pixels for ``classify_arrays``: the images at ``paths`` (in batch order) decoded
+    again at stage 2's input size by the decoder the trainer uses, so each stage sees the pixels
+    it was trained on. A file that decoded once and fails now raises its BadImageError."""
+
+    def pixels(indices: np.ndarray, size: int) -> np.ndarray:
+        decoded = decode_many([paths[i] for i in indices], size, max_pixels, threads=threads)
+        for result in decoded:
+            if isinstance(result, BadImageError):
+                raise result
+        return np.stack([result.pixels for result in decoded])
+
+    return pixels
+
+
+def classify_arrays(
+    batch: np.ndarray,
+    pneumonia: StageModel,
+    infection: StageModel | None,
+    stage_two: StagePixels | None = None,
+) -> list[CascadeResult]:
+    """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each; the
+    labels come from the cascade rule the trainer evaluates with (``trainer.model.cascade``).
+
+    ``batch`` holds the images at stage 1's input size. When stage 2 takes another size,
+    ``stage_two(indices, size)`` gives those images at that size (``stage_two_from_files``):
+    resizing stage-1 pixels would feed stage 2 pixels it never saw in training.
+    """
+    batch = np.asarray(batch)
+    if batch.ndim != 4:
+        raise ValueError(f"expected (N, S, S, 3) pixels, got shape {batch.shape}")
+    p_pneu, t_pneu = _positive(pneumonia, batch, POSITIVE_CLASS[Stage.PNEUMONIA])
+    p_virus = np.full(len(batch), np.nan)
+    t_virus = None
+    positives = np.flatnonzero(p_pneu >= t_pneu)
+    if infection is not None and positives.size:
+        size = infection.input_size
+        if batch.shape[1:3] == (size, size):
+            second = batch[positives]
+        elif stage_two is None:
+            raise ValueError(f"stage 2 takes {size} px images and no stage_two pixels were given")
+        else:
+            second = stage_two(positives, size)
+        p_virus[positives], t_virus = _positive(infection, second, POSITIVE_CLASS[Stage.INFECTION])
+    labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
+    return [
+        CascadeResult(label, float(p1), None if np.isnan(p2) else float(p2))
+        for label, p1, p2 in zip(labels, p_pneu, p_virus, strict=True)
+    ]
+
+
+def production_models(models_dir: Path, db_url: str) -> Models:
+    """The production models now, for a one-off command; no pneumonia model is an error that
+    says how to get one."""
+    from db.exceptions import ModelNotFoundError
+    from db.session import session_scope
+
+    with session_scope(db_url) as session:
+        models = ModelCache(models_dir).current(session)
+    if models.pneumonia is None:
+        raise ModelNotFoundError(
+            "no production pneumonia model; train one (cxr train) or promote one "
+            "(cxr models promote pneumonia N)"
+        )
+    return models
+
+
+def classify_file(path: Path, models: Models, max_pixels: int
+                  ) -> tuple[np.ndarray, StagePixels, CascadeResult]:
+    """One file through the cascade: (stage-1 pixels, stage-2 pixels, result). Raises
+    BadImageError or OSError for a file that cannot be decoded."""
+    from trainer.imaging.decode import decode_image
+
+    pixels = decode_image(path, models.pneumonia.input_size, max_pixels)
+    stage_two = stage_two_from_files([path], max_pixels)
+    result = classify_arrays(pixels[None], models.pneumonia, models.infection, stage_two)[0]
+    return pixels, stage_two, result
+
+
+def _check_registered_bytes(directory: Path, row) -> None:
+    """Refuse a bundle whose files are not the ones registered (edited, swapped, half-copied):
+    the registry's version number would otherwise name predictions another model made."""
+    from db.exceptions import ModelNotFoundError
+    from trainer.model.bundle import bundle_sha256
+
+    if row.bundle_sha256 is None:
+        return
+    try:
+        actual = bundle_sha256(directory)
+    except OSError as exc:
+        raise ModelNotFoundError(f"model {row.name}: cannot read its bundle ({exc})") from None
+    if actual != row.bundle_sha256:
+        raise ModelNotFoundError(
+            f"model {row.name}: the files in {directory} are not the ones registered (SHA-256 "
+            f"{actual[:12]}..., registered {row.bundle_sha256[:12]}...); restore them or "
+            "promote another version"
+        )
+
+
+def load_registered(models_dir: Path, row) -> StageModel:
+    """The bundle of a registered version (``row``, a registry row), checked against its
+    registered hash: for explaining a prediction with the models that made it."""
+    from trainer.model.bundle import load_bundle
+
+    directory = Path(models_dir) / row.bundle_path
+    _check_registered_bytes(directory, row)
+    return StageModel(row.id, row.version, load_bundle(directory))
+
+
+class ModelCache:
+    """Production models for this process, reloaded when the registry says they changed."""
+
+    def __init__(self, models_dir: Path, loader=None, warm_batch: int = 0):
+        self.models_dir = Path(models_dir)
+        self._loader = loader
+        self.warm_batch = warm_batch
+        self._loaded: dict[str, StageModel] = {}
+        self._lock = threading.Lock()
+        self._configured = False
+
+    def _load(self, row) -> StageModel:
+        if self._loader is None:
+            if not self._configured:
+                from trainer.model.runtime import configure_backend, describe_device
+                from worker.classify.celery_app import THREADS_ENV
+
+                configure_backend(int(os.environ.get(THREADS_ENV, "0") or 0))
+                log.info("%s", describe_device())
+                self._configured = True
+            from trainer.model.bundle import load_bundle
+
+            self._loader = load_bundle
+        directory = self.models_dir / row.bundle_path
+        _check_registered_bytes(directory, row)
+        bundle = self._loader(directory)
+        log.info("loaded model %s", row.name)
+        if self.warm_batch > 0:
+            started = time.perf_counter()
+            sizes = warm_up(bundle, self.warm_batch)
+            log.info("warmed up model %s for batch sizes %s in %.1f s", row.name, sizes,
+                     time.perf_counter() - started)
+        return StageModel(row.id, row.version, bundle)
+
+    def current(self, session) -> Models:
+        """The production models now; loads only what changed since the last call."""
+        from db import registry
+
+        ids = registry.production_ids(session)
+        with self._lock:
+            for stage in (Stage.PNEUMONIA, Stage.INFECTION):
+                wanted = ids.get(stage.value)
+                have = self._loaded.get(stage.value)
+                if wanted is None:
+                    self._loaded.pop(stage.value, None)
+                elif have is None or have.model_id != wanted:
+                    row = registry.get_production(session, stage.value)
+                    if row is None:
+                        self._loaded.pop(stage.value, None)
+                    else:
+                        self._loaded[stage.value] = self._load(row)
+            return Models(
+                self._loaded.get(Stage.PNEUMONIA.value), self._loaded.get(Stage.INFECTION.value)
+            )

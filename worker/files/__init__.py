@@ -1,0 +1,2 @@
+"""One owner of file layout (archive, rejected/, heatmaps/) and of safe access to untrusted
+folders."""

@@ -1,0 +1,114 @@
+"""The one owner of the data folder's file layout: where archived and rejected files go, under
+which names, with which permissions.
+
+Archived files are content-addressed (``archive/ab/<sha256>.<ext>``); a file that fails to
+decode moves to ``rejected/`` under that same name, so a later twin still finds it. An inbox
+entry that was never read (a link, a file the service may not open) gets
+``rejected/<random>-<name>``. Inbox files themselves are only touched through handles
+(``worker.files.safefs``). A prediction's heatmap is ``heatmaps/ab/<sha256>-p<stage-1 model
+id>-i<stage-2 model id or 0>.png``: one per content and models, like the prediction itself.
+Folders holding patient images are 0700 and files 0600.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from worker.settings import Settings
+
+
+def archive_relpath(sha256: str, suffix: str) -> Path:
+    """``archive/ab/<sha256>.<ext>``, relative to the data dir."""
+    ext = suffix.lower().lstrip(".")
+    ext = ext if ext.isalnum() and len(ext) <= 8 else "bin"
+    return Path("archive") / sha256[:2] / f"{sha256}.{ext}"
+
+
+def heatmap_relpath(sha256: str, pneumonia_model_id: int, infection_model_id: int | None
+                    ) -> Path:
+    """``heatmaps/ab/<sha256>-p<id>-i<id>.png``, relative to the data dir."""
+    name = f"{sha256}-p{int(pneumonia_model_id)}-i{int(infection_model_id or 0)}.png"
+    return Path("heatmaps") / sha256[:2] / name
+
+
+def write_private(settings: Settings, relpath: Path, data: bytes) -> str:
+    """Write ``data`` at ``relpath`` under the data dir, 0600 in 0700 folders, through a
+    temporary file renamed into place (a reader never sees half a file); returns the path
+    as recorded in the database."""
+    target = settings.data_dir.absolute() / relpath
+    private_dirs(settings.data_dir.absolute() / Path(relpath).parts[0], target.parent)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return relative_to_data(settings, target)
+
+
+def relative_to_data(settings: Settings, path: Path) -> str:
+    """How a stored path is recorded in the database: relative to the data dir."""
+    return Path(path).relative_to(settings.data_dir.absolute()).as_posix()
+
+
+def private_dirs(root: Path, target_dir: Path) -> None:
+    """Create ``target_dir`` and make it and its parents up to ``root`` private (0700)."""
+    target_dir.mkdir(parents=True, exist_ok=True)
+    current = target_dir
+    while True:
+        os.chmod(current, 0o700)
+        if current == root or root not in current.parents:
+            break
+        current = current.parent
+
+
+def move(src: Path, dst: Path) -> None:
+    """Atomic rename; across filesystems copy to a temp name beside ``dst``, then rename."""
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        src.unlink()
+
+
+def stored_file(settings: Settings, stored_path: str | None) -> Path | None:
+    """The archived file for a row, or its copy in rejected/ when a twin was rejected first."""
+    if not stored_path:
+        return None
+    path = Path(stored_path)
+    if not path.is_absolute():
+        path = settings.data_dir.absolute() / path
+    if path.is_file():
+        return path
+    twin = settings.rejected_dir / path.name
+    return twin if twin.is_file() else None
+
+
+def reject_archived(settings: Settings, path: Path) -> str:
+    """Move an archived file that failed to decode into rejected/ under its archive name;
+    returns its new stored path."""
+    private_dirs(settings.rejected_dir, settings.rejected_dir)
+    target = settings.rejected_dir / path.name
+    if path != target:
+        move(path, target)
+    os.chmod(target, 0o600)
+    return relative_to_data(settings, target)
+
+
+def rejected_name(base_name: str) -> str:
+    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``."""
+    return f"{uuid.uuid4().hex[:12]}-{base_name}"

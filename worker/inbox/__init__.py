@@ -1,0 +1,1 @@
+"""The way in: watcher, filters, stability, intake (inbox -> archive -> row -> queue)."""

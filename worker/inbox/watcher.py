@@ -1,0 +1,257 @@
+"""``cxr watch``: a watchdog observer on the inbox feeding the intake step.
+
+Events only nominate paths; the stability tracker decides when a file is complete and
+``worker.inbox.intake.intake_file`` takes it. A reconcile pass at start-up and every
+``rescan_seconds`` scans the inbox and re-enqueues rows the database says were left behind,
+so missed events, a watcher restart or a broker outage lose nothing. Per-file errors are
+logged and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from worker.inbox.filters import is_candidate
+from worker.inbox.intake import Enqueue, intake_files, reconcile
+from worker.inbox.stability import StabilityTracker
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.2
+"""The longest the loop sleeps: files complete by quiet period are checked this often."""
+COALESCE_SECONDS = 0.02
+"""After the first event wakes the loop, how long the rest of a burst gets to arrive, so that
+it is taken in batches rather than one file at a time."""
+DRAIN_LIMIT = 256
+"""Events handled per turn of the loop: a burst of thousands is taken a few batches at a time,
+so the first batch reaches the workers while the rest are still being read, not after."""
+MAX_DEPTH = 32
+"""Folders nested deeper than this below the inbox are not looked into."""
+SCAN_ONLY_SECONDS = 1.0
+"""How often the inbox is scanned when no file observer can run on it."""
+COMPLETE_EVENTS = frozenset({"closed", "moved"})
+NOMINATING_EVENTS = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
+                     FileClosedEvent]
+"""The only events asked of the kernel. Intake's own open, link, chmod and unlink of every
+file it takes would otherwise come back as four events a file for the observer threads to
+parse; a file growing without a close is seen by the stability check's own ``stat``."""
+
+
+class _InboxEvents(FileSystemEventHandler):
+    """Observer thread side: turns events into (path, closed, is folder) for the watcher loop."""
+
+    def __init__(self, sink: queue.Queue[tuple[Path, bool, bool]]):
+        self._sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write", "deleted"):
+            return
+        raw = event.dest_path if event.event_type == "moved" else event.src_path
+        if not raw:  # moved out of the inbox
+            return
+        path = Path(os.fsdecode(raw))
+        if event.is_directory:
+            if event.event_type in ("created", "moved"):
+                self._sink.put((path, False, True))
+            return
+        self._sink.put((path, event.event_type in COMPLETE_EVENTS, False))
+
+
+def scan_inbox(
+    inbox: Path, quiet_seconds: float, now: float | None = None, max_depth: int = MAX_DEPTH
+) -> list[tuple[Path, bool]]:
+    """Every candidate file under ``inbox`` (links not followed, hidden folders skipped, at most
+    ``max_depth`` folders deep); files older than ``quiet_seconds`` count as complete.
+
+    Iterative, so no folder tree can exhaust the stack; a folder that cannot be listed is
+    skipped.
+    """
+    now = time.time() if now is None else now
+    found = []
+    pending: list[tuple[str, int]] = [(os.fspath(inbox), 0)]
+    while pending:
+        folder, depth = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not entry.name.startswith(".") and depth < max_depth:
+                        pending.append((entry.path, depth + 1))
+                    continue
+                if not is_candidate(entry.name) or (entry.is_symlink() and entry.is_dir()):
+                    continue  # a linked folder is neither walked nor taken
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            found.append((Path(entry.path), now - mtime >= quiet_seconds))
+    return found
+
+
+class Watcher:
+    """The watch loop; ``run(stop)`` blocks until ``stop`` is set."""
+
+    def __init__(self, settings: Settings, enqueue: Enqueue | None = None, polling: bool = False):
+        self.settings = settings
+        self.enqueue = enqueue
+        self.polling = polling
+        self.tracker = StabilityTracker(settings.stable_seconds)
+        self.events: queue.Queue[tuple[Path, bool, bool]] = queue.Queue()
+        self.taken = 0
+
+    def _observer(self):
+        if self.polling:
+            from watchdog.observers.polling import PollingObserver
+
+            observer = PollingObserver(timeout=max(0.5, min(self.settings.stable_seconds, 2.0)))
+        else:
+            from watchdog.observers import Observer
+
+            try:  # a file renamed in from outside is a move (complete), not a creation
+                observer = Observer(generate_full_events=True)
+            except TypeError:  # an observer other than inotify's
+                observer = Observer()
+        observer.schedule(_InboxEvents(self.events), str(self.settings.inbox_dir), recursive=True,
+                          event_filter=NOMINATING_EVENTS)
+        return observer
+
+    def _drain_events(self, wait_s: float = 0.0, limit: int = DRAIN_LIMIT) -> None:
+        """Hand up to ``limit`` queued events to the tracker; with ``wait_s``, first wait that
+        long for one (a drop wakes the loop at once instead of at the next tick)."""
+        if wait_s > 0:
+            try:
+                self._handle(*self.events.get(timeout=wait_s))
+            except queue.Empty:
+                return
+            time.sleep(COALESCE_SECONDS)
+        for _ in range(limit):
+            try:
+                self._handle(*self.events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _handle(self, path: Path, closed: bool, folder: bool) -> None:
+        if folder:
+            if path.is_dir() and not path.is_symlink():
+                for found, old in scan_inbox(path, self.settings.stable_seconds):
+                    self.tracker.touch(found, closed=old)
+        elif is_candidate(path):
+            self.tracker.touch(path, closed=closed)
+
+    def _take_due(self) -> bool:
+        """Take the files complete now; True when there were any."""
+        due = self.tracker.due()
+        if not due:
+            return False
+        try:
+            results = intake_files(due, self.settings, self.enqueue)
+        except OperationalError as exc:
+            # One line per pass, not a traceback per file: every file would fail alike.
+            log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
+                        "next scan", type(exc.orig or exc).__name__, len(due))
+            return
+        except Exception:
+            log.exception("could not take %d file(s); they stay in the inbox for the next scan",
+                          len(due))
+            return
+        self.taken += len(results)
+        for result in results:
+            log.info("%s: %s", self.settings.describe(result.image_id, result.file_name),
+                     result.status)
+
+    def _scan(self) -> None:
+        try:
+            for path, old in scan_inbox(self.settings.inbox_dir, self.settings.stable_seconds):
+                if path not in self.tracker:
+                    self.tracker.touch(path, closed=old)
+        except Exception:
+            log.exception("inbox scan failed")
+
+    def reconcile_once(self) -> None:
+        """Scan the inbox for files events missed; re-enqueue rows left behind."""
+        self._scan()
+        try:
+            sent = reconcile(self.settings, self.enqueue)
+            if sent:
+                log.info("re-enqueued %s image(s) left received or waiting for a model", sent)
+        except Exception as exc:
+            log.warning("reconcile pass failed (%s: %s); will retry", type(exc).__name__, exc)
+
+    def _start_observer(self):
+        """An inotify observer, else a polling one, else None: both walk the tree recursively
+        and fail on absurdly deep ones, and then periodic scans alone find the files."""
+        for polling in ([self.polling] if self.polling else [False, True]):
+            self.polling = polling
+            observer = self._observer()
+            try:
+                observer.start()
+                return observer
+            except (OSError, RecursionError) as exc:  # e.g. the inotify watch limit
+                log.warning("%s observer unavailable (%s: %s)", "polling" if polling else
+                            "inotify", type(exc).__name__, str(exc)[:200])
+        log.warning("watching %s by scanning it every %.0f s", self.settings.inbox_dir,
+                    SCAN_ONLY_SECONDS)
+        return None
+
+    def run(self, stop: threading.Event) -> None:
+        self.settings.ensure_dirs()
+        observer = self._start_observer()
+        log.info("watching %s%s", self.settings.inbox_dir, " (polling)" if self.polling else "")
+        try:
+            self.reconcile_once()
+            next_reconcile = time.monotonic() + self.settings.rescan_seconds
+            next_scan = time.monotonic() + SCAN_ONLY_SECONDS
+            busy = False
+            while not stop.is_set():
+                try:
+                    self._drain_events(0.0 if busy else TICK_SECONDS)
+                    busy = self._take_due()
+                    now = time.monotonic()
+                    if now >= next_reconcile:
+                        self.reconcile_once()
+                        next_reconcile = time.monotonic() + self.settings.rescan_seconds
+                    elif observer is None and now >= next_scan:
+                        self._scan()
+                        next_scan = time.monotonic() + SCAN_ONLY_SECONDS
+                    if observer is not None and not observer.is_alive():
+                        log.warning("file observer stopped; restarting it")
+                        observer = self._start_observer()
+                        self.reconcile_once()
+                except Exception:
+                    log.exception("watch loop error; carrying on")
+                    busy = False
+                    stop.wait(TICK_SECONDS)
+        finally:
+            if observer is not None:
+                observer.stop()
+                observer.join(timeout=5)
+
+
+def watch(settings: Settings, polling: bool = False) -> int:
+    """Run the watcher in the foreground until SIGINT/SIGTERM."""
+    import signal
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    Watcher(settings, polling=polling).run(stop)
+    return 0

@@ -1,0 +1,1 @@
+"""Running it: supervisor (cxr up), Flower, the review page, the bench."""
