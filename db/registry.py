@@ -3,12 +3,16 @@
 Follows MLflow's SQLAlchemy store: version numbers are max + 1 per stage and a unique key
 turns a race into a retry; the database's partial unique index guarantees at most one
 ``production`` row per stage, and promotion archives the previous one in the same transaction.
+Like MLflow's store, every public function returns a plain ``RegisteredModel``, never an ORM row
+that outlives its session.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
@@ -21,6 +25,40 @@ from db.vocabulary import ModelStatus, Stage
 
 VERSION_RETRIES = 20
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model version as the rest of the product sees it."""
+
+    id: int
+    stage: str
+    version: int
+    status: str
+    backbone: str
+    bundle_path: str
+    bundle_sha256: str | None
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    dataset_fingerprint: str | None
+    parent_version: int | None
+    code_version: str | None
+    created_at: datetime | None
+    promoted_at: datetime | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}/v{self.version}"
+
+
+def _entity(row: ModelVersion) -> RegisteredModel:
+    return RegisteredModel(
+        id=row.id, stage=row.stage, version=row.version, status=str(row.status),
+        backbone=row.backbone, bundle_path=row.bundle_path, bundle_sha256=row.bundle_sha256,
+        metrics=dict(row.metrics or {}), params=dict(row.params or {}),
+        dataset_fingerprint=row.dataset_fingerprint, parent_version=row.parent_version,
+        code_version=row.code_version, created_at=row.created_at, promoted_at=row.promoted_at,
+    )
 
 
 def _check_stage(stage: str) -> str:
@@ -42,7 +80,7 @@ def register_version(
     parent_version: int | None = None,
     code_version: str | None = None,
     bundle_sha256: str | None = None,
-) -> ModelVersion:
+) -> RegisteredModel:
     """Add a ``candidate`` version numbered max + 1 for its stage and flush it (not commit).
 
     ``bundle_path`` is ``<stage>/v<N>``, relative to the models dir so hosts sharing the models
@@ -73,11 +111,21 @@ def register_version(
                 session.add(row)
         except IntegrityError:
             continue
-        return row
+        return _entity(row)
     raise CxrError(f"could not allocate a version for stage {stage} after {VERSION_RETRIES} tries")
 
 
-def get_version(session: Session, stage: str, version: int) -> ModelVersion:
+def set_bundle_sha256(session: Session, model_id: int, sha256: str) -> None:
+    """Record the bundle's hash once its files are written (workers check it before loading)."""
+    session.execute(update(ModelVersion).where(ModelVersion.id == model_id)
+                    .values(bundle_sha256=sha256))
+
+
+def get_version(session: Session, stage: str, version: int) -> RegisteredModel:
+    return _entity(_version_row(session, stage, version))
+
+
+def _version_row(session: Session, stage: str, version: int) -> ModelVersion:
     row = session.scalar(
         select(ModelVersion).where(
             ModelVersion.stage == _check_stage(stage), ModelVersion.version == version
@@ -88,21 +136,31 @@ def get_version(session: Session, stage: str, version: int) -> ModelVersion:
     return row
 
 
-def get_by_id(session: Session, model_id: int) -> ModelVersion:
+def get_by_id(session: Session, model_id: int) -> RegisteredModel:
     """The registered version with this id (a prediction names its models by id)."""
     row = session.get(ModelVersion, model_id)
     if row is None:
         raise ModelNotFoundError(f"no registered model with id {model_id}")
-    return row
+    return _entity(row)
 
 
-def get_production(session: Session, stage: str) -> ModelVersion | None:
+def get_production(session: Session, stage: str) -> RegisteredModel | None:
+    row = _production_row(session, stage)
+    return None if row is None else _entity(row)
+
+
+def _production_row(session: Session, stage: str) -> ModelVersion | None:
     return session.scalar(
         select(ModelVersion).where(
             ModelVersion.stage == _check_stage(stage),
             ModelVersion.status == ModelStatus.PRODUCTION,
         )
     )
+
+
+def has_production(session: Session, stage: str = Stage.PNEUMONIA) -> bool:
+    """Whether ``stage`` has a production version: without a pneumonia model images wait."""
+    return Stage(stage).value in production_ids(session)
 
 
 def production_ids(session: Session) -> dict[str, int]:
@@ -115,11 +173,11 @@ def production_ids(session: Session) -> dict[str, int]:
     return {stage: model_id for stage, model_id in rows}
 
 
-def list_versions(session: Session, stage: str | None = None) -> list[ModelVersion]:
+def list_versions(session: Session, stage: str | None = None) -> list[RegisteredModel]:
     query = select(ModelVersion).order_by(ModelVersion.stage, ModelVersion.version)
     if stage is not None:
         query = query.where(ModelVersion.stage == _check_stage(stage))
-    return list(session.scalars(query))
+    return [_entity(row) for row in session.scalars(query)]
 
 
 def _lock_stage(session: Session, stage: str) -> None:
@@ -130,13 +188,13 @@ def _lock_stage(session: Session, stage: str) -> None:
         )
 
 
-def promote(session: Session, stage: str, version: int) -> ModelVersion:
+def promote(session: Session, stage: str, version: int) -> RegisteredModel:
     """Make ``stage/vN`` production and archive the previous production version, atomically."""
     stage = _check_stage(stage)
     _lock_stage(session, stage)
-    target = get_version(session, stage, version)
+    target = _version_row(session, stage, version)
     if target.status == ModelStatus.PRODUCTION:
-        return target
+        return _entity(target)
     session.execute(
         update(ModelVersion)
         .where(ModelVersion.stage == stage, ModelVersion.status == ModelStatus.PRODUCTION)
@@ -146,10 +204,10 @@ def promote(session: Session, stage: str, version: int) -> ModelVersion:
     target.status = ModelStatus.PRODUCTION
     target.promoted_at = utcnow()
     session.flush()
-    return target
+    return _entity(target)
 
 
-def rollback(session: Session, stage: str) -> ModelVersion:
+def rollback(session: Session, stage: str) -> RegisteredModel:
     """Return to the version that was production before the current one.
 
     Earlier production versions are the archived ones with a ``promoted_at``; the latest one
@@ -157,7 +215,7 @@ def rollback(session: Session, stage: str) -> ModelVersion:
     """
     stage = _check_stage(stage)
     _lock_stage(session, stage)
-    current = get_production(session, stage)
+    current = _production_row(session, stage)
     if current is None:
         raise ModelNotFoundError(f"no production model for stage {stage}: nothing to roll back")
     previous = session.scalar(
@@ -179,7 +237,7 @@ def rollback(session: Session, stage: str) -> ModelVersion:
     session.flush()
     previous.status = ModelStatus.PRODUCTION
     session.flush()
-    return previous
+    return _entity(previous)
 
 
 def with_retries(fn: Callable[[], T], attempts: int = 10) -> T:

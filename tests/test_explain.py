@@ -278,8 +278,10 @@ def test_heatmaps_point_at_the_drawn_lesion_far_more_often_than_chance(tmp_path)
     12 epochs, augmented) on synthetic X-rays whose generator recorded where it drew each
     opacity: for every BACTERIA image, the map of its deciding stage (stage 2, BACTERIA vs
     VIRUS) is scored by whether its hottest point lies inside the drawn consolidation."""
+    from helpers_data import load_lesions
+
     from trainer.imaging.decode import decode_image
-    from trainer.synth.xrays import generate_dataset, load_lesions
+    from trainer.synth.xrays import generate_dataset
     from trainer.training.data import scan_dataset, split_records
     from trainer.training.train import TrainConfig, train_stage
 

@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+from helpers_data import load_lesions
 from PIL import Image
 
 from db.exceptions import DatasetError
@@ -17,7 +18,6 @@ from trainer.synth.xrays import (
     README,
     generate_dataset,
     held_out_images,
-    load_lesions,
     plan_dataset,
     render_xray,
 )

@@ -8,7 +8,6 @@ is renamed into place, and loaded in Keras safe mode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from db.exceptions import ModelNotFoundError
-from trainer.imaging.checksum import hash_stream
+from trainer.imaging.checksum import hash_stream, new_digest
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
@@ -136,7 +135,7 @@ def save_bundle(model, manifest: Manifest, directory: Path) -> Path:
 
 def bundle_sha256(directory: Path) -> str:
     """SHA-256 over ``model.keras`` then ``manifest.json`` (names included), for the registry."""
-    digest = hashlib.sha256()
+    digest = new_digest()
     for name in (MODEL_FILE, MANIFEST_FILE):
         digest.update(name.encode() + b"\0")
         with open(Path(directory) / name, "rb") as fh:

@@ -341,11 +341,6 @@ def _write_lesions(out: Path, where: dict[str, list]) -> None:
     }, indent=1) + "\n")
 
 
-def load_lesions(root: Path) -> dict[str, list[dict]]:
-    """Relative path -> the opacities drawn in that image (``kind`` and ``box``)."""
-    return json.loads((Path(root) / LESIONS).read_text())["images"]
-
-
 def held_out_images(
     out: Path, n: int, seed: int = 0, size_range: tuple[int, int] = (96, 160),
     fmt: str = "jpeg",

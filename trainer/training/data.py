@@ -7,7 +7,6 @@ test split is kept for the final evaluation only.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from db.exceptions import DatasetError
 from db.vocabulary import CASCADE_CLASSES, Stage
-from trainer.imaging.checksum import sha256_file
+from trainer.imaging.checksum import new_digest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def class_weights(labels: list[int]) -> dict[int, float]:
 def dataset_fingerprint(records: list[Record], root: Path | str) -> str:
     """sha256 over sorted (relative path, content hash): changes when any file or name changes."""
     root = Path(root)
-    h = hashlib.sha256()
+    h = new_digest()
     for rel, path in sorted((r.path.relative_to(root).as_posix(), r.path) for r in records):
         h.update(rel.encode())
         h.update(b"\0")

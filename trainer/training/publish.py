@@ -68,9 +68,9 @@ def publish_model(
                     shutil.copy2(source, bundle_dir / Path(source).name)
             if verify_load:
                 load_bundle(bundle_dir)
-            mv.bundle_sha256 = bundle_sha256(bundle_dir)
+            registry.set_bundle_sha256(session, mv.id, bundle_sha256(bundle_dir))
             if promote:
-                registry.promote(session, mv.stage, mv.version)
+                mv = registry.promote(session, mv.stage, mv.version)
             session.flush()
             published = Published(mv.stage, mv.version, str(mv.status), bundle_dir)
     except BaseException:

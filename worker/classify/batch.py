@@ -31,7 +31,6 @@ from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
-from db.vocabulary import Stage
 from trainer.imaging.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claims import claim_images, holder_id
@@ -76,7 +75,7 @@ def process_images(
     """
     ids = [int(i) for i in image_ids]
     with session_scope(settings.db_url) as session:
-        if Stage.PNEUMONIA.value not in registry.production_ids(session):
+        if not registry.has_production(session):
             parked = images.mark_waiting_model(session, ids)
             if parked:
                 log.info("%d image(s) wait for a production pneumonia model", parked)

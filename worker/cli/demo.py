@@ -97,7 +97,7 @@ def _has_production_models(settings: Settings) -> bool:
     from db.session import session_scope
 
     with session_scope(settings.db_url) as session:
-        return all(registry.get_production(session, s) for s in ("pneumonia", "infection"))
+        return all(registry.has_production(session, s) for s in ("pneumonia", "infection"))
 
 
 def _synthetic_dataset(settings: Settings, n: int) -> Path:

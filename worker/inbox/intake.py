@@ -359,8 +359,6 @@ def send(settings: Settings, batch: Sequence[tuple[int, str]], enqueue: Enqueue 
     return sent
 
 
-def _has_production_model(session) -> bool:
-    return Stage.PNEUMONIA.value in registry.production_ids(session)
 
 
 def reconcile(
@@ -387,7 +385,7 @@ def reconcile(
         rows = images.ids_to_enqueue(
             session,
             received_before=images.stale_cutoff(grace_seconds),
-            include_waiting=_has_production_model(session),
+            include_waiting=registry.has_production(session),
             queued_before=images.stale_cutoff(max(grace_seconds, settings.visibility_timeout))
             if lost_messages
             else None,
@@ -420,7 +418,7 @@ def _queue_empty_default() -> Callable[[], bool]:
 def requeue_waiting(settings: Settings, enqueue: Enqueue | None = None) -> int:
     """Re-queue ``waiting_model`` images now (``cxr models promote`` calls this)."""
     with session_scope(settings.db_url) as session:
-        if not _has_production_model(session):
+        if not registry.has_production(session):
             return 0
         rows = images.waiting_ids(session)
     return len(send(settings, rows, enqueue)) if rows else 0

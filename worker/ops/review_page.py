@@ -9,7 +9,6 @@ strangers and are escaped. The page holds patient images and names: it is writte
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import os
@@ -22,6 +21,7 @@ from typing import Any
 from PIL import Image
 
 from db.vocabulary import DISCLAIMER, ImageStatus, Label
+from trainer.imaging.checksum import new_digest
 from worker.settings import Settings, printable
 
 THUMBNAIL_PX = 224
@@ -67,7 +67,10 @@ document.querySelectorAll('.filters button').forEach(function (button) {
 
 
 def _sha256_source(text: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+    """A CSP hash source for an inline block (the one SHA-256 of trainer.imaging.checksum)."""
+    digest = new_digest()
+    digest.update(text.encode())
+    return "'sha256-" + base64.b64encode(digest.digest()).decode() + "'"
 
 
 CSP = (f"default-src 'none'; img-src data:; style-src {_sha256_source(STYLE)}; "
