@@ -13,10 +13,13 @@ from urllib.parse import quote
 
 import pytest
 from helpers_models import register_tiny_bundle
+from hypothesis import example, given
+from hypothesis import settings as fuzz_settings
+from hypothesis import strategies as st
 
-from db.exceptions import ModelNotFoundError
+from db.exceptions import CxrError, ModelNotFoundError
 from db.models import Image
-from db.session import redacted_url, session_scope
+from db.session import make_engine, redacted_url, session_scope
 from db.vocabulary import ImageStatus
 from worker.cli import main
 from worker.settings import Settings
@@ -53,6 +56,55 @@ def test_cxr_settings_prints_no_password(monkeypatch, tmp_path, capsys):
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
     assert encoded not in out and "(unparsable URL)" in out
+
+
+MARK = "Zq7MARK"
+PASSWORD_CHARS = st.one_of(st.sampled_from("/?#@:%;&= +[]"),
+                           st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")))
+
+
+def _settings_output(**urls) -> str:
+    import argparse
+    import contextlib
+
+    from worker.cli.config import cmd_settings
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cmd_settings(argparse.Namespace(markdown=False), Settings(_env_file=None, **urls))
+    return out.getvalue()
+
+
+@fuzz_settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.text(PASSWORD_CHARS, max_size=6), st.text(PASSWORD_CHARS, max_size=6),
+       st.booleans())
+@example("ab/cd", "", False)
+@example("a?b", "", False)
+@example("a#", "", False)
+@example("p@", "", False)
+def test_cxr_settings_never_prints_a_password_however_written(before, after, encode):
+    """Any printable password, raw (as people write them) or percent-encoded: neither it nor
+    the part of it the consumer (SQLAlchemy, kombu) reads as a host or path is printed."""
+    password = before + MARK + after
+    written = quote(password, safe="") if encode else password
+    out = _settings_output(
+        database_url=f"postgresql+psycopg://cxr:{written}@db:5432/cxr?sslmode=require",
+        broker_url=f"redis://cxr:{written}@redis:6379/0;redis://:{written}@redis2:6379/0",
+        flower_basic_auth=f"admin:{password}")
+    assert MARK not in out, out
+    assert quote(MARK) not in out and written not in out
+
+
+def test_services_refuse_urls_their_readers_would_split_in_the_password(tmp_path, capsys):
+    from worker.celery_app import make_app
+
+    with pytest.raises(CxrError) as refused:
+        make_app(Settings(_env_file=None, broker_url=f"redis://:12/{MARK}@redis:6379/0"))
+    assert MARK not in str(refused.value) and "percent-encode" in str(refused.value)
+    url = f"postgresql+psycopg://cxr:p@{MARK}@127.0.0.1:1/cxr"
+    with pytest.raises(CxrError) as refused:
+        make_engine(url)
+    assert MARK not in str(refused.value)
 
 
 def test_a_private_redis_takes_a_password_with_any_characters(tmp_path):

@@ -118,6 +118,14 @@ class Settings(BaseSettings):
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'cxr.db').absolute()}"
 
+    def check_urls(self) -> None:
+        """Refuse database and broker URLs whose passwords their readers would split (an
+        unencoded @, / or ;): the pieces would reach logs as host names and paths."""
+        from db.urls import check_url
+
+        check_url(self.db_url, "CXR_DATABASE_URL")
+        check_url(self.broker_url, "CXR_BROKER_URL")
+
     def check_layout(self) -> None:
         """Refuse an inbox that overlaps the service's own folders: intake would take (and
         move away) archived images, models or the database."""
