@@ -169,6 +169,46 @@ def test_results_escape_terminal_codes_and_spreadsheet_formulas(cli_env, capsys)
     assert row["file_name"].startswith("'=HYPERLINK") and row["error"].startswith("'@SUM")
 
 
+def _cxr_output(args: list[str], db_url: str, tmp_path, *, tty: bool) -> bytes:
+    """What a real ``cxr`` process writes to its stdout: a pseudo-terminal or a pipe."""
+    import os
+    import sys
+
+    env = {**os.environ, "CXR_DATA_DIR": str(tmp_path / "var"), "CXR_DATABASE_URL": db_url}
+    if not tty:
+        return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env,
+                              stdout=subprocess.PIPE, check=True, timeout=120).stdout
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, stdout=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(120) == 0
+    return b"".join(chunks)
+
+
+def test_results_csv_escapes_control_characters_on_a_terminal_only(db_url, tmp_path):
+    name = "scan\x1b]0;owned\x07\x1b[2J\x9b31m.png"
+    with session_scope(db_url) as s:
+        s.add(Image(sha256="d" * 64, file_name=name, status=ImageStatus.REJECTED, error="x\x1b[5m"))
+    for fmt in ("csv", "table"):
+        shown = _cxr_output(["results", "--format", fmt], db_url, tmp_path, tty=True)
+        for raw in (b"\x1b", b"\x07", "\x9b".encode()):
+            assert raw not in shown, (fmt, shown)
+        assert b"scan\\x1b]0;owned\\x07" in shown
+    piped = _cxr_output(["results", "--format", "csv"], db_url, tmp_path, tty=False)
+    [row] = list(csv.DictReader(io.StringIO(piped.decode())))
+    assert row["file_name"] == name and row["error"] == "x\x1b[5m"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--limit", "-1"], "between 0"), (["--limit", "10" * 30], "between 0"),
     (["--limit", "ten"], "whole number"), (["--since", "0001-01-01"], "before 1970"),
