@@ -276,7 +276,8 @@ def test_a_syntax_nothing_decodes_and_an_unknown_one():
     ({"Modality": "CT"}, "DICOM modality CT is not a radiograph (only CR, DX, RG)"),
     ({"BodyPartExamined": "HAND"}, "DICOM body part HAND is not the chest (BodyPartExamined)"),
     ({"BodyPartExamined": "Zzyzx^Q"},
-     "DICOM body part (unreadable) is not the chest (BodyPartExamined)"),
+     "DICOM body part (a value outside the DICOM vocabulary, not shown) is not the chest "
+     "(BodyPartExamined)"),
     ({"ViewPosition": "LL"}, "lateral view (ViewPosition LL): the models read frontal (PA or AP)"
                              " chest radiographs only"),
     ({"ViewPosition": "RL"}, "lateral view (ViewPosition RL): the models read frontal (PA or AP)"

@@ -41,6 +41,37 @@ if TYPE_CHECKING:
 
 RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+"""ViewPositions read as frontal; one that is neither these nor lateral is unknown and follows
+``CXR_UNKNOWN_VIEW`` (``view_policy``). An empty or absent one is not stated, like a JPEG's."""
+MODALITIES = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG",
+    "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN",
+    "LS", "MG", "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV",
+    "OSS", "OT", "PLAN", "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE",
+    "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG",
+    "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "XA", "XC", "AS", "CD",
+    "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST",
+    "VF",
+})
+"""Modality defined terms (PS3.3 C.7.3.1.1.1, retired ones too): the only modalities a reason
+names. Sites put free text in coded elements (a name, a comment), so a reason echoes a header
+value only from a fixed vocabulary: a charset filter would still let ``DOE JANE`` through."""
+BODY_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "ANKLE", "ARM", "BRAIN", "BREAST", "CALCANEUS", "CHESTABDOMEN",
+    "CLAVICLE", "COCCYX", "CSPINE", "ELBOW", "EXTREMITY", "FACE", "FEMUR", "FINGER", "FOOT",
+    "FOREARM", "HAND", "HEAD", "HEADNECK", "HEART", "HIP", "HUMERUS", "JAW", "KNEE", "LEG",
+    "LSPINE", "MANDIBLE", "NECK", "ORBIT", "PELVIS", "SACRUM", "SCAPULA", "SHOULDER", "SINUS",
+    "SKULL", "SPINE", "SSPINE", "TIBIA", "TLSPINE", "TOE", "TSPINE", "WHOLEBODY", "WRIST",
+})
+"""Common BodyPartExamined defined terms (PS3.16 Annex L) a refusal may name."""
+PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB",
+                          "CMYK", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
+                          "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
+KNOWN_VIEWS = frozenset({"AP", "PA", "LL", "RL", "RLD", "LLD", "RLO", "LLO", "LAO", "RAO",
+                         "LPO", "RPO", "AP AXIAL", "PA AXIAL", "OBLIQUE", "LAT", "LATERAL"})
+"""ViewPosition values a reason may name (PS3.3 C.8.11.5 defined terms and common ones)."""
+NOT_SHOWN = "(a value outside the DICOM vocabulary, not shown)"
 CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "LUNG")
 """A ``BodyPartExamined`` containing one of these is a chest (vendors write THORAX, CHEST PA,
 PORTABLE CHEST...); any other value is rejected, no value at all is accepted."""
@@ -62,7 +93,6 @@ _VRS = frozenset(
 )
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_CODE = re.compile(r"^[A-Z0-9 _-]{1,16}$")
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -107,6 +137,11 @@ class DicomImage:
 
     dataset: Dataset
     identifiers: DicomIdentifiers
+
+    @property
+    def view(self) -> str | None:
+        """The ViewPosition as written (for ``view_policy``; never stored or shown as is)."""
+        return _code(self.dataset, "ViewPosition")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -232,9 +267,23 @@ def _code(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _shown(code: str) -> str:
-    """A header code safe to put in a reason (a short code word, never free text)."""
-    return code if _CODE.match(code) else "(unreadable)"
+def _shown(code: str, vocabulary: frozenset[str]) -> str:
+    """A header code as a reason may show it: a defined term, never free text."""
+    return code if code in vocabulary else NOT_SHOWN
+
+
+def view_policy(view: str | None, unknown_view: str) -> tuple[str | None, str | None]:
+    """(why refused, note for an accepted image) for a ViewPosition under ``CXR_UNKNOWN_VIEW``
+    (``accept`` or ``reject``); lateral views are refused by the header checks already."""
+    view = (view or "").strip().upper()
+    if not view or view in FRONTAL_VIEWS or view in LATERAL_VIEWS:
+        return None, None
+    shown = view if view in KNOWN_VIEWS else NOT_SHOWN
+    if unknown_view == "reject":
+        return (f"unknown view (ViewPosition {shown}): the models read frontal (PA or AP) chest "
+                "radiographs only (CXR_UNKNOWN_VIEW=reject)"), None
+    return None, (f"unknown view (ViewPosition {shown}) read as frontal "
+                  "(CXR_UNKNOWN_VIEW=accept)")
 
 
 def _integer(ds: Dataset, keyword: str) -> int | None:
@@ -249,11 +298,12 @@ def _header_reason(ds: Dataset) -> str | None:
     """Why this data set is not a single-frame greyscale frontal chest radiograph, or None."""
     modality = _code(ds, "Modality")
     if modality is not None and modality not in RADIOGRAPH_MODALITIES:
-        return (f"DICOM modality {_shown(modality)} is not a radiograph "
+        return (f"DICOM modality {_shown(modality, MODALITIES)} is not a radiograph "
                 f"(only {', '.join(RADIOGRAPH_MODALITIES)})")
     body_part = _code(ds, "BodyPartExamined")
     if body_part is not None and not any(word in body_part for word in CHEST_WORDS):
-        return f"DICOM body part {_shown(body_part)} is not the chest (BodyPartExamined)"
+        return (f"DICOM body part {_shown(body_part, BODY_PARTS)} is not the chest "
+                "(BodyPartExamined)")
     view = _code(ds, "ViewPosition")
     if view in LATERAL_VIEWS:
         return (f"lateral view (ViewPosition {view}): the models read frontal (PA or AP) "
@@ -269,7 +319,8 @@ def _header_reason(ds: Dataset) -> str | None:
     photometric = _code(ds, "PhotometricInterpretation")
     samples = _integer(ds, "SamplesPerPixel")
     if samples not in (None, 1) or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        shown = _shown(photometric) if photometric else "no photometric interpretation"
+        shown = (_shown(photometric, PHOTOMETRICS) if photometric
+                 else "no photometric interpretation")
         return (f"colour DICOM ({shown}): chest radiographs are greyscale "
                 "(MONOCHROME1 or MONOCHROME2)")
     rows, columns = _integer(ds, "Rows"), _integer(ds, "Columns")

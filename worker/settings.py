@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,11 @@ class Settings(BaseSettings):
     decode_memory_mb: int = Field(
         1024, description="Memory (MiB) one worker process may spend decoding a batch at once; "
         "large images wait for each other instead of all decoding in parallel."
+    )
+    unknown_view: Literal["accept", "reject"] = Field(
+        "accept", description="A DICOM whose ViewPosition is neither frontal (PA, AP) nor "
+        "lateral: `accept` reads it as frontal and says so in its row's error column, `reject` "
+        "refuses it. An absent ViewPosition is read as frontal, like a JPEG."
     )
     hide_file_names: bool = Field(
         False, description="Keep file names (which often carry patient names) out of task "
