@@ -101,6 +101,9 @@ def test_services_refuse_urls_their_readers_would_split_in_the_password(tmp_path
     with pytest.raises(CxrError) as refused:
         make_app(Settings(_env_file=None, broker_url=f"redis://:12/{MARK}@redis:6379/0"))
     assert MARK not in str(refused.value) and "percent-encode" in str(refused.value)
+    secrets = Settings(_env_file=None, database_url=f"sqlite:///{MARK}", flower_basic_auth=MARK,
+                       broker_url=f"redis://:{MARK}@redis:6379/0")
+    assert MARK not in repr(secrets) and MARK not in str(secrets)  # a debug print shows none
     url = f"postgresql+psycopg://cxr:p@{MARK}@127.0.0.1:1/cxr"
     with pytest.raises(CxrError) as refused:
         make_engine(url)

@@ -33,10 +33,11 @@ class Settings(BaseSettings):
         None, description="Where model bundles live (default: DATA_DIR/models)."
     )
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL (default: sqlite:///DATA_DIR/cxr.db)."
+        None, description="SQLAlchemy URL (default: sqlite:///DATA_DIR/cxr.db).", repr=False
     )
     broker_url: str = Field(
-        "redis://localhost:6379/0", description="Celery broker (Redis) URL; passwords allowed."
+        "redis://localhost:6379/0", description="Celery broker (Redis) URL; passwords allowed.",
+        repr=False,
     )
     queue: str = Field("inference", description="Celery queue the inference tasks go to.")
     stable_seconds: float = Field(
@@ -94,7 +95,7 @@ class Settings(BaseSettings):
     flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
     flower_basic_auth: str | None = Field(
-        None, description="user:password for Flower basic auth (off if unset)."
+        None, description="user:password for Flower basic auth (off if unset).", repr=False
     )
     log_level: str = Field("INFO", description="Log level for all processes.")
 
