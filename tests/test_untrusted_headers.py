@@ -18,7 +18,7 @@ from db.exceptions import BadImageError
 from db.models import Image as ImageRow
 from db.session import session_scope
 from trainer.decode import decode_bytes
-from trainer.dicom import NOT_SHOWN, view_policy
+from trainer.dicom_terms import NOT_SHOWN, view_policy
 from worker.batch import process_images
 from worker.inference import ModelCache
 from worker.intake import intake_file

@@ -33,7 +33,7 @@ from db.images import Claim
 from db.session import session_scope
 from db.vocabulary import Stage
 from trainer.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
-from trainer.dicom import view_policy
+from trainer.dicom_terms import view_policy
 from worker.celery_app import THREADS_ENV
 from worker.claims import claim_images, holder_id
 from worker.inference import ModelCache, classify_arrays
