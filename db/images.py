@@ -6,7 +6,7 @@ IN ...``), so a late "queued" never overwrites a worker's "processing" or "done"
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -271,9 +271,11 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
     return ids
 
 
-def link_predictions(session: Session, links: list[tuple[int, int]]) -> None:
+def link_predictions(session: Session, links: list[tuple[int, int]],
+                     notes: Mapping[int, str] | None = None) -> None:
     """Mark open images done with existing predictions, (image id, prediction id) pairs in one
-    statement; final ones are left as they are."""
+    statement; final ones are left as they are. ``notes`` (image id -> text) go in ``error``
+    of a done image: how it was read (an unknown view taken as frontal)."""
     if not links:
         return
     table = Image.__table__
@@ -281,9 +283,10 @@ def link_predictions(session: Session, links: list[tuple[int, int]]) -> None:
         update(table)
         .where(table.c.id == bindparam("image"),
                or_(*(table.c.status == status for status in OPEN_STATUSES)))
-        .values(status=ImageStatus.DONE, prediction_id=bindparam("prediction"), error=None,
-                finished_at=utcnow()),
-        [{"image": image_id, "prediction": prediction_id} for image_id, prediction_id in links],
+        .values(status=ImageStatus.DONE, prediction_id=bindparam("prediction"),
+                error=bindparam("note"), finished_at=utcnow()),
+        [{"image": image_id, "prediction": prediction_id, "note": (notes or {}).get(image_id)}
+         for image_id, prediction_id in links],
     )
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.urls import check_url
+from db.urls import redacted_url as redacted_url  # callers import it from here
+
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -26,35 +29,9 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-SECRET_PARAMS = frozenset({"password", "passwd", "pwd", "secret", "token", "key", "sslpassword"})
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with every secret hidden (the password in the authority and query parameters
-    such as ``?password=``): the only form in which a URL is printed or logged. A URL that
-    does not parse is not echoed at all."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit
-
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user = parts.username or ""
-            host = netloc.rpartition("@")[2]
-            netloc = f"{user}:***@{host}"
-        query = urlencode(
-            [(k, "***" if k.lower() in SECRET_PARAMS else v)
-             for k, v in parse_qsl(parts.query, keep_blank_values=True)],
-            safe="*",
-        )
-        text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else url
-        return text + (f"?{query}" if query else "")
-    except ValueError:
-        return "(unparsable URL)"
-
-
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``; SQLite files get their folder created and the pragmas above."""
+    check_url(url, "the database URL")
     if url.startswith("sqlite"):
         from sqlalchemy.engine import make_url
 

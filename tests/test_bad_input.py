@@ -114,6 +114,8 @@ REJECTED = {  # name -> (bytes, words the recorded reason must contain)
     "bomb.png": (bomb_png(), "decompression bomb"),
     "one-pixel.png": (_encode(Image.new("L", (1, 1), 200), "PNG"), "too small"),
     "anim.gif": (_encode(Image.new("L", (40, 40), 128), "GIF"), "unsupported format GIF"),
+    "anim.png": (_encode(Image.new("L", (40, 40), 128), "PNG", save_all=True,
+                         append_images=[Image.new("L", (40, 40), 9)]), "animated PNG (2 frames)"),
     "scan.tiff": (_tiff, "unsupported format TIFF"),
     "tiff-named.jpg": (_tiff, "unsupported format TIFF (JPEG, PNG and DICOM only), although named"
                               " .jpg"),

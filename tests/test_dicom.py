@@ -276,7 +276,8 @@ def test_a_syntax_nothing_decodes_and_an_unknown_one():
     ({"Modality": "CT"}, "DICOM modality CT is not a radiograph (only CR, DX, RG)"),
     ({"BodyPartExamined": "HAND"}, "DICOM body part HAND is not the chest (BodyPartExamined)"),
     ({"BodyPartExamined": "Zzyzx^Q"},
-     "DICOM body part (unreadable) is not the chest (BodyPartExamined)"),
+     "DICOM body part (a value outside the DICOM vocabulary, not shown) is not the chest "
+     "(BodyPartExamined)"),
     ({"ViewPosition": "LL"}, "lateral view (ViewPosition LL): the models read frontal (PA or AP)"
                              " chest radiographs only"),
     ({"ViewPosition": "RL"}, "lateral view (ViewPosition RL): the models read frontal (PA or AP)"
@@ -428,10 +429,10 @@ def test_a_dicom_and_a_png_or_jpeg_of_the_same_drawing_get_the_same_answer(tmp_p
     through the tiny cascade (brightness models at 32 px; biases put the drawings on both
     sides of both thresholds)."""
     from helpers_models import make_tiny_bundle
+    from trainer.synth.xrays.dicom_writer import VARIANTS, synthetic_dataset, write_dicom
+    from trainer.synth.xrays.xrays import render_xray
 
     from trainer.model.bundle import load_bundle
-    from trainer.synth.dicom_writer import VARIANTS, synthetic_dataset, write_dicom
-    from trainer.synth.xrays import render_xray
     from worker.classify.inference import StageModel, classify_arrays
 
     stages = [StageModel(i, 1, load_bundle(make_tiny_bundle(tmp_path / "models", stage, 1,

@@ -13,10 +13,13 @@ from urllib.parse import quote
 
 import pytest
 from helpers_models import register_tiny_bundle
+from hypothesis import example, given
+from hypothesis import settings as fuzz_settings
+from hypothesis import strategies as st
 
-from db.exceptions import ModelNotFoundError
+from db.exceptions import CxrError, ModelNotFoundError
 from db.models import Image
-from db.session import redacted_url, session_scope
+from db.session import make_engine, redacted_url, session_scope
 from db.vocabulary import ImageStatus
 from worker.cli import main
 from worker.ops.supervisor import broker_answers, private_redis
@@ -53,6 +56,58 @@ def test_cxr_settings_prints_no_password(monkeypatch, tmp_path, capsys):
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
     assert encoded not in out and "(unparsable URL)" in out
+
+
+MARK = "Zq7MARK"
+PASSWORD_CHARS = st.one_of(st.sampled_from("/?#@:%;&= +[]"),
+                           st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")))
+
+
+def _settings_output(**urls) -> str:
+    import argparse
+    import contextlib
+
+    from worker.cli.config import cmd_settings
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cmd_settings(argparse.Namespace(markdown=False), Settings(_env_file=None, **urls))
+    return out.getvalue()
+
+
+@fuzz_settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.text(PASSWORD_CHARS, max_size=6), st.text(PASSWORD_CHARS, max_size=6),
+       st.booleans())
+@example("ab/cd", "", False)
+@example("a?b", "", False)
+@example("a#", "", False)
+@example("p@", "", False)
+def test_cxr_settings_never_prints_a_password_however_written(before, after, encode):
+    """Any printable password, raw (as people write them) or percent-encoded: neither it nor
+    the part of it the consumer (SQLAlchemy, kombu) reads as a host or path is printed."""
+    password = before + MARK + after
+    written = quote(password, safe="") if encode else password
+    out = _settings_output(
+        database_url=f"postgresql+psycopg://cxr:{written}@db:5432/cxr?sslmode=require",
+        broker_url=f"redis://cxr:{written}@redis:6379/0;redis://:{written}@redis2:6379/0",
+        flower_basic_auth=f"admin:{password}")
+    assert MARK not in out, out
+    assert quote(MARK) not in out and written not in out
+
+
+def test_services_refuse_urls_their_readers_would_split_in_the_password(tmp_path, capsys):
+    from worker.classify.celery_app import make_app
+
+    with pytest.raises(CxrError) as refused:
+        make_app(Settings(_env_file=None, broker_url=f"redis://:12/{MARK}@redis:6379/0"))
+    assert MARK not in str(refused.value) and "percent-encode" in str(refused.value)
+    secrets = Settings(_env_file=None, database_url=f"sqlite:///{MARK}", flower_basic_auth=MARK,
+                       broker_url=f"redis://:{MARK}@redis:6379/0")
+    assert MARK not in repr(secrets) and MARK not in str(secrets)  # a debug print shows none
+    url = f"postgresql+psycopg://cxr:p@{MARK}@127.0.0.1:1/cxr"
+    with pytest.raises(CxrError) as refused:
+        make_engine(url)
+    assert MARK not in str(refused.value)
 
 
 def test_a_private_redis_takes_a_password_with_any_characters(tmp_path):
@@ -115,6 +170,46 @@ def test_results_escape_terminal_codes_and_spreadsheet_formulas(cli_env, capsys)
     assert main(["results", "--format", "csv"]) == 0
     [row] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert row["file_name"].startswith("'=HYPERLINK") and row["error"].startswith("'@SUM")
+
+
+def _cxr_output(args: list[str], db_url: str, tmp_path, *, tty: bool) -> bytes:
+    """What a real ``cxr`` process writes to its stdout: a pseudo-terminal or a pipe."""
+    import os
+    import sys
+
+    env = {**os.environ, "CXR_DATA_DIR": str(tmp_path / "var"), "CXR_DATABASE_URL": db_url}
+    if not tty:
+        return subprocess.run([sys.executable, "-m", "worker.cli", *args], env=env,
+                              stdout=subprocess.PIPE, check=True, timeout=120).stdout
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], env=env, stdout=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(120) == 0
+    return b"".join(chunks)
+
+
+def test_results_csv_escapes_control_characters_on_a_terminal_only(db_url, tmp_path):
+    name = "scan\x1b]0;owned\x07\x1b[2J\x9b31m.png"
+    with session_scope(db_url) as s:
+        s.add(Image(sha256="d" * 64, file_name=name, status=ImageStatus.REJECTED, error="x\x1b[5m"))
+    for fmt in ("csv", "table"):
+        shown = _cxr_output(["results", "--format", fmt], db_url, tmp_path, tty=True)
+        for raw in (b"\x1b", b"\x07", "\x9b".encode()):
+            assert raw not in shown, (fmt, shown)
+        assert b"scan\\x1b]0;owned\\x07" in shown
+    piped = _cxr_output(["results", "--format", "csv"], db_url, tmp_path, tty=False)
+    [row] = list(csv.DictReader(io.StringIO(piped.decode())))
+    assert row["file_name"] == name and row["error"] == "x\x1b[5m"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,10 +33,11 @@ class Settings(BaseSettings):
         None, description="Where model bundles live (default: DATA_DIR/models)."
     )
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL (default: sqlite:///DATA_DIR/cxr.db)."
+        None, description="SQLAlchemy URL (default: sqlite:///DATA_DIR/cxr.db).", repr=False
     )
     broker_url: str = Field(
-        "redis://localhost:6379/0", description="Celery broker (Redis) URL; passwords allowed."
+        "redis://localhost:6379/0", description="Celery broker (Redis) URL; passwords allowed.",
+        repr=False,
     )
     queue: str = Field("inference", description="Celery queue the inference tasks go to.")
     stable_seconds: float = Field(
@@ -58,6 +60,11 @@ class Settings(BaseSettings):
     decode_memory_mb: int = Field(
         1024, description="Memory (MiB) one worker process may spend decoding a batch at once; "
         "large images wait for each other instead of all decoding in parallel."
+    )
+    unknown_view: Literal["accept", "reject"] = Field(
+        "accept", description="A DICOM whose ViewPosition is neither frontal (PA, AP) nor "
+        "lateral: `accept` reads it as frontal and says so in its row's error column, `reject` "
+        "refuses it. An absent ViewPosition is read as frontal, like a JPEG."
     )
     hide_file_names: bool = Field(
         False, description="Keep file names (which often carry patient names) out of task "
@@ -88,7 +95,7 @@ class Settings(BaseSettings):
     flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
     flower_port: int = Field(5555, description="Port Flower listens on.")
     flower_basic_auth: str | None = Field(
-        None, description="user:password for Flower basic auth (off if unset)."
+        None, description="user:password for Flower basic auth (off if unset).", repr=False
     )
     log_level: str = Field("INFO", description="Log level for all processes.")
 
@@ -117,6 +124,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'cxr.db').absolute()}"
+
+    def check_urls(self) -> None:
+        """Refuse database and broker URLs whose passwords their readers would split (an
+        unencoded @, / or ;): the pieces would reach logs as host names and paths."""
+        from db.urls import check_url
+
+        check_url(self.db_url, "CXR_DATABASE_URL")
+        check_url(self.broker_url, "CXR_BROKER_URL")
 
     def check_layout(self) -> None:
         """Refuse an inbox that overlaps the service's own folders: intake would take (and

@@ -138,10 +138,12 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class Decoded:
-    """What the model sees, and a DICOM's identifiers (None for JPEG and PNG)."""
+    """What the model sees, and a DICOM's identifiers and ViewPosition (None for JPEG and PNG;
+    the worker applies ``CXR_UNKNOWN_VIEW`` to the view: ``trainer.imaging.dicom.view_policy``)."""
 
     pixels: np.ndarray
     identifiers: DicomIdentifiers | None = None
+    view: str | None = None
 
 
 def decode_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
@@ -248,7 +250,7 @@ def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
             f"corrupt DICOM ({type(exc).__name__})")
         known = image.identifiers if image else getattr(exc, "identifiers", None)
         raise BadImageError(reason, known) from None
-    return Decoded(_model_input(gray, size), image.identifiers)
+    return Decoded(_model_input(gray, size), image.identifiers, image.view)
 
 
 def _model_input(gray: Image.Image, size: int) -> np.ndarray:
@@ -290,7 +292,9 @@ def _too_large(dims: tuple[int, int] | None, max_pixels: int) -> str:
 
 
 def _verify_png(fp: BinaryIO) -> None:
-    """Check every chunk's CRC, streaming: Pillow's decoder skips the IDAT checksums."""
+    """Check every chunk's CRC, streaming: Pillow's decoder skips the IDAT checksums. An
+    animated PNG is refused like a GIF or a multi-frame DICOM (Pillow would read its first
+    frame): its ``acTL`` chunk holds the frame count Pillow's ``n_frames`` reports."""
     fp.seek(len(_PNG_MAGIC))
     while True:
         header = fp.read(8)
@@ -298,19 +302,23 @@ def _verify_png(fp: BinaryIO) -> None:
             raise BadImageError("truncated PNG (the file ends early)")
         length, kind = struct.unpack(">I", header[:4])[0], header[4:]
         crc = zlib.crc32(kind)
-        remaining = length
+        remaining, first = length, b""
         while remaining:
             block = fp.read(min(remaining, 1 << 20))
             if not block:
                 raise BadImageError("truncated PNG (the file ends early)")
             crc = zlib.crc32(block, crc)
             remaining -= len(block)
+            first = first or block[:4]
         stored = fp.read(4)
         if len(stored) < 4:
             raise BadImageError("truncated PNG (the file ends early)")
         if struct.unpack(">I", stored)[0] != crc:
             name = kind.decode("latin-1") if kind.isalpha() else "?"
             raise BadImageError(f"corrupt PNG (bad CRC in {name} chunk)")
+        frames = struct.unpack(">I", first)[0] if kind == b"acTL" and len(first) == 4 else 1
+        if frames > 1:
+            raise BadImageError(f"animated PNG ({frames} frames): send single-frame images")
         if kind == b"IEND":
             return
 

@@ -36,12 +36,18 @@ import numpy as np
 
 from db.exceptions import BadImageError
 from db.identifiers import DICOM_KEYWORDS, DicomIdentifiers
+from trainer.imaging.dicom_terms import (
+    BODY_PARTS,
+    LATERAL_VIEWS,
+    MODALITIES,
+    PHOTOMETRICS,
+    shown_term,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
 RADIOGRAPH_MODALITIES = ("CR", "DX", "RG")
-LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL"})
 CHEST_WORDS = ("CHEST", "THORAX", "TORAX", "LUNG")
 """A ``BodyPartExamined`` containing one of these is a chest (vendors write THORAX, CHEST PA,
 PORTABLE CHEST...); any other value is rejected, no value at all is accepted."""
@@ -63,7 +69,6 @@ _VRS = frozenset(
 )
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _DEFLATED = "1.2.840.10008.1.2.1.99"
-_CODE = re.compile(r"^[A-Z0-9 _-]{1,16}$")
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -108,6 +113,11 @@ class DicomImage:
 
     dataset: Dataset
     identifiers: DicomIdentifiers
+
+    @property
+    def view(self) -> str | None:
+        """The ViewPosition as written (for ``view_policy``; never stored or shown as is)."""
+        return _code(self.dataset, "ViewPosition")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -233,11 +243,6 @@ def _code(ds: Dataset, keyword: str) -> str | None:
     return text or None
 
 
-def _shown(code: str) -> str:
-    """A header code safe to put in a reason (a short code word, never free text)."""
-    return code if _CODE.match(code) else "(unreadable)"
-
-
 def _integer(ds: Dataset, keyword: str) -> int | None:
     value = _value(ds, keyword)
     try:
@@ -250,11 +255,12 @@ def _header_reason(ds: Dataset) -> str | None:
     """Why this data set is not a single-frame greyscale frontal chest radiograph, or None."""
     modality = _code(ds, "Modality")
     if modality is not None and modality not in RADIOGRAPH_MODALITIES:
-        return (f"DICOM modality {_shown(modality)} is not a radiograph "
+        return (f"DICOM modality {shown_term(modality, MODALITIES)} is not a radiograph "
                 f"(only {', '.join(RADIOGRAPH_MODALITIES)})")
     body_part = _code(ds, "BodyPartExamined")
     if body_part is not None and not any(word in body_part for word in CHEST_WORDS):
-        return f"DICOM body part {_shown(body_part)} is not the chest (BodyPartExamined)"
+        return (f"DICOM body part {shown_term(body_part, BODY_PARTS)} is not the chest "
+                "(BodyPartExamined)")
     view = _code(ds, "ViewPosition")
     if view in LATERAL_VIEWS:
         return (f"lateral view (ViewPosition {view}): the models read frontal (PA or AP) "
@@ -270,7 +276,8 @@ def _header_reason(ds: Dataset) -> str | None:
     photometric = _code(ds, "PhotometricInterpretation")
     samples = _integer(ds, "SamplesPerPixel")
     if samples not in (None, 1) or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        shown = _shown(photometric) if photometric else "no photometric interpretation"
+        shown = (shown_term(photometric, PHOTOMETRICS) if photometric
+                 else "no photometric interpretation")
         return (f"colour DICOM ({shown}): chest radiographs are greyscale "
                 "(MONOCHROME1 or MONOCHROME2)")
     rows, columns = _integer(ds, "Rows"), _integer(ds, "Columns")

@@ -32,6 +32,7 @@ from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
 from trainer.imaging.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
+from trainer.imaging.dicom_terms import view_policy
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claims import claim_images, holder_id
 from worker.classify.inference import ModelCache, classify_arrays
@@ -54,6 +55,9 @@ class _Read:
     missing: bool = False
     identifiers: DicomIdentifiers | None = None
     """A DICOM's study, series and instance UIDs etc. (kept even when it is rejected)."""
+    view: str | None = None
+    note: str | None = None
+    """How a done image was read, for its ``error`` column (an unknown view taken as frontal)."""
 
 
 def decode_threads() -> int:
@@ -144,7 +148,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
         images.link_predictions(session, [
             (r.claim.image_id, prediction_id)
             for r, prediction_id in zip(good, prediction_ids, strict=True)
-        ])
+        ], {r.claim.image_id: r.note for r in good if r.note})
         outcome.update(dict.fromkeys((r.claim.image_id for r in good), "done"))
     outcome.update(_retry_missing(missing, settings))
     for r in read:
@@ -208,7 +212,8 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
                    for claim in claims]
         for start in range(0, len(claims), size):
             began = time.perf_counter()
-            chunk = [future.result() for future in pending[start:start + size]]
+            chunk = [_view_checked(future.result(), settings.unknown_view)
+                     for future in pending[start:start + size]]
             decoded = [r for r in chunk if r.pixels is not None]
             waited_s += time.perf_counter() - began
             read += chunk
@@ -240,9 +245,21 @@ def _read_one(claim: Claim, settings: Settings, size: int, budget: MemoryBudget)
     try:
         with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
             decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
-        return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers)
+        return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers,
+                     view=decoded.view)
     except BadImageError as exc:
         return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
+
+
+def _view_checked(read: _Read, unknown_view: str) -> _Read:
+    """``CXR_UNKNOWN_VIEW`` applied to a decoded DICOM whose ViewPosition is neither frontal
+    nor lateral: refused, or taken with a note saying so."""
+    if read.pixels is None or read.view is None:
+        return read
+    refused, read.note = view_policy(read.view, unknown_view)
+    if refused:
+        read.pixels, read.data, read.rejected = None, b"", refused
+    return read
 
 
 def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:

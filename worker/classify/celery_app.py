@@ -25,7 +25,13 @@ quiet_native_logs(debug=settings.log_level.upper() == "DEBUG")
 
 
 def make_app(settings: Settings) -> Celery:
-    """A Celery app configured from ``settings`` (the module-level ``app`` uses the environment)."""
+    """A Celery app configured from ``settings`` (the module-level ``app`` uses the environment).
+
+    A broker URL kombu would split inside its password is refused here: Celery would log the
+    pieces it took for a host or path."""
+    from db.urls import check_url
+
+    check_url(settings.broker_url, "CXR_BROKER_URL")
     app = Celery("cxr", broker=settings.broker_url, include=["worker.classify.tasks"])
     app.conf.update(
         task_serializer="json",

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
+        if command != "settings":
+            settings.check_urls()
         return int(args.func(args, settings) or 0)
     except CxrError as exc:
         print(f"cxr: error: {exc}", file=sys.stderr)

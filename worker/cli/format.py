@@ -1,8 +1,9 @@
 """How the command line shows rows: fixed-width tables, CSV and JSON.
 
-File names and errors come from strangers: tables show control characters as escapes (a name
-must not move the cursor or recolour the terminal), and CSV cells that a spreadsheet would run
-as a formula are quoted.
+File names and errors come from strangers: tables, and CSV written to a terminal, show control
+characters as escapes (a name must not move the cursor or recolour the terminal); CSV written
+to a file or pipe keeps the names byte for byte. CSV cells that a spreadsheet would run as a
+formula are quoted. JSON escapes control characters itself.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from worker.settings import printable
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[printable(str(c)) for c in r] for r in rows]
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -57,11 +59,18 @@ def write_rows(rows: list[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
         json.dump(rows, sys.stdout, default=str, indent=2)
         print()
     elif fmt == "csv":
+        shown = printable if sys.stdout.isatty() else str
         writer = csv.DictWriter(sys.stdout, fieldnames=list(columns))
         writer.writeheader()
-        writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: _csv_cell(v, shown) for k, v in row.items()} for row in rows)
     else:
         raise ValueError(f"unknown format {fmt!r}")
+
+
+def _csv_cell(value: Any, shown: Callable[[str], str]) -> Any:
+    """A CSV cell: formula-safe, and through ``shown`` (escapes on a terminal) when text."""
+    value = spreadsheet_safe(value)
+    return shown(value) if isinstance(value, str) else value
 
 
 def probability(value: float | None) -> str:
