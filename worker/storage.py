@@ -109,6 +109,21 @@ def reject_archived(settings: Settings, path: Path) -> str:
     return relative_to_data(settings, target)
 
 
+NAME_MAX_BYTES = 255
+"""The longest file name most filesystems take, in bytes."""
+
+
 def rejected_name(base_name: str) -> str:
-    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``."""
-    return f"{uuid.uuid4().hex[:12]}-{base_name}"
+    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``, the
+    name as valid UTF-8 (other bytes become ``_``) and cut to fit ``NAME_MAX_BYTES``, keeping
+    its extension: a 255-byte name in the inbox must still fit with its prefix."""
+    clean = base_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    clean = clean.replace("\ufffd", "_").replace("/", "_")
+    prefix = f"{uuid.uuid4().hex[:12]}-"
+    room = NAME_MAX_BYTES - len(prefix)
+    if len(clean.encode()) > room:
+        stem, dot, ext = clean.rpartition(".")
+        tail = f".{ext}" if dot and stem and len(ext.encode()) <= 16 else ""
+        head = clean[: len(clean) - len(tail)].encode()[: room - len(tail.encode())]
+        clean = head.decode("utf-8", "ignore") + tail
+    return prefix + clean
