@@ -133,23 +133,6 @@ def mark_queued_many(session: Session, image_ids: Iterable[int]) -> int:
     return result.rowcount
 
 
-def latest_receipts(session: Session, pairs: list[tuple[str, str]]
-                    ) -> dict[tuple[str, str], datetime]:
-    """(file name, sha256) -> when the newest row of that name and content was received, for
-    the pairs already recorded (one query for a batch)."""
-    names = {name for name, _ in pairs}
-    if not names:
-        return {}
-    rows = session.execute(
-        select(Image.file_name, Image.sha256, func.max(Image.received_at))
-        .where(Image.file_name.in_(sorted(names)),
-               Image.sha256.in_(sorted({sha for _, sha in pairs})))
-        .group_by(Image.file_name, Image.sha256)
-    )
-    return {(name, sha): at if at.tzinfo else at.replace(tzinfo=UTC)
-            for name, sha, at in rows if at is not None}
-
-
 def has_rejection(session: Session, file_name: str, reason: str) -> bool:
     """Whether this refusal (a file left in the inbox) was already recorded."""
     found = session.scalar(

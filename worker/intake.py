@@ -30,7 +30,14 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from worker import safefs
 from worker.settings import Settings
-from worker.storage import archive_relpath, private_dirs, rejected_name
+from worker.storage import (
+    archive_relpath,
+    left_in_inbox,
+    left_in_inbox_key,
+    note_left_in_inbox,
+    private_dirs,
+    rejected_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +216,7 @@ def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings, arc
     if entry is None:  # a FIFO, socket or device node: never opened (the scan says so)
         return None
     st = entry.st
-    if not stat.S_ISREG(st.st_mode) or _inbox_key(st) in _LEFT_IN_INBOX:
+    if not stat.S_ISREG(st.st_mode) or left_in_inbox_key(st) in left_in_inbox(settings):
         entry.close()
         return None
     try:
@@ -279,9 +286,6 @@ def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]
     if not taken:
         return []
     with session_scope(settings.db_url) as session:
-        taken = _drop_left_behind(session, taken, settings)
-        if not taken:
-            return []
         ids = images.record_images(session, [
             {"sha256": t.sha256, "file_name": t.name, "stored_path": t.stored, "size_bytes": t.size}
             for t in taken
@@ -298,39 +302,14 @@ def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]
     return results
 
 
-_LEFT_IN_INBOX: set[tuple[int, int, int, int]] = set()
-"""Files recorded that the service could not remove from the inbox (a folder it may not write):
-this watcher does not take them again."""
-
-
-def _inbox_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _remove_from_inbox(item: _Taken, settings: Settings, already: str = "") -> None:
+def _remove_from_inbox(item: _Taken, settings: Settings) -> None:
     try:
         safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
     except OSError as exc:
-        _LEFT_IN_INBOX.add(_inbox_key(item.entry.st))
-        log.warning("%s is recorded%s but stays in the inbox: it cannot be removed (%s); let "
-                    "the service user write that folder", settings.shown_name(item.name),
-                    f" ({already})" if already else "", exc.strerror or exc)
-
-
-def _drop_left_behind(session, taken: list[_Taken], settings: Settings) -> list[_Taken]:
-    """The files that are not already recorded: a file whose row (same name, same content)
-    is newer than the file's last change is the one recorded then and left in the inbox (a
-    folder the service may not write, a watcher killed before the removal). It gets no
-    second row; its removal is tried again. A copy written anew since is a new file."""
-    recorded = images.latest_receipts(session, [(t.name, t.sha256) for t in taken])
-    fresh = []
-    for item in taken:
-        at = recorded.get((item.name, item.sha256))
-        if at is None or at.timestamp() < item.entry.st.st_ctime:
-            fresh.append(item)
-        elif _inbox_key(item.entry.st) not in _LEFT_IN_INBOX:
-            _remove_from_inbox(item, settings, "already recorded")
-    return fresh
+        note_left_in_inbox(settings, left_in_inbox_key(os.fstat(item.entry.fd)))
+        log.warning("%s is recorded but stays in the inbox: it cannot be removed (%s); let the "
+                    "service user write that folder", settings.shown_name(item.name),
+                    exc.strerror or exc)
 
 
 def _link_existing(session, image_ids: list[int], sha256s: list[str]) -> set[int]:
