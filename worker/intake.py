@@ -10,7 +10,8 @@ archive copy, which the next intake of that content reuses). A broker outage lea
 ``received`` for the reconcile pass. Nothing taken from the inbox is lost.
 
 Files the service will not read (links, unreadable, hard-linked, too large) get a ``rejected``
-row with the reason and are moved, as entries, into ``rejected/``.
+row with the reason and are moved, as entries, into ``rejected/``; an entry that cannot be moved
+stays where it is, recorded once, and costs nothing to the rest of its batch.
 """
 
 from __future__ import annotations
@@ -28,16 +29,9 @@ from pathlib import Path, PurePosixPath
 from db import images, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
-from worker import safefs
+from worker import safefs, storage
 from worker.settings import Settings
-from worker.storage import (
-    archive_relpath,
-    left_in_inbox,
-    left_in_inbox_key,
-    note_left_in_inbox,
-    private_dirs,
-    rejected_name,
-)
+from worker.storage import archive_relpath, private_dirs, rejected_name
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +183,9 @@ def _prepare(path: Path, settings: Settings, folders: safefs.Folders, archive: i
     name = display_name(parts)
     try:
         return _prepare_in(folder, parts[-1], name, settings, archive)
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             return exc
-        log.exception("could not take %s; it stays in the inbox", settings.shown_name(name))
-        return None
-    except Exception:
         log.exception("could not take %s; it stays in the inbox", settings.shown_name(name))
         return None
 
@@ -216,7 +207,8 @@ def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings, arc
     if entry is None:  # a FIFO, socket or device node: never opened (the scan says so)
         return None
     st = entry.st
-    if not stat.S_ISREG(st.st_mode) or left_in_inbox_key(st) in left_in_inbox(settings):
+    if not stat.S_ISREG(st.st_mode) or storage.left_in_inbox_key(st) in storage.left_in_inbox(
+            settings):  # recorded already, and left in the inbox
         entry.close()
         return None
     try:
@@ -306,7 +298,7 @@ def _remove_from_inbox(item: _Taken, settings: Settings) -> None:
     try:
         safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
     except OSError as exc:
-        note_left_in_inbox(settings, left_in_inbox_key(os.fstat(item.entry.fd)))
+        storage.note_left_in_inbox(settings, storage.left_in_inbox_key(os.fstat(item.entry.fd)))
         log.warning("%s is recorded but stays in the inbox: it cannot be removed (%s); let the "
                     "service user write that folder", settings.shown_name(item.name),
                     exc.strerror or exc)
