@@ -197,6 +197,11 @@ def test_hidden_folders_and_rsync_temps_are_never_candidates(tmp_path, rel, take
     assert is_candidate_in(tmp_path, tmp_path / rel) is taken
 
 
+def test_events_follow_the_scan_depth_rule(tmp_path):
+    assert is_candidate_in(tmp_path, tmp_path.joinpath(*["d"] * 32, "IM-1.png"), 32)
+    assert not is_candidate_in(tmp_path, tmp_path.joinpath(*["d"] * 33, "IM-1.png"), 32)
+
+
 def test_files_arriving_by_events_in_hidden_folders_are_not_taken(settings):
     sent = Recorder()
     inbox = settings.inbox_dir

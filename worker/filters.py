@@ -46,10 +46,13 @@ def is_walked_in(inbox: Path, folder: Path | str) -> bool:
     return bool(parts) and all(is_walked_folder(p) for p in parts)
 
 
-def is_candidate_in(inbox: Path, path: Path | str) -> bool:
+def is_candidate_in(inbox: Path, path: Path | str, max_depth: int | None = None) -> bool:
     """``is_candidate`` for a path below ``inbox``, also refusing it when a folder on the way
-    is hidden (the scan never walks those); False for a path not below the inbox."""
+    is hidden or it lies more than ``max_depth`` folders deep (the scan never walks those);
+    False for a path not below the inbox."""
     parts = _parts(inbox, path)
     if not parts or not all(is_walked_folder(p) for p in parts[:-1]):
+        return False
+    if max_depth is not None and len(parts) - 1 > max_depth:
         return False
     return is_candidate(parts[-1])

@@ -218,7 +218,7 @@ class Watcher:
                 for found, old in scan_inbox(path, self.settings.stable_seconds,
                                              warn=self._warn_once):
                     self.tracker.touch(found, closed=old)
-        elif is_candidate_in(inbox, path):  # the scan's rule: nothing under a hidden folder
+        elif is_candidate_in(inbox, path, MAX_DEPTH):  # the scan's rule, for events too
             self.tracker.touch(path, closed=closed)
 
     def _take_due(self) -> bool:
