@@ -30,12 +30,37 @@ class Unreachable(Exception):
     """A folder on the way is gone, not a folder, or a link: the entry is not in the inbox."""
 
 
-def open_folder(root: Path, parts: Sequence[str]) -> int:
-    """A handle on ``root/parts...``, opening each component without following links.
+class InboxMoved(Exception):
+    """The inbox path is a link, or no longer the folder the watcher holds: take nothing."""
 
-    ``root`` itself is opened normally (it is configuration, not inbox content).
-    """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+Identity = tuple[int, int]
+"""(st_dev, st_ino) of a folder."""
+
+
+def open_root(root: Path, expect: Identity | None = None) -> int:
+    """A handle on the inbox folder itself, its last component opened without following a
+    link; with ``expect``, it must still be that very folder. Raises ``InboxMoved``."""
+    try:
+        fd = os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise InboxMoved(f"the inbox {root} is a link or not a folder") from None
+        raise
+    if expect is not None and identity(os.fstat(fd)) != expect:
+        os.close(fd)
+        raise InboxMoved(f"the inbox {root} is no longer the folder the watcher started on")
+    return fd
+
+
+def identity(st: os.stat_result) -> Identity:
+    return st.st_dev, st.st_ino
+
+
+def open_folder(root: int, parts: Sequence[str]) -> int:
+    """A handle on ``parts...`` below the ``root`` handle, opening each component without
+    following links."""
+    fd = os.dup(root)
     try:
         for part in parts:
             if part in ("", ".", ".."):
@@ -55,10 +80,12 @@ def open_folder(root: Path, parts: Sequence[str]) -> int:
 class Folders:
     """Handles on the folders of one intake pass, each opened once (``open_folder``) and shared
     by every file taken from it, then closed together: a burst into one folder costs one
-    open, not one per file."""
+    open, not one per file. The inbox itself is opened once, without following a link (and
+    checked to be ``expect``, the folder the watcher holds, when given)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, expect: Identity | None = None):
         self.root = root
+        self._root_fd = open_root(root, expect)
         self._fds: dict[tuple[str, ...], int] = {}
         self._lock = threading.Lock()
 
@@ -67,7 +94,7 @@ class Folders:
         key = tuple(parts)
         with self._lock:
             if key not in self._fds:
-                self._fds[key] = open_folder(self.root, key)
+                self._fds[key] = open_folder(self._root_fd, key)
             return self._fds[key]
 
     def close(self) -> None:
@@ -75,6 +102,9 @@ class Folders:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            if self._root_fd >= 0:
+                os.close(self._root_fd)
+                self._root_fd = -1
 
     def __enter__(self) -> Folders:
         return self
@@ -101,9 +131,18 @@ class Entry:
         os.close(self.fd)
 
 
-def open_entry(folder: int, name: str) -> Entry:
-    """Open ``name`` in ``folder`` once, without following a link; raises OSError
-    (ELOOP for a link, EACCES when unreadable, ENOENT when gone)."""
+def open_entry(folder: int, name: str) -> Entry | None:
+    """Open ``name`` in ``folder`` once, without following a link; None (never opened) when
+    it is not a regular file: a FIFO, socket or device node is never opened, since opening
+    one has side effects. Raises OSError (ELOOP for a link, EACCES when unreadable, ENOENT
+    when gone)."""
+    st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    # O_NONBLOCK|O_NOFOLLOW as a belt: an entry swapped since the stat neither blocks nor
+    # leads out; the caller checks the handle's own fstat.
     fd = os.open(name, _FILE_FLAGS, dir_fd=folder)
     return Entry(folder, name, fd, os.fstat(fd))
 
@@ -192,7 +231,8 @@ def remove_entry(folder: int, name: str, expected: os.stat_result) -> bool:
 def move_entry(folder: int, name: str, dest_dir: Path, dest_name: str) -> bool:
     """Rename the entry itself (a link stays a link; no read needed) into ``dest_dir``.
 
-    False when ``dest_dir`` is on another filesystem: the entry then stays where it is.
+    False when ``dest_dir`` is on another filesystem: the entry then stays where it is. Any
+    other failure (a folder the service may not write, a name too long) raises OSError.
     """
     dest = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -4,7 +4,9 @@ which names, with which permissions.
 Archived files are content-addressed (``archive/ab/<sha256>.<ext>``); a file that fails to
 decode moves to ``rejected/`` under that same name, so a later twin still finds it. An inbox
 entry that was never read (a link, a file the service may not open) gets
-``rejected/<random>-<name>``. Inbox files themselves are only touched through handles
+``rejected/<random>-<name>``. A file recorded that the service could not remove from the inbox
+(a folder it may not write) is listed in ``inbox-left``, so that no later watcher records it
+again. Inbox files themselves are only touched through handles
 (``worker.files.safefs``). A prediction's heatmap is ``heatmaps/ab/<sha256>-p<stage-1 model
 id>-i<stage-2 model id or 0>.png``: one per content and models, like the prediction itself.
 Folders holding patient images are 0700 and files 0600.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -109,6 +112,65 @@ def reject_archived(settings: Settings, path: Path) -> str:
     return relative_to_data(settings, target)
 
 
+NAME_MAX_BYTES = 255
+"""The longest file name most filesystems take, in bytes."""
+
+
+LEFT_IN_INBOX = "inbox-left"
+"""In the data dir: one line per file recorded but left in the inbox (its identity)."""
+_left: dict[Path, set[tuple[int, ...]]] = {}
+_left_lock = threading.Lock()
+
+
+def left_in_inbox_key(st: os.stat_result) -> tuple[int, ...]:
+    """What identifies one version of one file: a new copy, or a rewrite, is another file."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def left_in_inbox(settings: Settings) -> set[tuple[int, ...]]:
+    """The files recorded but left in the inbox, by identity (read once per process)."""
+    path = settings.data_dir.absolute() / LEFT_IN_INBOX
+    with _left_lock:
+        if path not in _left:
+            try:
+                lines = path.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            _left[path] = {tuple(int(v) for v in line.split()) for line in lines
+                           if len(line.split()) == 5 and line.replace(" ", "").isdigit()}
+        return _left[path]
+
+
+def note_left_in_inbox(settings: Settings, key: tuple[int, ...]) -> None:
+    """Remember (here and on disk) that this file is recorded though it stays in the inbox."""
+    keys = left_in_inbox(settings)
+    with _left_lock:
+        if key in keys:
+            return
+        keys.add(key)
+        line = (" ".join(map(str, key)) + "\n").encode()
+        try:
+            fd = os.open(settings.data_dir.absolute() / LEFT_IN_INBOX, os.O_WRONLY | os.O_APPEND
+                         | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError:  # a full disk: this process still knows; a restart records it once more
+            pass
+
+
 def rejected_name(base_name: str) -> str:
-    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``."""
-    return f"{uuid.uuid4().hex[:12]}-{base_name}"
+    """The name in rejected/ of an inbox entry that was never read: ``<random>-<name>``, the
+    name as valid UTF-8 (other bytes become ``_``) and cut to fit ``NAME_MAX_BYTES``, keeping
+    its extension: a 255-byte name in the inbox must still fit with its prefix."""
+    clean = base_name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    clean = clean.replace("\ufffd", "_").replace("/", "_")
+    prefix = f"{uuid.uuid4().hex[:12]}-"
+    room = NAME_MAX_BYTES - len(prefix)
+    if len(clean.encode()) > room:
+        stem, dot, ext = clean.rpartition(".")
+        tail = f".{ext}" if dot and stem and len(ext.encode()) <= 16 else ""
+        head = clean[: len(clean) - len(tail)].encode()[: room - len(tail.encode())]
+        clean = head.decode("utf-8", "ignore") + tail
+    return prefix + clean

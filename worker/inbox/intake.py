@@ -10,7 +10,8 @@ archive copy, which the next intake of that content reuses). A broker outage lea
 ``received`` for the reconcile pass. Nothing taken from the inbox is lost.
 
 Files the service will not read (links, unreadable, hard-linked, too large) get a ``rejected``
-row with the reason and are moved, as entries, into ``rejected/``.
+row with the reason and are moved, as entries, into ``rejected/``; an entry that cannot be moved
+stays where it is, recorded once, and costs nothing to the rest of its batch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from db import images, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
-from worker.files import safefs
+from worker import safefs, storage
 from worker.files.storage import archive_relpath, private_dirs, rejected_name
 from worker.settings import Settings
 
@@ -100,16 +101,27 @@ def intake_file(path: Path, settings: Settings, enqueue: Enqueue | None = None
 
 
 def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | None = None,
-                 threads: int = INTAKE_THREADS) -> list[IntakeResult]:
+                 threads: int = INTAKE_THREADS, inbox: safefs.Identity | None = None
+                 ) -> list[IntakeResult]:
     """Take complete inbox files in batches: the next batch is hashed and copied in threads
     while the current one is recorded (one transaction) and sent (one ``send``); returns a
-    result for each file taken or refused."""
+    result for each file taken or refused.
+
+    ``inbox``: the identity of the inbox folder the caller holds; raises
+    ``safefs.InboxMoved`` (taking nothing) when the inbox path is a link or another folder.
+    """
     private_dirs(settings.archive_dir, settings.archive_dir)
     paths = [Path(p) for p in paths]
     chunks = [paths[i:i + INTAKE_BATCH] for i in range(0, len(paths), INTAKE_BATCH)]
     results: list[IntakeResult] = []
+    no_space: list[OSError] = []
     archive = os.open(settings.archive_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with safefs.Folders(settings.inbox_dir) as folders, ThreadPoolExecutor(max(1, threads)) as pool:
+    try:
+        folders = safefs.Folders(settings.inbox_dir, inbox)
+    except BaseException:
+        os.close(archive)
+        raise
+    with folders, ThreadPoolExecutor(max(1, threads)) as pool:
         def start(chunk: list[Path]) -> list:
             return [pool.submit(_prepare, path, settings, folders, archive) for path in chunk]
 
@@ -117,6 +129,7 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
             pending = start(chunks[0]) if chunks else []
             for k in range(len(chunks)):
                 prepared = [future.result() for future in pending]
+                no_space += [p for p in prepared if isinstance(p, OSError)]
                 pending = start(chunks[k + 1]) if k + 1 < len(chunks) else []
                 try:
                     results += _commit(prepared, settings, enqueue)
@@ -125,6 +138,9 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
                     raise
         finally:
             os.close(archive)
+    if no_space:  # one line for the pass, not a traceback per file: every file fails alike
+        log.warning("the archive's disk is full (%s); %d file(s) stay in the inbox for the next "
+                    "scan", no_space[0].strerror, len(no_space))
     return results
 
 
@@ -149,9 +165,13 @@ def _commit(prepared: list, settings: Settings, enqueue: Enqueue | None) -> list
             if r.image_id in queued else r for r in results]
 
 
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
 def _prepare(path: Path, settings: Settings, folders: safefs.Folders, archive: int
-             ) -> _Taken | _Refused | None:
-    """Open, check, copy and hash one file; never raises for a file-level problem."""
+             ) -> _Taken | _Refused | OSError | None:
+    """Open, check, copy and hash one file; never raises for a file-level problem. A full
+    disk is returned (the caller says so once for the whole pass)."""
     parts = inbox_parts(settings.inbox_dir, path)
     if parts is None:
         log.warning("ignored a path outside the inbox")
@@ -163,7 +183,9 @@ def _prepare(path: Path, settings: Settings, folders: safefs.Folders, archive: i
     name = display_name(parts)
     try:
         return _prepare_in(folder, parts[-1], name, settings, archive)
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return exc
         log.exception("could not take %s; it stays in the inbox", settings.shown_name(name))
         return None
 
@@ -182,8 +204,11 @@ def _prepare_in(folder: int, entry_name: str, name: str, settings: Settings, arc
         if exc.errno in (errno.ENOENT, errno.ENXIO):
             return None
         raise
+    if entry is None:  # a FIFO, socket or device node: never opened (the scan says so)
+        return None
     st = entry.st
-    if not stat.S_ISREG(st.st_mode) or _inbox_key(st) in _LEFT_IN_INBOX:
+    if not stat.S_ISREG(st.st_mode) or storage.left_in_inbox_key(st) in storage.left_in_inbox(
+            settings):  # recorded already, and left in the inbox
         entry.close()
         return None
     try:
@@ -269,20 +294,11 @@ def _record_taken(taken: list[_Taken], settings: Settings) -> list[IntakeResult]
     return results
 
 
-_LEFT_IN_INBOX: set[tuple[int, int, int, int]] = set()
-"""Files recorded that the service could not remove from the inbox (a folder it may not write):
-this watcher does not take them again."""
-
-
-def _inbox_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _remove_from_inbox(item: _Taken, settings: Settings) -> None:
     try:
         safefs.remove_entry(item.entry.folder, item.entry.name, item.entry.st)
     except OSError as exc:
-        _LEFT_IN_INBOX.add(_inbox_key(item.entry.st))
+        storage.note_left_in_inbox(settings, storage.left_in_inbox_key(os.fstat(item.entry.fd)))
         log.warning("%s is recorded but stays in the inbox: it cannot be removed (%s); let the "
                     "service user write that folder", settings.shown_name(item.name),
                     exc.strerror or exc)
@@ -305,18 +321,23 @@ def _link_existing(session, image_ids: list[int], sha256s: list[str]) -> set[int
 
 
 def _record_refusals(refused: list[_Refused], settings: Settings) -> list[IntakeResult]:
-    """Move each refused entry into rejected/ (a rename: no read needed) and record why. When
-    rejected/ is on another filesystem the entry stays in the inbox, recorded once."""
+    """Move each refused entry into rejected/ (a rename: no read needed) and record why. An
+    entry that cannot be moved (rejected/ on another filesystem, a folder the service may not
+    write) stays in the inbox, recorded once: it costs that entry only."""
     results = []
     for item in refused:
         private_dirs(settings.rejected_dir, settings.rejected_dir)
-        target = rejected_name(PurePosixPath(item.name).name)
-        moved = safefs.move_entry(item.folder, item.entry_name, settings.rejected_dir, target)
-        reason = item.reason if moved else (
-            f"{item.reason}; left in the inbox (rejected/ is on another filesystem)")
-        stored = f"rejected/{target}" if moved else None
+        target = rejected_name(item.entry_name)
+        try:
+            moved = safefs.move_entry(item.folder, item.entry_name, settings.rejected_dir,
+                                      target)
+            left = None if moved else "rejected/ is on another filesystem"
+        except OSError as exc:
+            left = f"it cannot be moved to rejected/: {exc.strerror or type(exc).__name__}"
+        reason = item.reason if left is None else f"{item.reason}; left in the inbox ({left})"
+        stored = f"rejected/{target}" if left is None else None
         with session_scope(settings.db_url) as session:
-            if not moved and images.has_rejection(session, item.name, reason):
+            if left is not None and images.has_rejection(session, item.name, reason):
                 continue
             image = images.record_image(
                 session, sha256="", file_name=item.name, stored_path=stored, size_bytes=None,
@@ -357,8 +378,6 @@ def send(settings: Settings, batch: Sequence[tuple[int, str]], enqueue: Enqueue 
         except Exception as exc:  # the jobs are on their way; the rows just still say received
             log.warning("could not mark %d image(s) queued (%s)", len(sent), type(exc).__name__)
     return sent
-
-
 
 
 def reconcile(

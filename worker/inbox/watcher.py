@@ -5,6 +5,12 @@ Events only nominate paths; the stability tracker decides when a file is complet
 ``rescan_seconds`` scans the inbox and re-enqueues rows the database says were left behind,
 so missed events, a watcher restart or a broker outage lose nothing. Per-file errors are
 logged and the loop goes on.
+
+The inbox folder is held by a handle opened without following a link; every pass first checks
+that the inbox path still is that folder and overlaps none of the service's own, else it takes
+nothing that pass and says so (someone who can write the inbox's parent could otherwise swap
+it for a link into the archive). What is never taken (a folder it cannot list or too deep, a
+FIFO, socket or device node) is said once per entry.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
@@ -27,8 +35,10 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 
-from worker.inbox.filters import is_candidate
-from worker.inbox.intake import Enqueue, intake_files, reconcile
+from db.exceptions import CxrError
+from worker.files import safefs
+from worker.inbox.filters import is_candidate, is_candidate_in, is_walked_folder, is_walked_in
+from worker.inbox.intake import Enqueue, display_name, intake_files, reconcile
 from worker.inbox.stability import StabilityTracker
 from worker.settings import Settings
 
@@ -74,36 +84,51 @@ class _InboxEvents(FileSystemEventHandler):
         self._sink.put((path, event.event_type in COMPLETE_EVENTS, False))
 
 
+Warn = Callable[[object, str, str], None]
+"""``warn(key, path, what)``: say once per ``key`` that ``path`` is not taken, and why."""
+
+
 def scan_inbox(
-    inbox: Path, quiet_seconds: float, now: float | None = None, max_depth: int = MAX_DEPTH
+    inbox: Path, quiet_seconds: float, now: float | None = None, max_depth: int = MAX_DEPTH,
+    warn: Warn | None = None,
 ) -> list[tuple[Path, bool]]:
     """Every candidate file under ``inbox`` (links not followed, hidden folders skipped, at most
     ``max_depth`` folders deep); files older than ``quiet_seconds`` count as complete.
 
-    Iterative, so no folder tree can exhaust the stack; a folder that cannot be listed is
-    skipped.
+    Iterative, so no folder tree can exhaust the stack; a folder that cannot be listed, one
+    too deep and a file that is not a regular file (FIFO, socket, device) are skipped, each
+    passed to ``warn``.
     """
     now = time.time() if now is None else now
+    warn = warn or (lambda key, path, what: None)
     found = []
     pending: list[tuple[str, int]] = [(os.fspath(inbox), 0)]
     while pending:
         folder, depth = pending.pop()
         try:
             entries = list(os.scandir(folder))
-        except OSError:
+        except OSError as exc:
+            warn(("list", folder), folder, f"a folder the service cannot list ({exc.strerror})")
             continue
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    if not entry.name.startswith(".") and depth < max_depth:
+                    if is_walked_folder(entry.name) and depth < max_depth:
                         pending.append((entry.path, depth + 1))
+                    elif is_walked_folder(entry.name):
+                        warn(("deep", entry.inode()), entry.path,
+                             f"a folder more than {max_depth} folders deep")
                     continue
                 if not is_candidate(entry.name) or (entry.is_symlink() and entry.is_dir()):
                     continue  # a linked folder is neither walked nor taken
-                mtime = entry.stat(follow_symlinks=False).st_mtime
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            found.append((Path(entry.path), now - mtime >= quiet_seconds))
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                warn(("special", st.st_dev, st.st_ino), entry.path,
+                     "not a regular file (a FIFO, socket or device node)")
+                continue  # never opened: opening one has side effects
+            found.append((Path(entry.path), now - st.st_mtime >= quiet_seconds))
     return found
 
 
@@ -117,6 +142,43 @@ class Watcher:
         self.tracker = StabilityTracker(settings.stable_seconds)
         self.events: queue.Queue[tuple[Path, bool, bool]] = queue.Queue()
         self.taken = 0
+        self._inbox_fd = -1
+        self._inbox: safefs.Identity | None = None
+        self._refusal_said = False
+        self._warned: set[object] = set()
+
+    def _warn_once(self, key: object, path: str, what: str) -> None:
+        """One warning per entry never taken, not one per pass."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        try:
+            name = display_name(Path(path).relative_to(self.settings.inbox_dir).parts)
+        except ValueError:
+            name = display_name(Path(path).parts)
+        log.warning("%s is not taken: %s", self.settings.shown_name(name), what)
+
+    def _inbox_refused(self) -> bool:
+        """True when the inbox path is a link, not the folder held since the first pass, or
+        overlaps the service's own folders: nothing is taken then, said once a pass."""
+        try:
+            if self._inbox is None:
+                self._inbox_fd = safefs.open_root(self.settings.inbox_dir)
+                self._inbox = safefs.identity(os.fstat(self._inbox_fd))
+            else:
+                os.close(safefs.open_root(self.settings.inbox_dir, self._inbox))
+            self.settings.check_layout()
+        except (safefs.InboxMoved, CxrError, OSError) as exc:
+            self._say_refused(exc)
+            return True
+        return False
+
+    def _say_refused(self, exc: Exception) -> None:
+        if not self._refusal_said:
+            self._refusal_said = True
+            log.error("taking nothing from the inbox: %s; put the inbox folder back (CXR_INBOX "
+                      "must name the folder itself, not a link) or restart the watcher",
+                      getattr(exc, "strerror", None) or exc)
 
     def _observer(self):
         if self.polling:
@@ -150,20 +212,25 @@ class Watcher:
                 return
 
     def _handle(self, path: Path, closed: bool, folder: bool) -> None:
+        inbox = self.settings.inbox_dir
         if folder:
-            if path.is_dir() and not path.is_symlink():
-                for found, old in scan_inbox(path, self.settings.stable_seconds):
+            if is_walked_in(inbox, path) and path.is_dir() and not path.is_symlink():
+                for found, old in scan_inbox(path, self.settings.stable_seconds,
+                                             warn=self._warn_once):
                     self.tracker.touch(found, closed=old)
-        elif is_candidate(path):
+        elif is_candidate_in(inbox, path, MAX_DEPTH):  # the scan's rule, for events too
             self.tracker.touch(path, closed=closed)
 
     def _take_due(self) -> bool:
         """Take the files complete now; True when there were any."""
         due = self.tracker.due()
-        if not due:
+        if not due or self._inbox_refused():
             return False
         try:
-            results = intake_files(due, self.settings, self.enqueue)
+            results = intake_files(due, self.settings, self.enqueue, inbox=self._inbox)
+        except safefs.InboxMoved as exc:
+            self._say_refused(exc)
+            return False
         except OperationalError as exc:
             # One line per pass, not a traceback per file: every file would fail alike.
             log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
@@ -179,8 +246,11 @@ class Watcher:
                      result.status)
 
     def _scan(self) -> None:
+        if self._inbox_refused():
+            return
         try:
-            for path, old in scan_inbox(self.settings.inbox_dir, self.settings.stable_seconds):
+            for path, old in scan_inbox(self.settings.inbox_dir, self.settings.stable_seconds,
+                                        warn=self._warn_once):
                 if path not in self.tracker:
                     self.tracker.touch(path, closed=old)
         except Exception:
@@ -188,6 +258,7 @@ class Watcher:
 
     def reconcile_once(self) -> None:
         """Scan the inbox for files events missed; re-enqueue rows left behind."""
+        self._refusal_said = False  # a new pass: a refusal is said again
         self._scan()
         try:
             sent = reconcile(self.settings, self.enqueue)
@@ -244,6 +315,9 @@ class Watcher:
             if observer is not None:
                 observer.stop()
                 observer.join(timeout=5)
+            if self._inbox_fd >= 0:
+                os.close(self._inbox_fd)
+                self._inbox_fd, self._inbox = -1, None
 
 
 def watch(settings: Settings, polling: bool = False) -> int:
