@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from db import images, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
-from worker import safefs, storage
+from worker.files import safefs, storage
 from worker.files.storage import archive_relpath, private_dirs, rejected_name
 from worker.settings import Settings
 
