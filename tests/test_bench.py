@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from worker.ops.bench import _with_comment, percentile, with_db
+from worker.ops.bench_inputs import _with_comment
+from worker.ops.bench_service import percentile, with_db
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -80,7 +81,8 @@ def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():
     """The control-plane mode: pooling and one dense layer, nothing to explain."""
     import numpy as np
 
-    from worker.ops.bench import build_free_model, format_table
+    from worker.ops.bench import format_table
+    from worker.ops.bench_inputs import build_free_model
 
     model = build_free_model(32)
     assert not [layer for layer in model.layers if len(layer.output.shape) == 4

@@ -179,7 +179,7 @@ def test_head_split_shares_layers_with_the_model():
     import keras
 
     from trainer.training.backbones import build_classifier
-    from trainer.training.train import split_head
+    from trainer.training.phases import split_head
 
     keras.utils.set_random_seed(0)
     model, base = build_classifier("mobilenetv2", 32, "none")

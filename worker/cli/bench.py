@@ -9,7 +9,8 @@ from worker.settings import Settings
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from worker.ops.bench import BenchConfig, format_table, run_bench, write_json
+    from worker.ops.bench import format_table, run_bench, write_json
+    from worker.ops.bench_inputs import BenchConfig
 
     cfg = BenchConfig(
         backbone=args.backbone,

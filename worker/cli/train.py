@@ -12,6 +12,11 @@ STAGE_CHOICES = ("pneumonia", "infection", "both")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_synth(sub)
+    _register_train(sub)
+
+
+def _register_synth(sub: argparse._SubParsersAction) -> None:
     synth = sub.add_parser(
         "synth",
         help="write a synthetic chest-X-ray-like data set in the Kaggle layout",
@@ -26,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "mixed photometric interpretations, bit depths and transfer syntaxes")
     synth.set_defaults(func=cmd_synth)
 
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
         help="train, evaluate and register a model for one or both stages",
@@ -121,14 +128,7 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
         print("created the database schema (first use of this database)")
     from trainer.model.runtime import describe_device
     from trainer.training.backbones import get_spec
-    from trainer.training.data import (
-        dataset_fingerprint,
-        is_synthetic,
-        scan_dataset,
-        split_records,
-        summarize,
-    )
-    from trainer.training.train import TrainConfig, publish, train_stage
+    from trainer.training.train import publish, train_stage
 
     stages = ["pneumonia", "infection"] if args.stage == "both" else [args.stage]
     if args.init_from and len(stages) > 1:
@@ -137,32 +137,14 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
         spec = get_spec(args.backbone)
     except ValueError as exc:
         raise CxrError(str(exc)) from None
-    records = scan_dataset(args.data)
-    splits = split_records(records, val_fraction=args.val_fraction, seed=args.seed)
-    synthetic = is_synthetic(args.data)
-    fingerprint = dataset_fingerprint(records, args.data)
-    print(f"data {args.data}{' (synthetic)' if synthetic else ''}: {summarize(splits)}")
+    splits, synthetic, fingerprint = _load_data(args)
     print(describe_device())
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="cxr-train-") as tmp:
         for stage in stages:
-            model_file, parent, manifest = resolve_init_from(args.init_from, stage, settings)
-            backbone = manifest.backbone if manifest else spec.name
-            size = args.img_size or (manifest.input_size if manifest else spec.default_size)
-            if model_file is not None and manifest is None and args.img_size is None:
-                size = _model_input_size(model_file)
-            config = TrainConfig(
-                stage=stage, backbone=backbone, img_size=size, epochs=args.epochs,
-                fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size,
-                weights=str(args.weights), seed=args.seed,
-                unfreeze_layers=args.unfreeze_layers, patience=args.patience,
-                target_sensitivity=args.target_sensitivity, feature_cache=args.feature_cache,
-                flip=args.flip, val_fraction=args.val_fraction, init_from=args.init_from,
-                learning_rate=args.learning_rate,
-                fine_tune_learning_rate=args.fine_tune_learning_rate, augment=args.augment,
-            )
-            print(f"\n== training {stage}: {backbone} at {size} px ==")
+            config, model_file, parent = _stage_config(args, stage, spec, settings)
+            print(f"\n== training {stage}: {config.backbone} at {config.img_size} px ==")
             results[stage] = train_stage(
                 splits, config, Path(tmp) / stage, init_model_path=model_file,
                 parent_version=parent, synthetic=synthetic,
@@ -177,6 +159,47 @@ def cmd_train(args: argparse.Namespace, settings) -> int:
         }
     _print_summary(results, versions, synthetic)
     return 0
+
+
+def _load_data(args: argparse.Namespace):
+    """(splits, synthetic, dataset fingerprint) of ``--data``; prints its summary."""
+    from trainer.training.data import (
+        dataset_fingerprint,
+        is_synthetic,
+        scan_dataset,
+        split_records,
+        summarize,
+    )
+
+    records = scan_dataset(args.data)
+    splits = split_records(records, val_fraction=args.val_fraction, seed=args.seed)
+    synthetic = is_synthetic(args.data)
+    fingerprint = dataset_fingerprint(records, args.data)
+    print(f"data {args.data}{' (synthetic)' if synthetic else ''}: {summarize(splits)}")
+    return splits, synthetic, fingerprint
+
+
+def _stage_config(args: argparse.Namespace, stage: str, spec, settings):
+    """(TrainConfig, model file to start from or None, parent version or None) for ``stage``:
+    the backbone and input size come from ``--init-from``'s model when there is one."""
+    from trainer.training.train import TrainConfig
+
+    model_file, parent, manifest = resolve_init_from(args.init_from, stage, settings)
+    backbone = manifest.backbone if manifest else spec.name
+    size = args.img_size or (manifest.input_size if manifest else spec.default_size)
+    if model_file is not None and manifest is None and args.img_size is None:
+        size = _model_input_size(model_file)
+    config = TrainConfig(
+        stage=stage, backbone=backbone, img_size=size, epochs=args.epochs,
+        fine_tune_epochs=args.fine_tune_epochs, batch_size=args.batch_size,
+        weights=str(args.weights), seed=args.seed,
+        unfreeze_layers=args.unfreeze_layers, patience=args.patience,
+        target_sensitivity=args.target_sensitivity, feature_cache=args.feature_cache,
+        flip=args.flip, val_fraction=args.val_fraction, init_from=args.init_from,
+        learning_rate=args.learning_rate,
+        fine_tune_learning_rate=args.fine_tune_learning_rate, augment=args.augment,
+    )
+    return config, model_file, parent
 
 
 def _model_input_size(path: Path) -> int:
