@@ -88,9 +88,26 @@ def test_manifest_round_trip_ignores_unknown_keys(tmp_path):
     assert Manifest.read(path) == m
 
 
+def test_manifest_without_resize_keeps_the_service_resize_and_greyscale_round_trips(tmp_path):
+    """Manifests written before ``resize`` existed are fed as they always were; an import's
+    declared resize and colour mode survive the round trip."""
+    from trainer.imaging.decode import SERVICE_RESIZE
+
+    old = dict(stage="pneumonia", version=1, class_names=["NORMAL", "PNEUMONIA"], input_size=32,
+               color_mode="rgb")
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(old))
+    loaded = Manifest.read(path)
+    assert loaded.resize == SERVICE_RESIZE and loaded.feed == (32, SERVICE_RESIZE)
+    grey = Manifest(**{**old, "color_mode": "grayscale", "resize": "lanczos"})
+    grey.write(path)
+    assert Manifest.read(path) == grey and grey.channels == 1
+
+
 @pytest.mark.parametrize(
     "bad",
-    [{"class_names": ["A"]}, {"output": "tanh"}, {"threshold": 1.5}, {"color_mode": "grayscale"}],
+    [{"class_names": ["A"]}, {"output": "tanh"}, {"threshold": 1.5}, {"color_mode": "bgr"},
+     {"resize": "sinc"}],
 )
 def test_manifest_validates(bad):
     values = dict(stage="pneumonia", version=1, class_names=["NORMAL", "PNEUMONIA"], input_size=32)

@@ -24,6 +24,7 @@ from trainer.imaging.decode import (
     MIN_SIDE,
     declared_size,
     decode_bytes,
+    decode_cost,
     decode_image,
     decode_many,
     sniff_bytes,
@@ -199,6 +200,30 @@ def test_large_jpeg_decodes_in_draft_mode_and_matches_a_full_decode(tmp_path, mo
         full = np.asarray(img.convert("L").resize((64, 64), Image.Resampling.BILINEAR))
     assert out.shape == (64, 64, 3)
     assert np.abs(out[..., 0].astype(int) - full).mean() < 2
+
+
+@pytest.mark.parametrize(("resize", "keras_name"), [("nearest", "nearest"), ("area", "box"),
+                                                    ("bicubic", "bicubic")])
+def test_a_declared_resize_gives_keras_load_img_pixels_without_draft_mode(
+        tmp_path, monkeypatch, resize, keras_name):
+    """A model trained elsewhere gets exactly ``load_img``'s pixels: the full image, that filter.
+    Draft mode (kept for the service's own resize) would change every pixel here."""
+    from keras.utils import img_to_array, load_img
+
+    rng = np.random.default_rng(4)
+    pixels = (np.linspace(0, 200, 900)[None, :] + rng.integers(0, 55, (700, 900))).astype(np.uint8)
+    path = save(Image.fromarray(pixels), tmp_path / "detail.jpg", "JPEG", quality=90)
+    drafted: list[str] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, *a: drafted.append(resize) or real_draft(self, *a))
+    want = img_to_array(load_img(path, target_size=(64, 64), interpolation=keras_name))
+    out = decode_image(path, 64, LIMIT, resize=resize)
+    assert drafted == [] and np.array_equal(out, want.astype(np.uint8))
+    service = decode_image(path, 64, LIMIT)
+    assert drafted == [resize] and not np.array_equal(service, out)
+    head = path.read_bytes()[:4096]
+    assert decode_cost(head, 64, resize) > decode_cost(head, 64)
 
 
 # --- bad inputs --------------------------------------------------------------------------------

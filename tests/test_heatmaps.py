@@ -103,9 +103,9 @@ def test_each_stage_is_explained_on_its_own_pixels(settings):
     pixels = np.full((3, 32, 32, 3), 200, dtype=np.uint8)
     asked = []
 
-    def stage_two(indices, size):
-        asked.append((indices.tolist(), size))
-        return np.full((len(indices), size, size, 3), 90, dtype=np.uint8)
+    def stage_two(indices, feed):
+        asked.append((indices.tolist(), feed.size))
+        return np.full((len(indices), feed.size, feed.size, 3), 90, dtype=np.uint8)
 
     results = [CascadeResult(Label.VIRUS, 0.9, 0.8), CascadeResult(Label.PNEUMONIA, 0.9, None),
                CascadeResult(Label.BACTERIA, 0.9, 0.1)]

@@ -131,3 +131,26 @@ def test_import_can_promote(db_url, tmp_path):
     )
     with session_scope(db_url) as session:
         assert registry.get_production(session, "pneumonia").version == version
+
+
+def test_import_refuses_what_it_cannot_feed(db_url, tmp_path):
+    """A greyscale model with a preprocessing that needs three channels, a colour mode that
+    contradicts the model's input, two outputs, an unknown resize: each a clear refusal."""
+    kwargs = dict(stage="pneumonia", input_size=SIZE, models_dir=tmp_path / "m", db_url=db_url)
+    inputs = keras.Input((SIZE, SIZE, 1))
+    pooled = keras.layers.GlobalAveragePooling2D()(inputs)
+    grey = tmp_path / "grey.keras"
+    keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(pooled)).save(grey)
+    with pytest.raises(ImportModelError, match="needs 3 colour channels"):
+        import_model(grey, preprocess="vgg16", **kwargs)
+    with pytest.raises(ImportModelError, match="--color-mode rgb does not fit"):
+        import_model(grey, preprocess="scale01", color_mode="rgb", **kwargs)
+    with pytest.raises(ImportModelError, match="--resize must be one of"):
+        import_model(grey, preprocess="scale01", resize="sinc", **kwargs)
+    two = tmp_path / "two.keras"
+    heads = [keras.layers.Dense(1, activation="sigmoid")(pooled) for _ in range(2)]
+    keras.Model(inputs, heads).save(two)
+    with pytest.raises(ImportModelError, match="2 outputs"):
+        import_model(two, preprocess="scale01", **kwargs)
+    with session_scope(db_url) as session:
+        assert registry.list_versions(session) == []

@@ -50,9 +50,9 @@ def test_cascade_runs_stage_two_only_on_pneumonia(tmp_path):
     infection.bundle.predict_proba = lambda x: calls.append(len(x)) or original(x)
     levels = np.array([0, 255, 200, 10])
 
-    def stage_two(indices, size):
-        asked.append((indices.tolist(), size))
-        return _batch(*levels[indices], size=size)
+    def stage_two(indices, feed):
+        asked.append((indices.tolist(), feed.size))
+        return _batch(*levels[indices], size=feed.size)
 
     results = classify_arrays(_batch(*levels), pneumonia, infection, stage_two)
     assert [r.label for r in results] == [Label.NORMAL, Label.VIRUS, Label.VIRUS, Label.NORMAL]

@@ -25,6 +25,10 @@ Choices that matter for the model:
   and in serving.
 * Large JPEGs are decoded at a reduced DCT scale (draft mode) that still leaves at least twice the
   output resolution, which makes a 4000x4000 file several times faster to decode.
+* That resize (``SERVICE_RESIZE``) is what this project's own models are trained on. A model
+  trained elsewhere declares its own (``resize``, one of ``RESIZE_FILTERS``): the full image is
+  decoded (draft mode changes every pixel) and squashed with that Pillow filter, as
+  ``keras.utils.load_img`` does, so it gets the pixels it was trained on.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,6 +65,37 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 STRETCH_BLOCK_PIXELS = 1 << 20
+
+SERVICE_RESIZE = "draft_bilinear"
+"""JPEG draft mode down to about twice the output size, then Pillow's antialiased bilinear: how
+this project's trainer and workers feed its own models (the default of old manifests)."""
+RESIZE_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+"""Declared resize methods, each Pillow's filter of that name applied to the fully decoded
+image (as ``keras.utils.load_img(interpolation=...)``; "area" is Pillow's box filter)."""
+RESIZE_METHODS = (SERVICE_RESIZE, *RESIZE_FILTERS)
+
+
+class Feed(NamedTuple):
+    """How a model wants its pixels: square side and resize method (``RESIZE_METHODS``).
+    Two stages with equal feeds can share decoded pixels; any difference means decoding again."""
+
+    size: int
+    resize: str = SERVICE_RESIZE
+
+
+def check_resize(resize: str) -> str:
+    """``resize`` if it is one of ``RESIZE_METHODS``, else ValueError."""
+    if resize not in RESIZE_METHODS:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_METHODS)}, got {resize!r}")
+    return resize
 
 
 def sniff_bytes(head: bytes) -> str | None:
@@ -146,23 +181,25 @@ class Decoded:
     view: str | None = None
 
 
-def decode_image(path: Path, size: int, max_pixels: int) -> np.ndarray:
+def decode_image(path: Path, size: int, max_pixels: int, resize: str = SERVICE_RESIZE
+                 ) -> np.ndarray:
     """Decode the JPEG, PNG or DICOM at ``path`` to a ``(size, size, 3)`` uint8 RGB array
     (grey x 3).
 
     Raises BadImageError with a short reason for anything that is not a sound, supported image.
     """
-    return decode_file(path, size, max_pixels).pixels
+    return decode_file(path, size, max_pixels, resize).pixels
 
 
-def decode_file(path: Path, size: int, max_pixels: int) -> Decoded:
+def decode_file(path: Path, size: int, max_pixels: int, resize: str = SERVICE_RESIZE
+                ) -> Decoded:
     """``decode_image`` with the identifiers of a DICOM beside its pixels."""
     path = Path(path)
     try:
         with open(path, "rb") as fp:
             if os.fstat(fp.fileno()).st_size == 0:
                 raise BadImageError("empty file (0 bytes)")
-            return _decode_stream(fp, size, max_pixels, path.suffix)
+            return _decode_stream(fp, Feed(size, resize), max_pixels, path.suffix)
     except IsADirectoryError:
         raise BadImageError("is a directory, not a file") from None
     except PermissionError:
@@ -175,20 +212,23 @@ def decode_file(path: Path, size: int, max_pixels: int) -> Decoded:
         raise BadImageError(f"cannot read file: {exc.strerror or exc}") from None
 
 
-def decode_bytes(data: bytes, size: int, max_pixels: int, name: str = "") -> np.ndarray:
+def decode_bytes(data: bytes, size: int, max_pixels: int, name: str = "",
+                 resize: str = SERVICE_RESIZE) -> np.ndarray:
     """Same as ``decode_image`` for an image already in memory; ``name`` only improves reasons."""
-    return decode_data(data, size, max_pixels, name).pixels
+    return decode_data(data, size, max_pixels, name, resize).pixels
 
 
-def decode_data(data: bytes, size: int, max_pixels: int, name: str = "") -> Decoded:
+def decode_data(data: bytes, size: int, max_pixels: int, name: str = "",
+                resize: str = SERVICE_RESIZE) -> Decoded:
     """``decode_bytes`` with the identifiers of a DICOM beside its pixels."""
     if not data:
         raise BadImageError("empty file (0 bytes)")
-    return _decode_stream(io.BytesIO(data), size, max_pixels, Path(name).suffix)
+    return _decode_stream(io.BytesIO(data), Feed(size, resize), max_pixels, Path(name).suffix)
 
 
 def decode_many(
-    paths: Sequence[Path], size: int, max_pixels: int, threads: int = 4
+    paths: Sequence[Path], size: int, max_pixels: int, threads: int = 4,
+    resize: str = SERVICE_RESIZE,
 ) -> list[Decoded | BadImageError]:
     """Decode files in a thread pool (Pillow releases the GIL), results in input order.
 
@@ -197,7 +237,7 @@ def decode_many(
 
     def one(path: Path) -> Decoded | BadImageError:
         try:
-            return decode_file(path, size, max_pixels)
+            return decode_file(path, size, max_pixels, resize)
         except BadImageError as exc:
             return exc
 
@@ -207,22 +247,24 @@ def decode_many(
         return list(pool.map(one, paths))
 
 
-def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> Decoded:
+def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> Decoded:
+    check_resize(feed.resize)
     head = fp.read(_HEAD_BYTES)
     fmt = sniff_bytes(head)
     _check_format(fmt, suffix)
     assert fmt is not None
     if fmt == "DICOM":
-        return _decode_dicom(fp, size, max_pixels)
+        return _decode_dicom(fp, feed, max_pixels)
     if fmt == "PNG":
         _verify_png(fp)
     fp.seek(0)
     try:
         with Image.open(fp, formats=list(PILLOW_FORMATS)) as img:
             _check_dimensions(img.size, max_pixels)
-            img.draft("L", (size * 2, size * 2))
+            if feed.resize == SERVICE_RESIZE:  # a declared filter needs every decoded pixel
+                img.draft("L", (feed.size * 2, feed.size * 2))
             img.load()
-            return Decoded(_model_input(_to_gray(ImageOps.exif_transpose(img)), size))
+            return Decoded(_model_input(_to_gray(ImageOps.exif_transpose(img)), feed))
     except BadImageError:
         raise
     except Image.DecompressionBombError:
@@ -235,7 +277,7 @@ def _decode_stream(fp: BinaryIO, size: int, max_pixels: int, suffix: str) -> Dec
         raise BadImageError(_pillow_reason(fmt, exc)) from None
 
 
-def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
+def _decode_dicom(fp: BinaryIO, feed: Feed, max_pixels: int) -> Decoded:
     """DICOM header checks, then the pixel limit before any pixel is decoded, then the same
     resize as every other format. Rejections keep the identifiers once they are known."""
     image = None
@@ -250,13 +292,16 @@ def _decode_dicom(fp: BinaryIO, size: int, max_pixels: int) -> Decoded:
             f"corrupt DICOM ({type(exc).__name__})")
         known = image.identifiers if image else getattr(exc, "identifiers", None)
         raise BadImageError(reason, known) from None
-    return Decoded(_model_input(gray, size), image.identifiers, image.view)
+    return Decoded(_model_input(gray, feed), image.identifiers, image.view)
 
 
-def _model_input(gray: Image.Image, size: int) -> np.ndarray:
-    """8-bit grey of any format -> ``(size, size, 3)`` uint8: resized, then grey x 3."""
+def _model_input(gray: Image.Image, feed: Feed) -> np.ndarray:
+    """8-bit grey of any format -> ``(size, size, 3)`` uint8: resized, then grey x 3 (a
+    greyscale model takes one of the three, see ``trainer.model.bundle``)."""
+    size = feed.size
     if gray.size != (size, size):
-        gray = gray.resize((size, size), Image.Resampling.BILINEAR)
+        method = RESIZE_FILTERS.get(feed.resize, Image.Resampling.BILINEAR)
+        gray = gray.resize((size, size), method)
     pixels = np.asarray(gray, dtype=np.uint8)
     return np.repeat(pixels[:, :, np.newaxis], 3, axis=2)
 
@@ -368,11 +413,11 @@ def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(out)
 
 
-def decode_cost(head: bytes, size: int) -> int:
+def decode_cost(head: bytes, size: int, resize: str = SERVICE_RESIZE) -> int:
     """Bytes of memory decoding a file costs at its peak, from its header (0 if unknown).
 
     16-bit PNGs are held as 32-bit samples by Pillow, copied once for the stretch; JPEGs are
-    decoded at a reduced DCT scale close to ``2 * size``.
+    decoded at a reduced DCT scale close to ``2 * size`` (full size for a declared filter).
     """
     dims = declared_size(head)
     if dims is None:
@@ -381,6 +426,8 @@ def decode_cost(head: bytes, size: int) -> int:
     if head.startswith(_PNG_MAGIC):
         bit_depth = head[24] if len(head) > 24 else 8
         return width * height * (9 if bit_depth == 16 else 5)
+    if resize != SERVICE_RESIZE:  # full decode, colour (4 bytes) then grey (1)
+        return width * height * 5
     scale = 1
     while scale < 8 and width // (scale * 2) >= 2 * size and height // (scale * 2) >= 2 * size:
         scale *= 2

@@ -22,10 +22,14 @@ import numpy as np
 
 from db.exceptions import ModelNotFoundError
 from trainer.imaging.checksum import hash_stream, new_digest
+from trainer.imaging.decode import SERVICE_RESIZE, Feed, check_resize
 
 MODEL_FILE = "model.keras"
 MANIFEST_FILE = "manifest.json"
 OUTPUTS = ("sigmoid", "softmax", "logits")
+COLOR_MODES = {"rgb": 3, "grayscale": 1}
+"""Colour mode -> channels the model takes. Pixels are grey either way
+(``trainer.imaging.decode``): an RGB model gets grey x 3, a greyscale one the grey alone."""
 
 
 def _now() -> str:
@@ -39,7 +43,9 @@ class Manifest:
     ``threshold``: the image is ``class_names[1]`` when its probability is >= threshold.
     ``output``: "sigmoid" (N,1) probability of class_names[1]; "softmax" (N,2); "logits" raw
     (N,1) or (N,2). ``preprocessing`` is a mode or backbone name (see trainer.model.preprocessing);
-    it is applied by the loader only when ``preprocessing_in_model`` is False.
+    it is applied by the loader only when ``preprocessing_in_model`` is False. ``resize`` is how
+    images are squashed to ``input_size`` (``trainer.imaging.decode.RESIZE_METHODS``);
+    manifests from before it existed get the service's own, which is what fed them then.
     """
 
     stage: str
@@ -52,6 +58,7 @@ class Manifest:
     preprocessing_in_model: bool = True
     output: str = "sigmoid"
     color_mode: str = "rgb"
+    resize: str = SERVICE_RESIZE
     metrics: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     dataset_fingerprint: str | None = None
@@ -65,12 +72,23 @@ class Manifest:
             raise ValueError(f"class_names must name 2 classes, got {self.class_names!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.color_mode != "rgb":
-            raise ValueError(f"only color_mode 'rgb' is supported, got {self.color_mode!r}")
+        if self.color_mode not in COLOR_MODES:
+            raise ValueError(f"color_mode must be one of {tuple(COLOR_MODES)}, "
+                             f"got {self.color_mode!r}")
+        check_resize(self.resize)
         if not 0.0 <= float(self.threshold) <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold!r}")
         if int(self.input_size) < 1:
             raise ValueError(f"input_size must be positive, got {self.input_size!r}")
+
+    @property
+    def channels(self) -> int:
+        return COLOR_MODES[self.color_mode]
+
+    @property
+    def feed(self) -> Feed:
+        """What the decoder must produce for this model (size and resize method)."""
+        return Feed(int(self.input_size), self.resize)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,12 +112,25 @@ class Manifest:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def single_output(y):
+    """A model's one output: a functional model saved with ``outputs=[tensor]`` answers with a
+    one-element list, which is the same model. More than one output is an error."""
+    if isinstance(y, (list, tuple)):
+        if len(y) != 1:
+            raise ValueError(f"model has {len(y)} outputs; a classifier here needs exactly one")
+        return y[0]
+    return y
+
+
 def _check_model_matches(model, manifest: Manifest) -> None:
     shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
-    size = manifest.input_size
-    if shape is not None and tuple(shape[1:]) not in ((size, size, 3), (None, None, 3)):
-        raise ValueError(f"model input {shape} does not match manifest input_size {size} (RGB)")
-    units = int(model.outputs[0].shape[-1]) if getattr(model, "outputs", None) else None
+    size, channels = manifest.input_size, manifest.channels
+    if shape is not None and tuple(shape[1:]) not in ((size, size, channels),
+                                                      (None, None, channels)):
+        raise ValueError(f"model input {shape} does not match manifest input_size {size} "
+                         f"({manifest.color_mode}, {channels} channel(s))")
+    outputs = getattr(model, "outputs", None)
+    units = int(single_output(outputs).shape[-1]) if outputs else None
     allowed = {"sigmoid": (1,), "softmax": (2,), "logits": (1, 2)}[manifest.output]
     if units is not None and units not in allowed:
         raise ValueError(
@@ -160,15 +191,18 @@ class LoadedBundle:
         self._lock = threading.Lock()  # JAX's predict donates and then rewrites the weights
 
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """Probability of ``class_names[1]`` for raw RGB 0-255 images shaped (N, S, S, 3)."""
+        """Probability of ``class_names[1]`` for raw 0-255 grey x 3 images (N, S, S, 3) as the
+        decoder gives them; a greyscale model gets one channel (N, S, S, 1), which it may also
+        be given directly."""
         x = np.asarray(batch, dtype=np.float32)
-        size = self.manifest.input_size
-        if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+        size, channels = self.manifest.input_size, self.manifest.channels
+        if x.ndim != 4 or x.shape[1:3] != (size, size) or x.shape[3] not in (3, channels):
             raise ValueError(f"expected a batch shaped (N, {size}, {size}, 3), got {x.shape}")
+        x = x[..., :channels]
         if x.shape[0] == 0:
             return np.zeros((0,), dtype=np.float32)
         with self._lock:
-            y = self._serving.predict_on_batch(x)
+            y = single_output(self._serving.predict_on_batch(x))
         return np.asarray(y, dtype=np.float32)[:, -1]
 
     def __repr__(self) -> str:
@@ -185,9 +219,9 @@ def _serving_model(model, manifest: Manifest):
     from trainer.model.preprocessing import Preprocess
 
     size = manifest.input_size
-    inputs = keras.Input((size, size, 3), name="pixels")
+    inputs = keras.Input((size, size, manifest.channels), name="pixels")
     x = inputs if manifest.preprocessing_in_model else Preprocess(manifest.preprocessing)(inputs)
-    y = model(x, training=False)
+    y = single_output(model(x, training=False))
     if manifest.output == "logits":
         y = keras.layers.Activation("sigmoid" if y.shape[-1] == 1 else "softmax",
                                     dtype="float32")(y)

@@ -164,9 +164,10 @@ def build_explainer(model, manifest) -> Explainer:
 
     def pixels_in():
         pixels = keras.Input((size, size, 3), name="pixels")
+        x = pixels[..., :1] if manifest.color_mode == "grayscale" else pixels  # grey x 3 in
         if manifest.preprocessing_in_model:
-            return pixels, pixels
-        return pixels, Preprocess(manifest.preprocessing, name="explain_preprocess")(pixels)
+            return pixels, x
+        return pixels, Preprocess(manifest.preprocessing, name="explain_preprocess")(x)
 
     calls: list[tuple[Any, Any]] = []
 

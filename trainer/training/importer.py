@@ -3,6 +3,10 @@
 Imported models take preprocessed input, so the manifest declares the preprocessing and the
 loader applies it (``preprocessing_in_model=False``). Models load in safe mode: a file holding
 a ``Lambda`` (arbitrary code) is refused.
+
+How the model was fed is declared too, and the workers repeat it exactly: the resize filter
+(default ``nearest``, what ``keras.utils.load_img`` does) and the colour mode (default: from the
+model's input channels, 1 = grayscale, 3 = rgb).
 """
 
 from __future__ import annotations
@@ -15,11 +19,15 @@ import numpy as np
 from db.exceptions import ImportModelError
 from db.vocabulary import STAGE_CLASSES
 from trainer.imaging.checksum import sha256_file
-from trainer.model.bundle import Manifest, load_keras_model
+from trainer.model.bundle import COLOR_MODES, Manifest, load_keras_model, single_output
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".keras", ".h5", ".hdf5")
+IMPORT_RESIZE = "nearest"
+"""``keras.utils.load_img``'s default interpolation: what most models trained elsewhere saw."""
+PER_PIXEL_MODES = ("none", "scale01", "tf", "efficientnet")
+"""Preprocessing that does not assume three colour channels (usable for greyscale models)."""
 
 
 def load_external_model(src: Path):
@@ -42,14 +50,29 @@ def _final_activation(model) -> str | None:
     return getattr(activation, "__name__", None)
 
 
-def output_kind(model, input_size: int, logits: bool) -> str:
+def color_mode_of(model, declared: str | None) -> str:
+    """The colour mode the model takes: ``declared`` checked against its input channels, or
+    told from them (1 channel: grayscale, 3: rgb)."""
+    in_shape = tuple(model.inputs[0].shape)[1:]
+    by_channels = {n: mode for mode, n in COLOR_MODES.items()}
+    if len(in_shape) != 3 or in_shape[2] not in by_channels:
+        raise ImportModelError(
+            f"model input {in_shape} is not an image (H, W, 1) greyscale or (H, W, 3) RGB")
+    found = by_channels[in_shape[2]]
+    if declared is not None and declared != found:
+        raise ImportModelError(f"--color-mode {declared} does not fit the model's input "
+                               f"{in_shape} ({found})")
+    return found
+
+
+def output_kind(model, input_size: int, logits: bool, channels: int = 3) -> str:
     """'sigmoid', 'softmax' or 'logits', after checking shapes, the final activation and, for
     probabilities, that a probe batch gives values in [0, 1] (rows summing to 1 for softmax)."""
     in_shape = tuple(model.inputs[0].shape)[1:]
-    if len(in_shape) != 3 or in_shape[2] != 3:
-        raise ImportModelError(f"model input {in_shape} is not an RGB image (H, W, 3)")
     if in_shape[0] not in (None, input_size) or in_shape[1] not in (None, input_size):
         raise ImportModelError(f"model takes {in_shape[:2]} images, not --input-size {input_size}")
+    if len(model.outputs) != 1:
+        raise ImportModelError(f"model has {len(model.outputs)} outputs; need exactly one")
     out_shape = tuple(model.outputs[0].shape)
     if len(out_shape) != 2 or out_shape[1] not in (1, 2):
         raise ImportModelError(
@@ -64,8 +87,9 @@ def output_kind(model, input_size: int, logits: bool) -> str:
         raise ImportModelError("model ends in a linear layer (raw logits); pass --logits")
     import keras
 
-    probe = np.random.default_rng(0).uniform(-1.0, 1.0, (4, input_size, input_size, 3))
-    y = keras.ops.convert_to_numpy(model(probe.astype(np.float32), training=False))
+    probe = np.random.default_rng(0).uniform(-1.0, 1.0, (4, input_size, input_size, channels))
+    y = keras.ops.convert_to_numpy(single_output(model(probe.astype(np.float32),
+                                                       training=False)))
     if np.any(y < 0) or np.any(y > 1) or (y.shape[1] == 2 and not np.allclose(y.sum(1), 1, 1e-3)):
         raise ImportModelError("model outputs are not probabilities; pass --logits if they are raw")
     return "sigmoid" if y.shape[1] == 1 else "softmax"
@@ -83,36 +107,44 @@ def import_model(
     db_url: str,
     threshold: float = 0.5,
     promote: bool = False,
+    resize: str = IMPORT_RESIZE,
+    color_mode: str | None = None,
 ) -> int:
     """Register ``src`` as the next version of ``stage``; returns that version number.
 
     ``preprocess`` is a mode or backbone name (trainer.model.preprocessing); ``class_names``
-    defaults to the stage's classes, in the model's output order.
+    defaults to the stage's classes, in the model's output order; ``resize`` and ``color_mode`` say how
+    images were fed to it (see the module docstring).
     """
+    from trainer.imaging.decode import RESIZE_FILTERS
     from trainer.model.preprocessing import resolve_mode
     from trainer.training.publish import publish_model
 
     src = Path(src)
     try:
-        resolve_mode(preprocess)
+        mode = resolve_mode(preprocess)
     except ValueError as exc:
         raise ImportModelError(str(exc)) from None
+    if resize not in RESIZE_FILTERS:
+        raise ImportModelError(f"--resize must be one of {', '.join(RESIZE_FILTERS)}")
     names = list(class_names or STAGE_CLASSES.get(stage, ()))
     if len(names) != 2:
         raise ImportModelError(f"need exactly 2 class names in output order, got {names}")
     model = load_external_model(src)
-    output = output_kind(model, input_size, logits)
+    color_mode = color_mode_of(model, color_mode)
+    if color_mode == "grayscale" and mode not in PER_PIXEL_MODES:
+        raise ImportModelError(f"--preprocess {preprocess} needs 3 colour channels; a greyscale "
+                               f"model takes one of {', '.join(PER_PIXEL_MODES)}")
+    output = output_kind(model, input_size, logits, COLOR_MODES[color_mode])
     params = {
-        "imported": True,
-        "source_file": src.name,
-        "source_sha256": sha256_file(src),
-        "preprocessing": preprocess,
-        "output": output,
+        "imported": True, "source_file": src.name, "source_sha256": sha256_file(src),
+        "preprocessing": preprocess, "output": output, "resize": resize,
+        "color_mode": color_mode,
     }
     manifest = Manifest(
         stage=stage, version=0, class_names=names, input_size=input_size, threshold=threshold,
         backbone="imported", preprocessing=preprocess, preprocessing_in_model=False,
-        output=output, params=params,
+        output=output, color_mode=color_mode, resize=resize, params=params,
     )
     published = publish_model(
         model, manifest, models_dir=models_dir, db_url=db_url, promote=promote, verify_load=True

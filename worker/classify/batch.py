@@ -31,7 +31,7 @@ from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
-from trainer.imaging.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
+from trainer.imaging.decode import Feed, MemoryBudget, decode_bytes, decode_cost, decode_data
 from trainer.imaging.dicom_terms import view_policy
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claims import claim_images, holder_id
@@ -181,12 +181,13 @@ def _prediction_row(claim: Claim, result, models, per_image_ms: float,
 
 
 def _stage_two(good: list[_Read], settings: Settings):
-    """Stage-2 pixels decoded from the same checked bytes at stage 2's own input size, as the
-    trainer decodes them (resizing stage-1 pixels would feed pixels it never trained on)."""
+    """Stage-2 pixels decoded from the same checked bytes at stage 2's own input size and resize
+    method, as it was trained (resizing stage-1 pixels would feed pixels it never saw)."""
 
-    def pixels(indices: np.ndarray, size: int) -> np.ndarray:
-        return np.stack([decode_bytes(good[i].data, size, settings.max_image_pixels,
-                                      name=good[i].claim.file_name) for i in indices])
+    def pixels(indices: np.ndarray, feed: Feed) -> np.ndarray:
+        return np.stack([decode_bytes(good[i].data, feed.size, settings.max_image_pixels,
+                                      name=good[i].claim.file_name, resize=feed.resize)
+                         for i in indices])
 
     return pixels
 
@@ -208,7 +209,7 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
     budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
     pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
     try:
-        pending = [pool.submit(_read_one, claim, settings, models.pneumonia.input_size, budget)
+        pending = [pool.submit(_read_one, claim, settings, models.pneumonia.feed, budget)
                    for claim in claims]
         for start in range(0, len(claims), size):
             began = time.perf_counter()
@@ -229,7 +230,7 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
     return read, good, results, waited_s, forward_s
 
 
-def _read_one(claim: Claim, settings: Settings, size: int, budget: MemoryBudget) -> _Read:
+def _read_one(claim: Claim, settings: Settings, feed: Feed, budget: MemoryBudget) -> _Read:
     path = stored_file(settings, claim.stored_path)
     if path is None:
         return _Read(claim, missing=True)
@@ -243,8 +244,9 @@ def _read_one(claim: Claim, settings: Settings, size: int, budget: MemoryBudget)
         return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
                      "longer matches what was received); not classified")
     try:
-        with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
-            decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
+        with budget.reserve(decode_cost(data[:1 << 16], feed.size, feed.resize) or 4 * len(data)):
+            decoded = decode_data(data, feed.size, settings.max_image_pixels,
+                                  name=claim.file_name, resize=feed.resize)
         return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers,
                      view=decoded.view)
     except BadImageError as exc:

@@ -51,7 +51,7 @@ def explain_results(
     stage_two: StagePixels | None, indices: Sequence[int] | None = None,
 ) -> dict[int, Heatmap]:
     """Heatmaps for ``results[i]`` (every i in ``indices``, default all), whose stage-1 pixels
-    are ``pixels[i]``; ``stage_two(indices, size)`` gives stage-2 pixels at another size."""
+    are ``pixels[i]``; ``stage_two(indices, feed)`` gives stage-2 pixels decoded its way."""
     from trainer.model.explain import explainer_for, grad_cam
 
     chosen = list(range(len(results))) if indices is None else list(indices)
@@ -64,13 +64,14 @@ def explain_results(
         model = models.pneumonia if stage == Stage.PNEUMONIA else models.infection
         if model is None:
             raise ExplainError(f"no {stage} model to explain {results[picked[0]].label}")
-        size = model.input_size
-        if pixels.shape[1:3] == (size, size):
+        feed = model.feed
+        same = models.pneumonia is not None and feed == models.pneumonia.feed
+        if same and pixels.shape[1:3] == (feed.size, feed.size):
             batch = np.asarray(pixels)[picked]
         elif stage_two is None:
-            raise ExplainError(f"stage 2 takes {size} px images and no pixels were given")
+            raise ExplainError(f"stage 2 takes {feed.size} px images and no pixels were given")
         else:
-            batch = stage_two(picked, size)
+            batch = stage_two(picked, feed)
         explainer = explainer_for(model.bundle)
         classes = [explainer.class_index(results[i].label) for i in picked]
         start = 0

@@ -21,15 +21,15 @@ import numpy as np
 
 from db.exceptions import BadImageError
 from db.vocabulary import POSITIVE_CLASS, Label, Stage
-from trainer.imaging.decode import decode_many
+from trainer.imaging.decode import SERVICE_RESIZE, Feed, decode_many
 from trainer.model.cascade import cascade_labels, positive_probability, positive_threshold
 
 log = logging.getLogger(__name__)
 
 WARM_UP_BUDGET_S = 10.0
 
-StagePixels = Callable[[np.ndarray, int], np.ndarray]
-"""(indices into the batch, input size) -> those images' pixels at that size."""
+StagePixels = Callable[[np.ndarray, Feed], np.ndarray]
+"""(indices into the batch, a stage's feed) -> those images' pixels as that stage takes them."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class StageModel:
     @property
     def input_size(self) -> int:
         return int(self.bundle.manifest.input_size)
+
+    @property
+    def feed(self) -> Feed:
+        """Size and resize method the model's pixels are decoded with."""
+        return Feed(self.input_size, getattr(self.bundle.manifest, "resize", SERVICE_RESIZE))
 
 
 @dataclass(frozen=True)
@@ -106,11 +111,12 @@ def _positive(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.n
 
 def stage_two_from_files(paths: Sequence[Path], max_pixels: int, threads: int = 1) -> StagePixels:
     """Stage-2 pixels for ``classify_arrays``: the images at ``paths`` (in batch order) decoded
-    again at stage 2's input size by the decoder the trainer uses, so each stage sees the pixels
-    it was trained on. A file that decoded once and fails now raises its BadImageError."""
+    again at stage 2's input size and resize method, so each stage sees the pixels it was
+    trained on. A file that decoded once and fails now raises its BadImageError."""
 
-    def pixels(indices: np.ndarray, size: int) -> np.ndarray:
-        decoded = decode_many([paths[i] for i in indices], size, max_pixels, threads=threads)
+    def pixels(indices: np.ndarray, feed: Feed) -> np.ndarray:
+        decoded = decode_many([paths[i] for i in indices], feed.size, max_pixels,
+                              threads=threads, resize=feed.resize)
         for result in decoded:
             if isinstance(result, BadImageError):
                 raise result
@@ -128,9 +134,10 @@ def classify_arrays(
     """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each; the
     labels come from the cascade rule the trainer evaluates with (``trainer.model.cascade``).
 
-    ``batch`` holds the images at stage 1's input size. When stage 2 takes another size,
-    ``stage_two(indices, size)`` gives those images at that size (``stage_two_from_files``):
-    resizing stage-1 pixels would feed stage 2 pixels it never saw in training.
+    ``batch`` holds the images as stage 1 takes them (its ``feed``). When stage 2 takes another
+    size or resize method, ``stage_two(indices, feed)`` gives those images its way
+    (``stage_two_from_files``): resizing stage-1 pixels would feed stage 2 pixels it never saw
+    in training.
     """
     batch = np.asarray(batch)
     if batch.ndim != 4:
@@ -140,13 +147,14 @@ def classify_arrays(
     t_virus = None
     positives = np.flatnonzero(p_pneu >= t_pneu)
     if infection is not None and positives.size:
-        size = infection.input_size
-        if batch.shape[1:3] == (size, size):
+        feed = infection.feed
+        if feed == pneumonia.feed and batch.shape[1:3] == (feed.size, feed.size):
             second = batch[positives]
         elif stage_two is None:
-            raise ValueError(f"stage 2 takes {size} px images and no stage_two pixels were given")
+            raise ValueError(f"stage 2 takes {feed.size} px images resized by {feed.resize} and "
+                             "no stage_two pixels were given")
         else:
-            second = stage_two(positives, size)
+            second = stage_two(positives, feed)
         p_virus[positives], t_virus = _positive(infection, second, POSITIVE_CLASS[Stage.INFECTION])
     labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
     return [
@@ -177,7 +185,8 @@ def classify_file(path: Path, models: Models, max_pixels: int
     BadImageError or OSError for a file that cannot be decoded."""
     from trainer.imaging.decode import decode_image
 
-    pixels = decode_image(path, models.pneumonia.input_size, max_pixels)
+    feed = models.pneumonia.feed
+    pixels = decode_image(path, feed.size, max_pixels, feed.resize)
     stage_two = stage_two_from_files([path], max_pixels)
     result = classify_arrays(pixels[None], models.pneumonia, models.infection, stage_two)[0]
     return pixels, stage_two, result

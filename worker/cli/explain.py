@@ -106,12 +106,13 @@ def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:
                 continue
             models = Models(stage(row.pneumonia_model_id), stage(row.infection_model_id))
 
-            def pixels(size: int, data=data):
-                return decode_bytes(data, size, settings.max_image_pixels)[None]
+            def pixels(feed, data=data):
+                return decode_bytes(data, feed.size, settings.max_image_pixels,
+                                    resize=feed.resize)[None]
 
             result = CascadeResult(row.label, row.p_pneumonia, row.p_virus)
-            heatmap = explain_results(models, [result], pixels(models.pneumonia.input_size),
-                                      lambda _, size: pixels(size))[0]
+            heatmap = explain_results(models, [result], pixels(models.pneumonia.feed),
+                                      lambda _, feed: pixels(feed))[0]
             target = out / f"image-{image_id}-heatmap.png"
             _write(target, render(result, heatmap, subject=f"image {image_id}"))
             print(f"image {image_id}: {row.label} -> {target}")

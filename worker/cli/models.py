@@ -55,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="what the model expects applied to RGB 0-255 pixels: none, scale01, "
                      "tf, caffe, torch, efficientnet, or a backbone name (vgg16, xception, ...)")
     imp.add_argument("--logits", action="store_true", help="the model outputs raw logits")
+    imp.add_argument("--resize", default="nearest",
+                     choices=("nearest", "bilinear", "bicubic", "area", "lanczos", "box",
+                              "hamming"),
+                     help="how images were resized for the model (Pillow's filter on the full "
+                     "image; default nearest, what keras.utils.load_img does)")
+    imp.add_argument("--color-mode", choices=("rgb", "grayscale"), default=None,
+                     help="what the model takes (default: from its input channels, 1 = "
+                     "grayscale, 3 = rgb)")
     imp.add_argument("--threshold", type=float, default=0.5,
                      help="decision threshold on the probability of the second class")
     imp.add_argument("--promote", action="store_true", help="make it the production model")
@@ -195,6 +203,7 @@ def cmd_models_import(args: argparse.Namespace, settings) -> int:
         args.file, stage=args.stage, class_names=classes, input_size=args.input_size,
         preprocess=args.preprocess, logits=args.logits, models_dir=settings.models_path,
         db_url=settings.db_url, threshold=args.threshold, promote=args.promote,
+        resize=args.resize, color_mode=args.color_mode,
     )
     status = "production" if args.promote else "candidate"
     print(f"imported {args.file} as {args.stage}/v{version} ({status}) "
