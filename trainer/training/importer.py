@@ -113,8 +113,8 @@ def import_model(
     """Register ``src`` as the next version of ``stage``; returns that version number.
 
     ``preprocess`` is a mode or backbone name (trainer.model.preprocessing); ``class_names``
-    defaults to the stage's classes, in the model's output order; ``resize`` and ``color_mode`` say how
-    images were fed to it (see the module docstring).
+    defaults to the stage's classes, in the model's output order; ``resize`` and ``color_mode``
+    say how images were fed to it (see the module docstring).
     """
     from trainer.imaging.decode import RESIZE_FILTERS
     from trainer.model.preprocessing import resolve_mode
