@@ -22,12 +22,13 @@ from helpers_pipeline import SHARED_REDIS, shared_redis, stop_process
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
+from db import claims as claim_db
 from db import images
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
 from worker.classify.batch import classify_claimed, process_images
-from worker.classify.claims import LiveHosts, holder_gone, holder_id
+from worker.classify.claiming import LiveHosts, holder_gone, holder_id
 from worker.classify.inference import ModelCache
 from worker.inbox.intake import intake_file, intake_files
 from worker.settings import Settings
@@ -60,14 +61,14 @@ def test_claim_free_takes_every_free_row_in_one_update(db_url):
         [spent] = _add(session, 1, ImageStatus.QUEUED, attempts=2)
     ids = [*free, held, final, spent, 10_000]
     with session_scope(db_url) as session:
-        claims, found_held = images.claim_free(session, ids, max_attempts=2, holder="host-a:11",
+        claims, found_held = claim_db.claim_free(session, ids, max_attempts=2, holder="host-a:11",
                                                task_id="task-1")
         assert [c.image_id for c in claims] == free and {c.attempts for c in claims} == {1}
         assert [h.image_id for h in found_held] == [held]
-        assert images.unclaimable(session, ids) == [spent]
-        assert images.claim(session, spent, max_attempts=2).gave_up
+        assert claim_db.unclaimable(session, ids) == [spent]
+        assert claim_db.claim(session, spent, max_attempts=2).gave_up
     with session_scope(db_url) as session:
-        again, found_held = images.claim_free(session, free, max_attempts=2, holder="host-b:22")
+        again, found_held = claim_db.claim_free(session, free, max_attempts=2, holder="host-b:22")
         assert again == [] and [h.holder for h in found_held] == ["host-a:11"] * 3
         rows = {i.id: i for i in session.scalars(select(Image))}
     assert {rows[i].task_id for i in free} == {"task-1"}
@@ -85,7 +86,7 @@ def test_concurrent_claims_never_share_a_row(db_url, backend):
     def claim(k: int) -> None:
         barrier.wait()
         with session_scope(db_url) as session:
-            results[k] = images.claim_free(session, ids[k * 3:k * 3 + 8], 3, f"h:{k}")[0]
+            results[k] = claim_db.claim_free(session, ids[k * 3:k * 3 + 8], 3, f"h:{k}")[0]
 
     threads = [threading.Thread(target=claim, args=(k,)) for k in range(3)]
     for t in threads:
@@ -227,9 +228,9 @@ def test_an_image_that_keeps_failing_ends_failed_with_the_error(settings, monkey
         assert "bad tensor" in row.error
 
 
-def _claim_for(settings: Settings, image_id: int, holder: str) -> images.Claim:
+def _claim_for(settings: Settings, image_id: int, holder: str) -> claim_db.Claim:
     with session_scope(settings.db_url) as session:
-        [claim], _ = images.claim_free(session, [image_id], settings.max_attempts, holder)
+        [claim], _ = claim_db.claim_free(session, [image_id], settings.max_attempts, holder)
         return claim
 
 
@@ -271,8 +272,8 @@ def test_a_reused_pid_is_not_mistaken_for_the_holder():
     assert int(pid) == os.getpid() and start.isdigit()
     now = datetime.now(UTC)
     impostor = f"{host}:{pid}:{int(start) + 1}"
-    assert holder_gone(images.Held(1, impostor, now), "someone-else:1", 600)
-    assert not holder_gone(images.Held(1, me, now), "someone-else:1", 600)
+    assert holder_gone(claim_db.Held(1, impostor, now), "someone-else:1", 600)
+    assert not holder_gone(claim_db.Held(1, me, now), "someone-else:1", 600)
 
 
 def test_a_holder_past_its_lease_or_on_a_silent_host_is_taken_over(settings):
@@ -284,14 +285,14 @@ def test_a_holder_past_its_lease_or_on_a_silent_host_is_taken_over(settings):
     _claim_for(settings, stuck, "host-that-hangs:77")
     _claim_for(settings, elsewhere, "host-that-died:78")
     now = datetime.now(UTC)
-    assert holder_gone(images.Held(1, "host-that-died:77", None), holder_id(), 600)
-    assert not holder_gone(images.Held(1, "host-that-died:77", now), holder_id(), 600)
+    assert holder_gone(claim_db.Held(1, "host-that-died:77", None), holder_id(), 600)
+    assert not holder_gone(claim_db.Held(1, "host-that-died:77", now), holder_id(), 600)
     me = socket.gethostname()
     only_me = LiveHosts(ping=lambda: [f"celery@{me}"])
     both = LiveHosts(ping=lambda: [f"celery@{me}", "celery@host-that-died",
                                    "celery@host-that-hangs"])
     nobody = LiveHosts(ping=lambda: [])
-    held = images.Held(1, "host-that-died:78", now)
+    held = claim_db.Held(1, "host-that-died:78", now)
     assert holder_gone(held, holder_id(), 600, only_me)
     assert not holder_gone(held, holder_id(), 600, both)
     assert not holder_gone(held, holder_id(), 600, nobody)  # no answer proves nothing

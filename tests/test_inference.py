@@ -11,7 +11,7 @@ import pytest
 from helpers_models import make_tiny_bundle, register_tiny_bundle, tiny_probability
 from PIL import Image as PILImage
 
-from db import images, registry
+from db import claims, predictions, registry
 from db.models import Image, Prediction
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Label
@@ -200,7 +200,7 @@ def test_a_delivery_past_max_attempts_fails_the_image(settings):
     image_id = _drop(settings, "crashy.png", 100)
     for _ in range(settings.max_attempts):  # deliveries whose worker died mid-inference
         with session_scope(settings.db_url) as session:
-            images.claim(session, image_id, settings.max_attempts)
+            claims.claim(session, image_id, settings.max_attempts)
     outcome = process_images([image_id], settings, ModelCache(settings.models_path))
     assert outcome == {image_id: "failed"}
     row = _row(settings, image_id)
@@ -214,8 +214,8 @@ def test_prediction_upsert_never_writes_twice(settings):
         kwargs = dict(sha256="f" * 64, pneumonia_model_id=model_id, infection_model_id=None,
                       p_pneumonia=0.7, p_virus=None, label="PNEUMONIA", threshold=0.5,
                       infection_threshold=None)
-        [a] = images.save_predictions(session, [kwargs])
-        [b, c] = images.save_predictions(session, [{**kwargs, "p_pneumonia": 0.1},
+        [a] = predictions.save_predictions(session, [kwargs])
+        [b, c] = predictions.save_predictions(session, [{**kwargs, "p_pneumonia": 0.1},
                                                    {**kwargs, "sha256": "e" * 64}])
         assert a == b != c and session.get(Prediction, b).p_pneumonia == 0.7
         assert session.query(Prediction).count() == 2

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 from helpers_models import register_tiny_bundle
 
-from db import images
+from db import claims, images, predictions
 from db.models import Image
 from db.session import session_scope
 from db.vocabulary import ImageStatus
@@ -128,12 +128,12 @@ def test_content_already_classified_by_production_models_is_linked(settings):
 
         model = registry.get_production(session, "pneumonia")
         row = session.get(Image, first.image_id)
-        [prediction_id] = images.save_predictions(session, [dict(
+        [prediction_id] = predictions.save_predictions(session, [dict(
             sha256=row.sha256, pneumonia_model_id=model.id, infection_model_id=None,
             p_pneumonia=0.9, p_virus=None, label="PNEUMONIA", threshold=0.5,
             infection_threshold=None,
         )])
-        images.link_predictions(session, [(first.image_id, prediction_id)])
+        predictions.link_predictions(session, [(first.image_id, prediction_id)])
     (settings.inbox_dir / "copy-of-a.png").write_bytes(b"pixels")
     second = intake_file(settings.inbox_dir / "copy-of-a.png", settings, sent)
     assert second.status == ImageStatus.DONE
@@ -192,7 +192,7 @@ def test_mark_queued_never_overwrites_a_later_status(settings):
     (settings.inbox_dir / "r.png").write_bytes(b"r")
     result = intake_file(settings.inbox_dir / "r.png", settings, lambda *_: None)
     with session_scope(settings.db_url) as session:
-        claim = images.claim(session, result.image_id, max_attempts=3)
+        claim = claims.claim(session, result.image_id, max_attempts=3)
         assert claim.attempts == 1 and not claim.gave_up
     with session_scope(settings.db_url) as session:
         assert images.mark_queued_many(session, [result.image_id]) == 0
@@ -220,7 +220,7 @@ def test_a_claim_past_its_lease_is_sent_again(settings):
     (settings.inbox_dir / "hung.png").write_bytes(b"hung")
     result = intake_file(settings.inbox_dir / "hung.png", settings, Recorder())
     with session_scope(settings.db_url) as session:
-        images.claim(session, result.image_id, max_attempts=3, holder="hung-host:1")
+        claims.claim(session, result.image_id, max_attempts=3, holder="hung-host:1")
     sent = Recorder()
     assert reconcile(settings, sent, grace_seconds=0) == 0  # within its lease
     with session_scope(settings.db_url) as session:

@@ -2,9 +2,9 @@
 ``CXR_BATCH_SIZE`` images as they are decoded, every row written in one transaction.
 
 ``process_images`` is what a delivery does (callable without Celery, e.g. from tests): claim
-the images its message names (``worker.classify.claims``), then classify them. A redelivered message
-(some image already tried) runs its images one at a time, so an image that crashes the worker
-fails by itself. The prediction upsert keeps one row per content and models even if two
+the images its message names (``worker.classify.claiming``), then classify them. A redelivered
+message (some image already tried) runs its images one at a time, so an image that crashes the
+worker fails by itself. The prediction upsert keeps one row per content and models even if two
 deliveries both finish.
 
 What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
@@ -26,15 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from db import images, registry
+from db import images, predictions, registry
+from db.claims import Claim, requeue
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
-from db.images import Claim
 from db.session import session_scope
 from trainer.imaging.decode import Feed, MemoryBudget, decode_bytes, decode_cost, decode_data
 from trainer.imaging.dicom_terms import view_policy
 from worker.classify.celery_app import THREADS_ENV
-from worker.classify.claims import claim_images, holder_id
+from worker.classify.claiming import claim_images, holder_id
 from worker.classify.inference import ModelCache, classify_arrays
 from worker.files.storage import reject_archived, stored_file
 from worker.settings import Settings
@@ -144,8 +144,8 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                 outcome[r.claim.image_id] = "rejected"
         rows = [_prediction_row(r.claim, result, models, per_image_ms, heatmaps)
                 for r, result in zip(good, results, strict=True)]
-        prediction_ids = images.save_predictions(session, rows)
-        images.link_predictions(session, [
+        prediction_ids = predictions.save_predictions(session, rows)
+        predictions.link_predictions(session, [
             (r.claim.image_id, prediction_id)
             for r, prediction_id in zip(good, prediction_ids, strict=True)
         ], {r.claim.image_id: r.note for r in good if r.note})
@@ -167,7 +167,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
 
 def _prediction_row(claim: Claim, result, models, per_image_ms: float,
                     heatmaps: dict[str, str]) -> dict:
-    """What ``images.save_predictions`` stores for one image: the cascade's answer and the
+    """What ``predictions.save_predictions`` stores for one image: the cascade's answer and the
     versions and thresholds that gave it."""
     infection = models.infection if result.p_virus is not None else None
     return dict(
@@ -278,7 +278,7 @@ def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
         for c in spent:
             images.mark_failed(session, c.image_id,
                                f"{reason} (gave up after {c.attempts} attempts)")
-        images.requeue(session, [c.image_id for c in again], f"{reason}; will try again")
+        requeue(session, [c.image_id for c in again], f"{reason}; will try again")
     outcome = dict.fromkeys((c.image_id for c in spent), "failed")
     for c in again:
         delay = min(MISSING_RETRY_MAX_SECONDS, 2 ** c.attempts)

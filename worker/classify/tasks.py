@@ -11,7 +11,7 @@ import logging
 
 from worker.classify.batch import process_images
 from worker.classify.celery_app import CLASSIFY_TASK, app, settings
-from worker.classify.claims import LiveHosts
+from worker.classify.claiming import LiveHosts
 from worker.classify.inference import ModelCache
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from db import images, registry
+from db import images, predictions, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from worker.files import safefs, storage
@@ -311,11 +311,11 @@ def _link_existing(session, image_ids: list[int], sha256s: list[str]) -> set[int
     pneumonia = production.get(Stage.PNEUMONIA.value)
     if pneumonia is None:
         return set()
-    known = images.current_predictions(session, sha256s, pneumonia,
+    known = predictions.current_predictions(session, sha256s, pneumonia,
                                        production.get(Stage.INFECTION.value))
     linked = set()
     for image_id, sha256 in zip(image_ids, sha256s, strict=True):
-        if sha256 in known and images.link_prediction(session, image_id, known[sha256]):
+        if sha256 in known and predictions.link_prediction(session, image_id, known[sha256]):
             linked.add(image_id)
     return linked
 

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from db import images
-from db.images import Claim, Held
+from db import claims
+from db.claims import Claim, Held
 from db.session import session_scope
 from worker.settings import Settings
 
@@ -30,7 +30,7 @@ PING_TIMEOUT_SECONDS = 1.0
 
 
 def holder_id(pid: int | None = None) -> str:
-    """A process as a claim holder, ``host:pid:start`` (what ``images.claimed_by`` records).
+    """A process as a claim holder, ``host:pid:start`` (what ``Image.claimed_by`` records).
 
     The start time (clock ticks since boot, from /proc) tells a live process from a new one
     that got a dead holder's pid, as happens in a restarted container.
@@ -142,9 +142,9 @@ def claim_images(settings: Settings, image_ids: Iterable[int], me: str,
     ids = list(image_ids)
     out = Claimed()
     with session_scope(settings.db_url) as session:
-        out.claims, held = images.claim_free(session, ids, settings.max_attempts, me, task_id)
-        for image_id in images.unclaimable(session, ids):
-            gave_up = images.claim(session, image_id, settings.max_attempts, me, task_id)
+        out.claims, held = claims.claim_free(session, ids, settings.max_attempts, me, task_id)
+        for image_id in claims.unclaimable(session, ids):
+            gave_up = claims.claim(session, image_id, settings.max_attempts, me, task_id)
             if gave_up is not None:
                 (out.failed if gave_up.gave_up else out.claims).append(gave_up)
     for row in held:
@@ -153,7 +153,7 @@ def claim_images(settings: Settings, image_ids: Iterable[int], me: str,
                 log.info("%s: taking it over from %s", settings.describe(row.image_id, None),
                          row.holder or "an unknown holder")
             with session_scope(settings.db_url) as session:
-                taken = images.claim(session, row.image_id, settings.max_attempts, me, task_id)
+                taken = claims.claim(session, row.image_id, settings.max_attempts, me, task_id)
             if taken is not None:
                 (out.failed if taken.gave_up else out.claims).append(taken)
         else:
