@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -32,7 +33,15 @@ from db.identifiers import DicomIdentifiers
 from db.images import Claim
 from db.session import session_scope
 from db.vocabulary import Stage
-from trainer.decode import MemoryBudget, decode_bytes, decode_cost, decode_data
+from trainer.decode import (
+    SUPPORTED_FORMATS,
+    MemoryBudget,
+    decode_bytes,
+    decode_cost,
+    decode_data,
+    sniff_bytes,
+)
+from trainer.extent import EndFinder
 from worker.celery_app import THREADS_ENV
 from worker.claims import claim_images, holder_id
 from worker.inference import ModelCache, classify_arrays
@@ -42,6 +51,10 @@ from worker.storage import reject_archived, stored_file
 log = logging.getLogger(__name__)
 
 MISSING_RETRY_MAX_SECONDS = 60
+HEAD_BYTES = 1 << 16
+"""Bytes read first: enough to name the format and read the declared size of most images."""
+READ_CHUNK = 1 << 20
+"""Bytes read (and hashed) at a time; trailing data after an image never stays longer."""
 
 
 @dataclass
@@ -50,7 +63,8 @@ class _Read:
 
     claim: Claim
     pixels: np.ndarray | None = None
-    data: bytes = b""
+    second: np.ndarray | None = None
+    """Stage 2's pixels when it takes another input size (decoded from the same bytes)."""
     rejected: str | None = None
     missing: bool = False
     identifiers: DicomIdentifiers | None = None
@@ -124,7 +138,7 @@ def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
         from worker.heatmaps import write_heatmaps
 
         heatmaps = write_heatmaps(settings, models, results, np.stack([r.pixels for r in good]),
-                                  [r.claim.sha256 for r in good], _stage_two(good, settings))
+                                  [r.claim.sha256 for r in good], _stage_two(good))
     # ------------------------------------------------------------------------------------------
     outcome: dict[int, str] = {}
     missing = [r.claim for r in read if r.missing]
@@ -177,13 +191,12 @@ def _prediction_row(claim: Claim, result, models, per_image_ms: float,
     )
 
 
-def _stage_two(good: list[_Read], settings: Settings):
-    """Stage-2 pixels decoded from the same checked bytes at stage 2's own input size, as the
-    trainer decodes them (resizing stage-1 pixels would feed pixels it never trained on)."""
+def _stage_two(good: list[_Read]):
+    """Stage-2 pixels, decoded from the same checked bytes at stage 2's own input size when the
+    image was read (resizing stage-1 pixels would feed pixels it never trained on)."""
 
     def pixels(indices: np.ndarray, size: int) -> np.ndarray:
-        return np.stack([decode_bytes(good[i].data, size, settings.max_image_pixels,
-                                      name=good[i].claim.file_name) for i in indices])
+        return np.stack([good[i].second for i in indices])
 
     return pixels
 
@@ -205,8 +218,9 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
     budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
     pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
     try:
-        pending = [pool.submit(_read_one, claim, settings, models.pneumonia.input_size, budget)
-                   for claim in claims]
+        sizes = (models.pneumonia.input_size, models.infection.input_size
+                 if models.infection is not None else models.pneumonia.input_size)
+        pending = [pool.submit(_read_one, claim, settings, sizes, budget) for claim in claims]
         for start in range(0, len(claims), size):
             began = time.perf_counter()
             chunk = [future.result() for future in pending[start:start + size]]
@@ -217,7 +231,7 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
                 began = time.perf_counter()
                 results += classify_arrays(np.stack([r.pixels for r in decoded]),
                                            models.pneumonia, models.infection,
-                                           _stage_two(decoded, settings))
+                                           _stage_two(decoded))
                 forward_s += time.perf_counter() - began
                 good += decoded
     finally:
@@ -225,25 +239,73 @@ def _decode_and_classify(claims: list[Claim], settings: Settings, models
     return read, good, results, waited_s, forward_s
 
 
-def _read_one(claim: Claim, settings: Settings, size: int, budget: MemoryBudget) -> _Read:
+def _read_one(claim: Claim, settings: Settings, sizes: tuple[int, int], budget: MemoryBudget
+              ) -> _Read:
+    """Read, check and decode one archived file within the memory budget; its bytes are
+    dropped once decoded (at both stages' sizes), so a message holds pixels, never files."""
     path = stored_file(settings, claim.stored_path)
     if path is None:
         return _Read(claim, missing=True)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            return _read_opened(claim, fh, settings, sizes, budget)
     except FileNotFoundError:
         return _Read(claim, missing=True)
     except OSError as exc:
         return _Read(claim, rejected=f"cannot read the archived file: {exc.strerror or exc}")
-    if hashlib.sha256(data).hexdigest() != claim.sha256:
-        return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
-                     "longer matches what was received); not classified")
+
+
+def _read_opened(claim: Claim, fh: BinaryIO, settings: Settings, sizes: tuple[int, int],
+                 budget: MemoryBudget) -> _Read:
+    st_size = os.fstat(fh.fileno()).st_size
+    if st_size > settings.max_file_bytes:
+        return _Read(claim, rejected=f"file too large: {st_size:,} bytes (the limit, "
+                     f"CXR_MAX_FILE_BYTES, is {settings.max_file_bytes:,})")
+    head = fh.read(HEAD_BYTES)
+    fmt = sniff_bytes(head)
+    kept = st_size if fmt in SUPPORTED_FORMATS else len(head)
+    decoding = max(decode_cost(head, s) for s in sizes) or 4 * kept
+    cost = 2 * kept + decoding  # the bytes, their one copy, and the decoder's peak
     try:
-        with budget.reserve(decode_cost(data[:1 << 16], size) or 4 * len(data)):
-            decoded = decode_data(data, size, settings.max_image_pixels, name=claim.file_name)
-        return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers)
+        with budget.reserve(cost):
+            data = read_image_bytes(fh, head, claim.sha256, keep_all=fmt == "DICOM",
+                                    keep_head_only=fmt not in SUPPORTED_FORMATS)
+            if data is None:
+                return _Read(claim, rejected="the archived file changed after intake (its "
+                             "SHA-256 no longer matches what was received); not classified")
+            decoded = decode_data(data, sizes[0], settings.max_image_pixels,
+                                  name=claim.file_name)
+            second = decoded.pixels if sizes[1] == sizes[0] else decode_bytes(
+                data, sizes[1], settings.max_image_pixels, name=claim.file_name)
+            del data
+        return _Read(claim, pixels=decoded.pixels, second=second,
+                     identifiers=decoded.identifiers)
     except BadImageError as exc:
         return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
+
+
+def read_image_bytes(fh: BinaryIO, head: bytes, sha256: str, keep_all: bool = False,
+                     keep_head_only: bool = False) -> bytes | None:
+    """The image's own bytes from an open file whose first bytes ``head`` were read: the whole
+    file is hashed in chunks (None when it is not ``sha256``, what intake hashed), but only
+    the bytes up to the image's end (JPEG EOI, PNG IEND) are kept; trailing data is dropped.
+    A DICOM (``keep_all``) is kept whole; an unknown format (``keep_head_only``) only its head,
+    which is all the decoder needs to name it."""
+    digest = hashlib.sha256(head)
+    finder = EndFinder(head)
+    buf = bytearray(head)
+    end = None if keep_all else finder.feed(buf)
+    while chunk := fh.read(READ_CHUNK):
+        digest.update(chunk)
+        if end is None and not keep_head_only:
+            buf += chunk
+            if not keep_all and not finder.unknown:
+                end = finder.feed(buf)
+    if digest.hexdigest() != sha256:
+        return None
+    if end is not None:
+        del buf[end:]
+    return bytes(buf)
 
 
 def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
