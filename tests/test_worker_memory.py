@@ -99,3 +99,24 @@ def test_images_padded_to_128_mib_stay_within_the_decode_budget(tmp_path):
         assert p.count("SELECT count(DISTINCT task_id) FROM images WHERE file_name LIKE "
                        "'padded-%'") <= 2
     assert grown < 64 * MIB, f"peak grew by {grown / MIB:.0f} MiB"
+
+
+def test_a_sparse_file_from_another_user_is_archived_sparse(tmp_path):
+    """``truncate -s`` padding costs the archive no disk: the copy keeps the holes (and the
+    bytes and hash are the same)."""
+    from worker.intake import intake_file
+    from worker.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path}/c.db")
+    settings.ensure_dirs()
+    from db.migrate import upgrade
+
+    upgrade(settings.db_url)
+    image = _jpeg(200)
+    _drop_sparse(settings.inbox_dir, "padded.jpeg", image, 64 * MIB)
+    os.chown(settings.inbox_dir / "padded.jpeg", 10002, 10002)  # not ours: copied, not linked
+    result = intake_file(settings.inbox_dir / "padded.jpeg", settings, lambda batch: None)
+    [stored] = list(settings.archive_dir.rglob("*.jpeg"))
+    assert result is not None and stored.stat().st_size == 64 * MIB
+    assert stored.stat().st_blocks * 512 <= 2 * MIB  # the image's first chunk only
+    assert stored.stem == hashlib.sha256(image + bytes(64 * MIB - len(image))).hexdigest()
