@@ -28,6 +28,7 @@ from typing import BinaryIO
 import numpy as np
 
 from db import images, registry
+from db.deployment import unknown_ids
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from db.images import Claim
@@ -89,12 +90,22 @@ def process_images(
     attempts, in which case they are marked ``failed`` with the error.
     """
     ids = [int(i) for i in image_ids]
+    waiting: list[int] = []
     with session_scope(settings.db_url) as session:
-        if Stage.PNEUMONIA.value not in registry.production_ids(session):
+        unknown = set(unknown_ids(session, ids))
+        ids = [i for i in ids if i not in unknown]
+        if ids and Stage.PNEUMONIA.value not in registry.production_ids(session):
             parked = images.mark_waiting_model(session, ids)
             if parked:
                 log.info("%d image(s) wait for a production pneumonia model", parked)
-            return dict.fromkeys(ids, "waiting_model") if parked else {}
+                waiting = ids
+            ids = []
+    if unknown:
+        log.warning("%d image id(s) of this message are not in this database (first %s): a "
+                    "message of another deployment on the same queue, or rows deleted; ignored",
+                    len(unknown), min(unknown))
+    if not ids:
+        return dict.fromkeys(waiting, "waiting_model")
     claimed = claim_images(settings, ids, holder_id(), task_id, live_hosts)
     outcome = {c.image_id: "failed" for c in claimed.failed}
     outcome.update({h.image_id: "held" for h in claimed.left})
