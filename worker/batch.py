@@ -276,7 +276,7 @@ def _read_opened(claim: Claim, fh: BinaryIO, settings: Settings, sizes: tuple[in
     fmt = sniff_bytes(head)
     kept = st_size if fmt in SUPPORTED_FORMATS else len(head)
     decoding = max(decode_cost(head, s) for s in sizes) or 4 * kept
-    cost = 2 * kept + decoding  # the bytes, their one copy, and the decoder's peak
+    cost = kept + max(kept, decoding)  # the bytes, and their one copy or the decoder's peak
     try:
         with budget.reserve(cost):
             data = read_image_bytes(fh, head, claim.sha256, keep_all=fmt == "DICOM",

@@ -18,7 +18,7 @@ from worker.celery_app import CLASSIFY_TASK, app, settings
 from worker.settings import printable
 
 DEPLOYMENT_KWARG = "deployment"
-MAX_MESSAGES_READ = 100_000
+MAX_MESSAGES_READ = 20_000
 """Messages the reconcile pass reads to see which image ids are still on their way; a longer
 queue is not an emptied one, and is left alone."""
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")

@@ -63,8 +63,8 @@ def _pass_on(request, image_ids: list[int], deployment: str) -> dict[str, int]:
     worker of that deployment takes it (this one never touches its own rows of the same ids);
     a warning at most once a minute per deployment."""
     queue = (request.delivery_info or {}).get("routing_key") or settings.queue
-    send_ids(image_ids, deployment, request.argsrepr or f"(image_ids={image_ids})", queue,
-             countdown=FOREIGN_DELAY_SECONDS)
+    shown = getattr(request, "argsrepr", None) or f"(image_ids={image_ids})"
+    send_ids(image_ids, deployment, shown, queue, countdown=FOREIGN_DELAY_SECONDS)
     now = time.monotonic()
     if now - _warned.get(deployment, float("-inf")) >= FOREIGN_WARN_SECONDS:
         _warned[deployment] = now
