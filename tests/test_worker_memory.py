@@ -120,3 +120,29 @@ def test_a_sparse_file_from_another_user_is_archived_sparse(tmp_path):
     assert result is not None and stored.stat().st_size == 64 * MIB
     assert stored.stat().st_blocks * 512 <= 2 * MIB  # the image's first chunk only
     assert stored.stem == hashlib.sha256(image + bytes(64 * MIB - len(image))).hexdigest()
+
+
+def test_an_archived_file_over_the_size_limit_is_refused_before_it_is_read(db_url, tmp_path):
+    """A limit lowered after intake: the worker refuses the file with the reason (moved to
+    rejected/) instead of reading it."""
+    from sqlalchemy import select
+
+    from db.models import Image as ImageRow
+    from db.session import session_scope
+    from worker.batch import process_images
+    from worker.inference import ModelCache
+    from worker.intake import intake_file
+    from worker.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "var", database_url=db_url)
+    settings.ensure_dirs()
+    register_tiny_bundle(db_url, settings.models_path, "pneumonia")
+    _drop_sparse(settings.inbox_dir, "big.jpeg", _jpeg(200), 4 * MIB)
+    taken = intake_file(settings.inbox_dir / "big.jpeg", settings, lambda batch: None)
+    small = settings.model_copy(update={"max_file_bytes": MIB})
+    assert process_images([taken.image_id], small, ModelCache(settings.models_path)) == {
+        taken.image_id: "rejected"}
+    with session_scope(db_url) as session:
+        row = session.scalars(select(ImageRow)).one()
+        assert row.error.startswith("file too large: 4,194,304 bytes")
+        assert row.stored_path.startswith("rejected/")
