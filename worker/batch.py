@@ -7,9 +7,11 @@ the images its message names (``worker.claims``), then classify them. A redelive
 fails by itself. The prediction upsert keeps one row per content and models even if two
 deliveries both finish.
 
-What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
-checked against the row, and decoded from those bytes; decoding large images waits for a
-memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once. The forward passes
+What the worker decodes is what intake hashed: each archived file is read once, in chunks,
+its SHA-256 checked against the row, and decoded from those bytes. Reading and decoding wait
+for a memory budget (``CXR_DECODE_MEMORY_MB``); only the image's own bytes are kept (data
+after a JPEG's EOI or a PNG's IEND is hashed, never held), and they are dropped once both
+stages' pixels are decoded, so a message holds pixels, not files. The forward passes
 (``CXR_BATCH_SIZE`` images each) start as soon as their images are decoded, so the model and
 the decoder work at once.
 """
