@@ -134,3 +134,14 @@ class Prediction(Base):
 
     pneumonia_model: Mapped[ModelVersion] = relationship(foreign_keys=[pneumonia_model_id])
     infection_model: Mapped[ModelVersion | None] = relationship(foreign_keys=[infection_model_id])
+
+
+class Deployment(Base):
+    """This database's identity: one row, a random id made once. Messages carry it, so a
+    worker on a Redis that two deployments share leaves the other one's messages alone."""
+
+    __tablename__ = "deployment"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

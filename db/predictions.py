@@ -7,10 +7,13 @@ an image already classified, share one row.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from db import images
+from db.identifiers import DicomIdentifiers
 from db.models import Image, Prediction, utcnow
 from db.vocabulary import OPEN_STATUSES, ImageStatus, Label
 
@@ -132,3 +135,36 @@ def link_predictions(session: Session, links: list[tuple[int, int]],
         [{"image": image_id, "prediction": prediction_id, "note": (notes or {}).get(image_id)}
          for image_id, prediction_id in links],
     )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A classified image: its prediction row (``save_predictions``) and how it was read."""
+
+    image_id: int
+    row: dict
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A refused image: the reason and where its file now lies in ``rejected/``."""
+
+    image_id: int
+    reason: str
+    stored_path: str | None = None
+
+
+def record_batch(session: Session, answers: list[Answer], rejections: list[Rejection],
+                 identifiers: Mapping[int, DicomIdentifiers]) -> None:
+    """Everything a classified batch ends with, in the caller's one transaction: the DICOM
+    identifiers read, the refusals, and the predictions linked to their images."""
+    for image_id, values in identifiers.items():
+        images.set_identifiers(session, image_id, values)
+    for refused in rejections:
+        images.mark_rejected(session, refused.image_id, refused.reason,
+                             stored_path=refused.stored_path)
+    prediction_ids = save_predictions(session, [a.row for a in answers])
+    link_predictions(session, [(a.image_id, prediction_id)
+                               for a, prediction_id in zip(answers, prediction_ids, strict=True)],
+                     {a.image_id: a.note for a in answers if a.note})

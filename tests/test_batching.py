@@ -153,7 +153,7 @@ def test_a_message_is_classified_in_forward_passes_while_the_rest_decodes(settin
     levels = [250 if k % 3 else 5 for k in range(10)]
     ids = [_drop(settings, f"m{k}.png", level) for k, level in enumerate(levels)]
     decoded, passes = [], []
-    real_read, real_classify = batch._read_one, batch.classify_arrays
+    real_read, real_classify = batch.read_claim, batch.classify_arrays
 
     def counting_read(*args):
         result = real_read(*args)
@@ -169,7 +169,7 @@ def test_a_message_is_classified_in_forward_passes_while_the_rest_decodes(settin
         passes.append(len(pixels))
         return real_classify(pixels, *args)
 
-    monkeypatch.setattr(batch, "_read_one", counting_read)
+    monkeypatch.setattr(batch, "read_claim", counting_read)
     monkeypatch.setattr(batch, "classify_arrays", watching_classify)
     assert process_images(ids, settings, ModelCache(settings.models_path)) == dict.fromkeys(
         ids, "done")

@@ -429,10 +429,10 @@ def test_a_dicom_and_a_png_or_jpeg_of_the_same_drawing_get_the_same_answer(tmp_p
     through the tiny cascade (brightness models at 32 px; biases put the drawings on both
     sides of both thresholds)."""
     from helpers_models import make_tiny_bundle
-    from trainer.synth.dicom_writer import VARIANTS, synthetic_dataset, write_dicom
-    from trainer.synth.xrays import render_xray
 
     from trainer.model.bundle import load_bundle
+    from trainer.synth.dicom_writer import VARIANTS, synthetic_dataset, write_dicom
+    from trainer.synth.xrays import render_xray
     from worker.classify.inference import StageModel, classify_arrays
 
     stages = [StageModel(i, 1, load_bundle(make_tiny_bundle(tmp_path / "models", stage, 1,

@@ -123,6 +123,25 @@ def test_messages_lost_in_redis_are_sent_again_and_done_once(tmp_path):
         assert p.count("SELECT max(attempts) FROM images") == 1
 
 
+def test_redis_restarted_empty_mid_burst_is_noticed_within_a_rescan_period(tmp_path):
+    """Redis restarts empty while files keep arriving, with the default hour of visibility
+    timeout: the queue is not empty (the newer files' messages), yet the reconcile pass sees
+    that no message names the rows queued before and sends them again; each is done once."""
+    with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "3600"}, start=False) as p:
+        register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")
+        p.start_watcher()
+        expected = _drop_pngs(p, "before", 4)
+        p.wait_status(list(expected), {"queued"})
+        p.redis.stop()
+        p.redis.start()  # same port, empty: no persistence
+        later = _drop_pngs(p, "after", 2)
+        p.wait_status(list(later), {"queued"})
+        p.start_worker()
+        _assert_exactly_once(p, expected | later)
+        assert "named by no message" in p.log("watcher")
+        assert p.count("SELECT max(attempts) FROM images") == 1
+
+
 def test_redis_outage_while_files_keep_arriving(tmp_path):
     with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "5"}) as p:
         register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")

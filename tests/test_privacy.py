@@ -142,6 +142,7 @@ def test_hidden_file_names_leave_only_the_image_id(monkeypatch):
         "image 7 (evil\\nINFO forged line\\x1b[31m)")
     sent = []
     monkeypatch.setattr(worker.classify.broker.app, "send_task", lambda *a, **k: sent.append(k))
+    monkeypatch.setattr(worker.classify.broker, "this_deployment", lambda _url: "0" * 32)
     monkeypatch.setattr(worker.classify.broker, "settings", shown)
     worker.classify.broker.enqueue_batch([(7, "Doe^Jane 1970.png"), (8, "Roe^Richard.png")])
     assert sent[-1]["argsrepr"] == "(image_ids=[7, 8])"

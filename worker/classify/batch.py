@@ -1,41 +1,38 @@
-"""Classifying a message's images together: read and decode in threads, forward passes of
-``CXR_BATCH_SIZE`` images as they are decoded, every row written in one transaction.
+"""Classifying a message's images together, as named steps.
 
-``process_images`` is what a delivery does (callable without Celery, e.g. from tests): claim
-the images its message names (``worker.classify.claiming``), then classify them. A redelivered
-message (some image already tried) runs its images one at a time, so an image that crashes the
-worker fails by itself. The prediction upsert keeps one row per content and models even if two
-deliveries both finish.
+``process_images`` is what a delivery does (callable without Celery, e.g. from tests): leave
+ids this database does not hold, park the images when no model is in production, claim the rest
+(``worker.classify.claiming``), then classify them. A redelivered message (some image already
+tried) runs its images one at a time, so an image that crashes the worker fails by itself.
 
-What the worker decodes is what intake hashed: each archived file is read once, its SHA-256
-checked against the row, and decoded from those bytes; decoding large images waits for a
-memory budget (``CXR_DECODE_MEMORY_MB``) instead of all running at once. The forward passes
-(``CXR_BATCH_SIZE`` images each) start as soon as their images are decoded, so the model and
-the decoder work at once.
+``classify_claimed`` reads as its steps: refresh the models, read and classify (decoding
+threads feed forward passes of ``CXR_BATCH_SIZE`` as images come in, ``worker.classify.reading``
+checks each file against what intake hashed), draw heatmaps, record every outcome in one
+transaction, hand back what was missing. The prediction upsert keeps one row per content and
+models even if two deliveries both finish.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from db import images, predictions, registry
 from db.claims import Claim, requeue
-from db.exceptions import BadImageError
-from db.identifiers import DicomIdentifiers
+from db.deployment import unknown_ids
+from db.predictions import Answer, Rejection
 from db.session import session_scope
-from trainer.imaging.decode import Feed, MemoryBudget, decode_bytes, decode_cost, decode_data
-from trainer.imaging.dicom_terms import view_policy
+from trainer.imaging.decode import MemoryBudget
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
-from worker.classify.inference import ModelCache, classify_arrays
+from worker.classify.inference import ModelCache, Models, classify_arrays
+from worker.classify.reading import Read, read_claim
 from worker.files.storage import reject_archived, stored_file
 from worker.settings import Settings
 
@@ -45,19 +42,16 @@ MISSING_RETRY_MAX_SECONDS = 60
 
 
 @dataclass
-class _Read:
-    """One claimed image after reading: pixels, or why not."""
+class BatchRun:
+    """What the read and classify step leaves for the steps after it."""
 
-    claim: Claim
-    pixels: np.ndarray | None = None
-    data: bytes = b""
-    rejected: str | None = None
-    missing: bool = False
-    identifiers: DicomIdentifiers | None = None
-    """A DICOM's study, series and instance UIDs etc. (kept even when it is rejected)."""
-    view: str | None = None
-    note: str | None = None
-    """How a done image was read, for its ``error`` column (an unknown view taken as frontal)."""
+    read: list[Read] = field(default_factory=list)
+    """Every image, in order."""
+    good: list[Read] = field(default_factory=list)
+    results: list = field(default_factory=list)
+    """The cascade's answer for each of ``good``."""
+    waited_s: float = 0.0
+    forward_s: float = 0.0
 
 
 def decode_threads() -> int:
@@ -77,13 +71,9 @@ def process_images(
     An error propagates (for the task to retry) unless every image it hit has used its
     attempts, in which case they are marked ``failed`` with the error.
     """
-    ids = [int(i) for i in image_ids]
-    with session_scope(settings.db_url) as session:
-        if not registry.has_production(session):
-            parked = images.mark_waiting_model(session, ids)
-            if parked:
-                log.info("%d image(s) wait for a production pneumonia model", parked)
-            return dict.fromkeys(ids, "waiting_model") if parked else {}
+    ids, waiting = _known_and_servable(settings, [int(i) for i in image_ids])
+    if not ids:
+        return dict.fromkeys(waiting, "waiting_model")
     claimed = claim_images(settings, ids, holder_id(), task_id, live_hosts)
     outcome = {c.image_id: "failed" for c in claimed.failed}
     outcome.update({h.image_id: "held" for h in claimed.left})
@@ -96,79 +86,143 @@ def process_images(
         try:
             outcome.update(classify_claimed(group, settings, cache))
         except Exception as exc:
-            spent = [c for c in group if c.attempts >= settings.max_attempts]
-            with session_scope(settings.db_url) as session:
-                for c in spent:
-                    images.mark_failed(session, c.image_id, f"{type(exc).__name__}: {exc}"[:500])
-            for c in spent:
-                log.exception("%s failed", settings.describe(c.image_id, c.file_name))
-                outcome[c.image_id] = "failed"
-            if len(spent) < len(group):
-                raise
+            outcome.update(_fail_spent(group, settings, exc))
     return outcome
+
+
+def _known_and_servable(settings: Settings, ids: list[int]) -> tuple[list[int], list[int]]:
+    """(the ids to claim, the ids parked as ``waiting_model``): ids this database does not hold
+    are left (another deployment's, or deleted rows); without a production pneumonia model
+    every image waits."""
+    waiting: list[int] = []
+    with session_scope(settings.db_url) as session:
+        unknown = set(unknown_ids(session, ids))
+        ids = [i for i in ids if i not in unknown]
+        if ids and not registry.has_production(session):
+            parked = images.mark_waiting_model(session, ids)
+            if parked:
+                log.info("%d image(s) wait for a production pneumonia model", parked)
+                waiting = ids
+            ids = []
+    if unknown:
+        log.warning("%d image id(s) of this message are not in this database (first %s): a "
+                    "message of another deployment on the same queue, or rows deleted; ignored",
+                    len(unknown), min(unknown))
+    return ids, waiting
+
+
+def _fail_spent(group: list[Claim], settings: Settings, exc: Exception) -> dict[int, str]:
+    """A group that raised: images past their attempts are ``failed`` with the error; if any
+    has attempts left, the error propagates for the task to retry."""
+    spent = [c for c in group if c.attempts >= settings.max_attempts]
+    with session_scope(settings.db_url) as session:
+        for c in spent:
+            images.mark_failed(session, c.image_id, f"{type(exc).__name__}: {exc}"[:500])
+    for c in spent:
+        log.exception("%s failed", settings.describe(c.image_id, c.file_name))
+    if len(spent) < len(group):
+        raise exc
+    return dict.fromkeys((c.image_id for c in spent), "failed")
 
 
 def classify_claimed(claims: list[Claim], settings: Settings, cache: ModelCache
                      ) -> dict[int, str]:
     """Read, check, decode and classify claimed images; write every row in one transaction."""
-    url = settings.db_url
-    with session_scope(url) as session:
-        models = cache.current(session)
-    if models.pneumonia is None:  # demoted in the last milliseconds
-        with session_scope(url) as session:
-            images.mark_waiting_model(session, [c.image_id for c in claims])
+    models = refresh_models(claims, settings, cache)
+    if models is None:
         return dict.fromkeys((c.image_id for c in claims), "waiting_model")
     started = time.perf_counter()
-    read, good, results, waited_s, forward_s = _decode_and_classify(claims, settings, models)
-    per_image_ms = forward_s * 1000.0 / max(1, len(good))
-    # --- heatmaps (CXR_HEATMAPS, worker.classify.heatmaps): drawn before the rows are written
-    heatmaps: dict[str, str] = {}
-    if settings.heatmaps and good:
-        from worker.classify.heatmaps import write_heatmaps
-
-        heatmaps = write_heatmaps(settings, models, results, np.stack([r.pixels for r in good]),
-                                  [r.claim.sha256 for r in good], _stage_two(good, settings))
-    # ------------------------------------------------------------------------------------------
-    outcome: dict[int, str] = {}
-    missing = [r.claim for r in read if r.missing]
-    with session_scope(url) as session:
-        for r in read:
-            if r.identifiers is not None:
-                images.set_identifiers(session, r.claim.image_id, r.identifiers)
-            if r.rejected is not None:
-                stored = None
-                path = stored_file(settings, r.claim.stored_path)
-                if path is not None and path.parent != settings.rejected_dir:
-                    stored = reject_archived(settings, path)
-                images.mark_rejected(session, r.claim.image_id, r.rejected, stored_path=stored)
-                outcome[r.claim.image_id] = "rejected"
-        rows = [_prediction_row(r.claim, result, models, per_image_ms, heatmaps)
-                for r, result in zip(good, results, strict=True)]
-        prediction_ids = predictions.save_predictions(session, rows)
-        predictions.link_predictions(session, [
-            (r.claim.image_id, prediction_id)
-            for r, prediction_id in zip(good, prediction_ids, strict=True)
-        ], {r.claim.image_id: r.note for r in good if r.note})
-        outcome.update(dict.fromkeys((r.claim.image_id for r in good), "done"))
-    outcome.update(_retry_missing(missing, settings))
-    for r in read:
-        if r.rejected is not None:
-            log.info("%s rejected: %s", settings.describe(r.claim.image_id, r.claim.file_name),
-                     r.rejected)
-    for r, result in zip(good, results, strict=True):
-        log.info("%s: %s", settings.describe(r.claim.image_id, r.claim.file_name), result.label)
-    log.info(
-        "batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms",
-        len(claims), waited_s * 1000.0, forward_s * 1000.0,
-        (time.perf_counter() - started) * 1000.0,
-    )
+    run = read_and_classify(claims, settings, models)
+    heatmaps = draw_heatmaps(run, settings, models)
+    outcome = record(run, settings, models, heatmaps)
+    outcome.update(retry_missing([r.claim for r in run.read if r.missing], settings))
+    _log_batch(run, settings, time.perf_counter() - started)
     return outcome
 
 
-def _prediction_row(claim: Claim, result, models, per_image_ms: float,
+def refresh_models(claims: list[Claim], settings: Settings, cache: ModelCache) -> Models | None:
+    """Step 1: the production models now (reloaded when a promotion changed them); None, with
+    the images parked, when the pneumonia model was demoted in the last milliseconds."""
+    with session_scope(settings.db_url) as session:
+        models = cache.current(session)
+        if models.pneumonia is None:
+            images.mark_waiting_model(session, [c.image_id for c in claims])
+            return None
+    return models
+
+
+def read_and_classify(claims: list[Claim], settings: Settings, models: Models) -> BatchRun:
+    """Step 2: read and decode in threads, classify in forward passes of ``CXR_BATCH_SIZE`` as
+    decoded images come in: every image is handed to the threads at once, so they decode the
+    next ones while the model runs on these, and a GPU (or the other core) does not wait for
+    the whole message to decode."""
+    step = max(1, settings.batch_size)
+    run = BatchRun()
+    budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
+    feeds = (models.pneumonia.feed, (models.infection or models.pneumonia).feed)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
+    try:
+        pending = [pool.submit(read_claim, claim, settings, feeds, budget) for claim in claims]
+        for start in range(0, len(claims), step):
+            began = time.perf_counter()
+            chunk = [future.result() for future in pending[start:start + step]]
+            decoded = [r for r in chunk if r.pixels is not None]
+            run.waited_s += time.perf_counter() - began
+            run.read += chunk
+            if decoded:
+                began = time.perf_counter()
+                run.results += classify_arrays(np.stack([r.pixels for r in decoded]),
+                                               models.pneumonia, models.infection,
+                                               _stage_two(decoded))
+                run.forward_s += time.perf_counter() - began
+                run.good += decoded
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return run
+
+
+def draw_heatmaps(run: BatchRun, settings: Settings, models: Models) -> dict[str, str]:
+    """Step 3 (``CXR_HEATMAPS``): sha256 -> heatmap path for each positive, drawn before the
+    rows are written so each prediction names its own."""
+    if not (settings.heatmaps and run.good):
+        return {}
+    from worker.classify.heatmaps import write_heatmaps
+
+    return write_heatmaps(settings, models, run.results, np.stack([r.pixels for r in run.good]),
+                          [r.claim.sha256 for r in run.good], _stage_two(run.good))
+
+
+def record(run: BatchRun, settings: Settings, models: Models, heatmaps: dict[str, str]
+           ) -> dict[int, str]:
+    """Step 4: move refused files into ``rejected/``, then record every outcome (identifiers,
+    refusals, predictions) in one call and one transaction."""
+    per_image_ms = run.forward_s * 1000.0 / max(1, len(run.good))
+    rejections = [Rejection(r.claim.image_id, r.rejected, _reject_file(r.claim, settings))
+                  for r in run.read if r.rejected is not None]
+    answers = [Answer(r.claim.image_id, _prediction_row(r.claim, result, models, per_image_ms,
+                                                        heatmaps), r.note)
+               for r, result in zip(run.good, run.results, strict=True)]
+    identifiers = {r.claim.image_id: r.identifiers for r in run.read
+                   if r.identifiers is not None}
+    with session_scope(settings.db_url) as session:
+        predictions.record_batch(session, answers, rejections, identifiers)
+    outcome = dict.fromkeys((r.image_id for r in rejections), "rejected")
+    outcome.update(dict.fromkeys((a.image_id for a in answers), "done"))
+    return outcome
+
+
+def _reject_file(claim: Claim, settings: Settings) -> str | None:
+    """The refused file's new place in ``rejected/`` (None when it is not in the archive)."""
+    path = stored_file(settings, claim.stored_path)
+    if path is None or path.parent == settings.rejected_dir:
+        return None
+    return reject_archived(settings, path)
+
+
+def _prediction_row(claim: Claim, result, models: Models, per_image_ms: float,
                     heatmaps: dict[str, str]) -> dict:
-    """What ``predictions.save_predictions`` stores for one image: the cascade's answer and the
-    versions and thresholds that gave it."""
+    """What ``predictions.save_predictions`` stores for one image: the cascade's answer and
+    the versions and thresholds that gave it."""
     infection = models.infection if result.p_virus is not None else None
     return dict(
         sha256=claim.sha256, pneumonia_model_id=models.pneumonia.model_id,
@@ -180,93 +234,20 @@ def _prediction_row(claim: Claim, result, models, per_image_ms: float,
     )
 
 
-def _stage_two(good: list[_Read], settings: Settings):
-    """Stage-2 pixels decoded from the same checked bytes at stage 2's own input size and resize
-    method, as it was trained (resizing stage-1 pixels would feed pixels it never saw)."""
+def _stage_two(good: list[Read]):
+    """Stage-2 pixels, decoded from the same checked bytes at stage 2's own feed when the image
+    was read (resizing stage-1 pixels would feed pixels it never saw)."""
 
-    def pixels(indices: np.ndarray, feed: Feed) -> np.ndarray:
-        return np.stack([decode_bytes(good[i].data, feed.size, settings.max_image_pixels,
-                                      name=good[i].claim.file_name, resize=feed.resize)
-                         for i in indices])
+    def pixels(indices: np.ndarray, feed) -> np.ndarray:
+        return np.stack([good[i].second for i in indices])
 
     return pixels
 
 
-def _decode_and_classify(claims: list[Claim], settings: Settings, models
-                         ) -> tuple[list[_Read], list[_Read], list, float, float]:
-    """Decode in threads and classify in forward passes of ``CXR_BATCH_SIZE`` as the decoded
-    images come in: every image is handed to the threads at once, so they decode the next ones
-    while the model runs on these, and a GPU (or the other core) does not wait for the whole
-    message to decode.
-
-    Returns (every image read, in order; the good ones; their results; seconds spent waiting
-    for decoding; seconds in forward passes)."""
-    size = max(1, settings.batch_size)
-    read: list[_Read] = []
-    good: list[_Read] = []
-    results: list = []
-    waited_s = forward_s = 0.0
-    budget = MemoryBudget(settings.decode_memory_mb * 1024 * 1024)
-    pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
-    try:
-        pending = [pool.submit(_read_one, claim, settings, models.pneumonia.feed, budget)
-                   for claim in claims]
-        for start in range(0, len(claims), size):
-            began = time.perf_counter()
-            chunk = [_view_checked(future.result(), settings.unknown_view)
-                     for future in pending[start:start + size]]
-            decoded = [r for r in chunk if r.pixels is not None]
-            waited_s += time.perf_counter() - began
-            read += chunk
-            if decoded:
-                began = time.perf_counter()
-                results += classify_arrays(np.stack([r.pixels for r in decoded]),
-                                           models.pneumonia, models.infection,
-                                           _stage_two(decoded, settings))
-                forward_s += time.perf_counter() - began
-                good += decoded
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return read, good, results, waited_s, forward_s
-
-
-def _read_one(claim: Claim, settings: Settings, feed: Feed, budget: MemoryBudget) -> _Read:
-    path = stored_file(settings, claim.stored_path)
-    if path is None:
-        return _Read(claim, missing=True)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return _Read(claim, missing=True)
-    except OSError as exc:
-        return _Read(claim, rejected=f"cannot read the archived file: {exc.strerror or exc}")
-    if hashlib.sha256(data).hexdigest() != claim.sha256:
-        return _Read(claim, rejected="the archived file changed after intake (its SHA-256 no "
-                     "longer matches what was received); not classified")
-    try:
-        with budget.reserve(decode_cost(data[:1 << 16], feed.size, feed.resize) or 4 * len(data)):
-            decoded = decode_data(data, feed.size, settings.max_image_pixels,
-                                  name=claim.file_name, resize=feed.resize)
-        return _Read(claim, pixels=decoded.pixels, data=data, identifiers=decoded.identifiers,
-                     view=decoded.view)
-    except BadImageError as exc:
-        return _Read(claim, rejected=str(exc), identifiers=exc.identifiers)
-
-
-def _view_checked(read: _Read, unknown_view: str) -> _Read:
-    """``CXR_UNKNOWN_VIEW`` applied to a decoded DICOM whose ViewPosition is neither frontal
-    nor lateral: refused, or taken with a note saying so."""
-    if read.pixels is None or read.view is None:
-        return read
-    refused, read.note = view_policy(read.view, unknown_view)
-    if refused:
-        read.pixels, read.data, read.rejected = None, b"", refused
-    return read
-
-
-def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
-    """An archived file that is not there may come back (a network filesystem blip): hand the
-    image back and send it again later; only once its attempts are used up is it ``failed``."""
+def retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
+    """Step 5: an archived file that is not there may come back (a network filesystem blip):
+    hand the image back and send it again later; only once its attempts are used up is it
+    ``failed``."""
     if not missing:
         return {}
     from worker.classify.broker import enqueue_batch
@@ -287,3 +268,14 @@ def _retry_missing(missing: list[Claim], settings: Settings) -> dict[int, str]:
         enqueue_batch([(c.image_id, c.file_name)], countdown=delay)
         outcome[c.image_id] = "retry"
     return outcome
+
+
+def _log_batch(run: BatchRun, settings: Settings, total_s: float) -> None:
+    for r in run.read:
+        if r.rejected is not None:
+            log.info("%s rejected: %s", settings.describe(r.claim.image_id, r.claim.file_name),
+                     r.rejected)
+    for r, result in zip(run.good, run.results, strict=True):
+        log.info("%s: %s", settings.describe(r.claim.image_id, r.claim.file_name), result.label)
+    log.info("batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms", len(run.read),
+             run.waited_s * 1000.0, run.forward_s * 1000.0, total_s * 1000.0)

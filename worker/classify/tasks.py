@@ -8,15 +8,23 @@ The work itself is ``worker.classify.batch.process_images``; the task adds retri
 from __future__ import annotations
 
 import logging
+import time
 
 from worker.classify.batch import process_images
+from worker.classify.broker import send_ids, this_deployment
 from worker.classify.celery_app import CLASSIFY_TASK, app, settings
 from worker.classify.claiming import LiveHosts
 from worker.classify.inference import ModelCache
 
 log = logging.getLogger(__name__)
 
+FOREIGN_DELAY_SECONDS = 1.0
+"""How long another deployment's message waits before it is offered again: a worker that keeps
+receiving it (its own workers busy or down) passes it on at this rate, not in a hot loop."""
+FOREIGN_WARN_SECONDS = 60.0
+
 _cache: ModelCache | None = None
+_warned: dict[str, float] = {}
 _live_hosts = LiveHosts()
 
 
@@ -29,10 +37,14 @@ def model_cache() -> ModelCache:
 
 
 @app.task(name=CLASSIFY_TASK, bind=True, max_retries=None, ignore_result=True)
-def classify_images(self, image_ids: list[int]) -> dict[str, int]:
+def classify_images(self, image_ids: list[int], deployment: str | None = None
+                    ) -> dict[str, int]:
     """Classify a batch of images by id; errors retry with backoff up to max_attempts.
-    Returns how many images ended in each state (Flower shows it)."""
+    A message of another deployment (``deployment``: its database's id) is passed on to its
+    own workers. Returns how many images ended in each state (Flower shows it)."""
     try:
+        if deployment is not None and deployment != this_deployment(settings.db_url):
+            return _pass_on(self.request, list(image_ids), deployment)
         outcome = process_images(image_ids, settings, model_cache(), task_id=self.request.id,
                                  live_hosts=_live_hosts)
     except Exception as exc:
@@ -44,3 +56,20 @@ def classify_images(self, image_ids: list[int]) -> dict[str, int]:
     for state in outcome.values():
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+def _pass_on(request, image_ids: list[int], deployment: str) -> dict[str, int]:
+    """Put another deployment's message back on its queue, after a short delay, so that a
+    worker of that deployment takes it (this one never touches its own rows of the same ids);
+    a warning at most once a minute per deployment."""
+    queue = (request.delivery_info or {}).get("routing_key") or settings.queue
+    shown = getattr(request, "argsrepr", None) or f"(image_ids={image_ids})"
+    send_ids(image_ids, deployment, shown, queue, countdown=FOREIGN_DELAY_SECONDS)
+    now = time.monotonic()
+    if now - _warned.get(deployment, float("-inf")) >= FOREIGN_WARN_SECONDS:
+        _warned[deployment] = now
+        log.warning("queue %s carries messages of another deployment (database %s..., this one "
+                    "is %s...): passed back for its own workers; give each deployment its own "
+                    "CXR_QUEUE or Redis database", queue, deployment[:8],
+                    this_deployment(settings.db_url)[:8])
+    return {"other deployment": len(image_ids)}

@@ -9,7 +9,6 @@ it, and the label, probabilities and model version in the margin.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 
@@ -58,22 +57,13 @@ def _write(path: Path, data: bytes) -> None:
 def _archived(row, settings: Settings) -> tuple[bytes | None, str | None]:
     """(the archived file's bytes, checked against the hash intake recorded) or (None, why)."""
     from db.vocabulary import ImageStatus
-    from worker.files.storage import stored_file
+    from worker.classify.reading import read_archived
 
     if row is None:
         return None, "no such image"
     if row.status != ImageStatus.DONE or row.label is None:
         return None, f"not classified ({row.status}{': ' + row.error if row.error else ''})"
-    path = stored_file(settings, row.stored_path)
-    try:
-        data = path.read_bytes() if path is not None else None
-    except OSError:
-        data = None
-    if data is None:
-        return None, "its archived file is missing"
-    if hashlib.sha256(data).hexdigest() != row.sha256:
-        return None, "its archived file changed after intake (SHA-256 mismatch)"
-    return data, None
+    return read_archived(settings, row.stored_path, row.sha256)
 
 
 def _explain_images(image_ids: list[int], out: Path, settings: Settings) -> int:

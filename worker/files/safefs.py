@@ -11,7 +11,6 @@ the very file that was copied (same device and inode), relative to the same dire
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 import threading
@@ -20,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.imaging.checksum import CHUNK
+from trainer.imaging.checksum import CHUNK, new_digest
+
+_ZEROS = bytes(CHUNK)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -156,7 +157,7 @@ def is_link(folder: int, name: str) -> bool:
 
 def hash_entry(entry: Entry) -> tuple[str, int]:
     """(sha256, bytes) of the opened file, read from its handle."""
-    digest, size = hashlib.sha256(), 0
+    digest, size = new_digest(), 0
     os.lseek(entry.fd, 0, os.SEEK_SET)
     while chunk := os.read(entry.fd, CHUNK):
         digest.update(chunk)
@@ -192,18 +193,23 @@ def link_entry(entry: Entry, dest_dir: Path, dest_fd: int | None = None) -> Path
 
 def copy_hashing(entry: Entry, dest_dir: Path) -> tuple[Path, str, int]:
     """Copy the opened file into a new private temp file in ``dest_dir`` while hashing it, in one
-    pass over the handle; returns (temp path, sha256, bytes). No temp file survives an error."""
+    pass over the handle; returns (temp path, sha256, bytes). No temp file survives an error.
+    Runs of zeros stay holes, so ``truncate -s 250M`` costs the archive no disk."""
     tmp = dest_dir / f".incoming-{uuid.uuid4().hex}.tmp"
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    digest, size = hashlib.sha256(), 0
+    digest, size = new_digest(), 0
     try:
         os.lseek(entry.fd, 0, os.SEEK_SET)
         while chunk := os.read(entry.fd, CHUNK):
             digest.update(chunk)
+            size += len(chunk)
+            if chunk == _ZEROS[:len(chunk)]:  # a hole (or zeros): leave one in the copy too
+                os.lseek(out, len(chunk), os.SEEK_CUR)
+                continue
             view = memoryview(chunk)
             while view:
                 view = view[os.write(out, view):]
-            size += len(chunk)
+        os.ftruncate(out, size)
     except BaseException:
         os.close(out)
         tmp.unlink(missing_ok=True)

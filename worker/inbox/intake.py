@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from db import images, predictions, registry
 from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
+from worker.classify.recovery import messages_on_their_way, queued_without_message
 from worker.files import safefs, storage
 from worker.files.storage import archive_relpath, private_dirs, rejected_name
 from worker.settings import Settings
@@ -385,21 +386,29 @@ def reconcile(
     enqueue: Enqueue | None = None,
     grace_seconds: float = RECEIVED_GRACE_SECONDS,
     queue_empty: Callable[[], bool] | None = None,
+    on_their_way: Callable[[], set[int] | None] | None = None,
 ) -> int:
     """Enqueue rows left ``received``, ``waiting_model`` rows once a model exists, ``queued``
-    rows whose message is gone (queue empty, row older than the visibility timeout), and
-    ``processing`` rows whose claim outlived its lease (a holder that hangs or vanished).
+    rows whose message is gone, and ``processing`` rows whose claim outlived its lease (a
+    holder that hangs or vanished).
 
-    ``queue_empty`` defaults to asking the broker when ``enqueue`` is the real one.
+    A ``queued`` row's message is gone when, a rescan period after receipt, no message in the
+    queue or held by a worker names it (``on_their_way``: Redis restarted empty mid-burst), or
+    when the queue is empty and the row is older than the visibility timeout. Both default to
+    asking the broker when ``enqueue`` is the real one; a message sent twice is harmless (the
+    claims classify an image once).
     """
     remove_stale_temps(settings)
     if queue_empty is None:
         queue_empty = _queue_empty_default() if enqueue is None else (lambda: False)
+    if on_their_way is None:
+        on_their_way = messages_on_their_way(settings) if enqueue is None else (lambda: None)
     try:
         lost_messages = queue_empty()
+        waiting = on_their_way()
     except Exception as exc:
         log.warning("could not read the broker queue (%s)", type(exc).__name__)
-        lost_messages = False
+        lost_messages, waiting = False, None
     with session_scope(settings.db_url) as session:
         rows = images.ids_to_enqueue(
             session,
@@ -410,6 +419,9 @@ def reconcile(
             else None,
             claimed_before=images.stale_cutoff(settings.claim_lease_seconds),
         )
+        if waiting is not None:
+            rows += queued_without_message(session, settings, grace_seconds, waiting)
+    rows = sorted(dict(rows).items())
     return len(send(settings, rows, enqueue)) if rows else 0
 
 

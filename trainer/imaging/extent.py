@@ -1,0 +1,89 @@
+"""Where an image's own bytes end inside a file, found while the file streams in.
+
+A JPEG ends at its EOI marker and a PNG after its IEND chunk; anything after that (a scanner's
+padding, or 250 MB of zeros from ``truncate``) is never decoded, so a reader need not keep it
+in memory. The finder only walks the container's structure (segment and chunk lengths, marker
+bytes in the entropy-coded data); whether the image is valid is still the decoder's question.
+When the structure cannot be followed the end is unknown and the whole file is kept.
+"""
+
+from __future__ import annotations
+
+import struct
+
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}
+"""Markers without a length: TEM, RST0-7 and SOI."""
+
+
+class EndFinder:
+    """Feed the growing prefix of a file; ``feed`` returns the image's end offset once known.
+
+    Resumable: each call carries on from where the last stopped, so a file read in chunks is
+    walked once. ``unknown`` turns true when the structure cannot be followed.
+    """
+
+    def __init__(self, head: bytes) -> None:
+        self.kind = "PNG" if head.startswith(_PNG_MAGIC) else (
+            "JPEG" if head.startswith(b"\xff\xd8") else None)
+        self.pos = len(_PNG_MAGIC) if self.kind == "PNG" else 2
+        self.in_scan = False
+        self.end: int | None = None
+        self.unknown = self.kind is None
+
+    def feed(self, buf: bytes | bytearray) -> int | None:
+        """The end offset of the image in ``buf`` (the file's first ``len(buf)`` bytes), or
+        None while it is not reached yet (or cannot be found)."""
+        if self.end is None and not self.unknown:
+            self.end = self._png(buf) if self.kind == "PNG" else self._jpeg(buf)
+        return self.end
+
+    def _png(self, buf) -> int | None:
+        while self.pos + 8 <= len(buf):
+            length = struct.unpack(">I", buf[self.pos:self.pos + 4])[0]
+            if buf[self.pos + 4:self.pos + 8] == b"IEND":
+                return self.pos + 12
+            self.pos += 12 + length
+        return None
+
+    def _jpeg(self, buf) -> int | None:
+        n = len(buf)
+        while True:
+            if self.in_scan:
+                marker = self._next_marker(buf)
+                if marker is None:
+                    return None
+                self.pos, self.in_scan = marker, False
+            if self.pos + 2 > n:
+                return None
+            if buf[self.pos] != 0xFF:
+                self.unknown = True
+                return None
+            code = buf[self.pos + 1]
+            if code == 0xFF:  # fill byte before a marker
+                self.pos += 1
+            elif code == 0xD9:
+                return self.pos + 2
+            elif code in _JPEG_STANDALONE:
+                self.pos += 2
+            else:
+                if self.pos + 4 > n:
+                    return None
+                self.in_scan = code == 0xDA
+                self.pos += 2 + struct.unpack(">H", buf[self.pos + 2:self.pos + 4])[0]
+
+    def _next_marker(self, buf) -> int | None:
+        """Offset of the first marker after entropy-coded data (not a stuffed 0xFF00, not a
+        restart marker); None (resuming there later) when ``buf`` ends first."""
+        n = len(buf)
+        i = buf.find(b"\xff", self.pos) if self.pos < n else -1
+        while i != -1:
+            if i + 1 >= n:
+                self.pos = i
+                return None
+            code = buf[i + 1]
+            if code != 0 and code != 0xFF and not 0xD0 <= code <= 0xD7:
+                return i
+            i = buf.find(b"\xff", i + 1 if code == 0xFF else i + 2)
+        self.pos = max(self.pos, n)
+        return None
