@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from helpers_data import intake_file
 from helpers_models import register_tiny_bundle
 from helpers_pipeline import SHARED_REDIS, shared_redis, stop_process
 from PIL import Image as PILImage
@@ -30,7 +31,7 @@ from db.vocabulary import ImageStatus, Label
 from worker.classify.batch import classify_claimed, process_images
 from worker.classify.claiming import LiveHosts, holder_gone, holder_id
 from worker.classify.inference import ModelCache
-from worker.inbox.intake import intake_file, intake_files
+from worker.inbox.intake import intake_files
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,7 +352,7 @@ def test_a_missing_archived_file_is_retried_then_failed(settings, monkeypatch):
 
 def test_decoding_waits_for_the_memory_budget():
     """Large decodes never all run at once: the budget admits them one by one."""
-    from trainer.imaging.decode import MemoryBudget
+    from trainer.imaging.budget import MemoryBudget
 
     budget = MemoryBudget(100)
     peak, lock = [0], threading.Lock()
@@ -374,7 +375,8 @@ def test_decoding_waits_for_the_memory_budget():
 def test_a_16_bit_png_costs_what_its_header_says(tmp_path):
     import numpy as np
 
-    from trainer.imaging.decode import decode_cost, decode_image
+    from trainer.imaging.budget import decode_cost
+    from trainer.imaging.decode import decode_image
 
     path = tmp_path / "deep.png"
     PILImage.fromarray(np.linspace(0, 4095, 300 * 200, dtype=np.uint16).reshape(200, 300)).save(

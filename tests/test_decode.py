@@ -20,11 +20,11 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from db.exceptions import BadImageError
+from trainer.imaging.budget import decode_cost
 from trainer.imaging.decode import (
     MIN_SIDE,
     declared_size,
     decode_bytes,
-    decode_cost,
     decode_image,
     decode_many,
     sniff_bytes,

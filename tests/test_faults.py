@@ -234,8 +234,9 @@ def test_image_that_kills_its_worker_every_time_ends_failed(tmp_path):
 def test_intake_keeps_the_file_in_the_inbox_on_every_failed_database_write(tmp_path):
     """The second try finds the archive copy from the first: the inbox file must survive it too
     (it used to be unlinked before the row was written, so a long outage lost the file)."""
+    from helpers_data import intake_file
+
     from db.session import dispose_engines
-    from worker.inbox.intake import intake_file
     from worker.settings import Settings
 
     not_a_database = tmp_path / "db-is-a-folder"

@@ -55,3 +55,23 @@ def test_the_rooms_contract_catches_an_upward_import(tmp_path):
 def test_no_test_helpers_in_the_product():
     product = [p for name in ("db", "trainer", "worker") for p in (ROOT / name).rglob("*.py")]
     assert not [p for p in product if p.stem in ("testing", "fixtures") or "tiny" in p.stem]
+
+
+def test_modules_and_functions_stay_small():
+    """One idea per home: no product module over 450 lines, no function over 60 (migrations,
+    which are written once and never edited, aside)."""
+    import ast
+
+    too_big = []
+    for path in (p for name in ("db", "trainer", "worker") for p in (ROOT / name).rglob("*.py")):
+        if "migrations" in path.parts:
+            continue
+        source = path.read_text()
+        if source.count("\n") > 450:
+            too_big.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length}")
+    assert not too_big, "\n".join(too_big)

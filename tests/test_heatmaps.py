@@ -11,6 +11,7 @@ import stat
 
 import numpy as np
 import pytest
+from helpers_data import intake_file
 from helpers_models import register_tiny_bundle
 from PIL import Image as PILImage
 
@@ -20,7 +21,6 @@ from db.vocabulary import DISCLAIMER, Label, Stage
 from worker.classify.batch import process_images
 from worker.classify.heatmaps import deciding_stage, explain_results
 from worker.classify.inference import CascadeResult, ModelCache
-from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 

@@ -19,13 +19,14 @@ import threading
 import time
 
 import pytest
+from helpers_data import intake_file, tmpfs
 
 from db.migrate import upgrade
 from db.models import Image
 from db.session import dispose_engines, session_scope
 from db.vocabulary import ImageStatus
 from worker.files import safefs
-from worker.inbox.intake import intake_file, intake_files
+from worker.inbox.intake import intake_files
 from worker.settings import Settings
 
 UNPRIVILEGED = ["setpriv", "--bounding-set=-fowner,-dac_override,-dac_read_search,-chown", "--"]
@@ -191,16 +192,8 @@ def test_a_file_the_service_cannot_remove_is_recorded_once(settings):
 @pytest.fixture
 def tmpfs_inbox(tmp_path):
     """An inbox on its own tmpfs mount: another filesystem than the archive."""
-    mount = tmp_path / "inbox-fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-    try:
+    with tmpfs(tmp_path / "inbox-fs", "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_an_inbox_on_another_filesystem_is_copied_and_refusals_recorded_once(

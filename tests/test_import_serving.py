@@ -15,6 +15,7 @@ from helpers_models import limit_tf_threads
 limit_tf_threads()
 
 import keras  # noqa: E402
+from helpers_data import intake_file  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 
@@ -25,7 +26,6 @@ from trainer.synth.xrays import render_xray  # noqa: E402
 from worker.classify.batch import process_images  # noqa: E402
 from worker.classify.inference import ModelCache  # noqa: E402
 from worker.cli import main  # noqa: E402
-from worker.inbox.intake import intake_file  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 SIZE = 16

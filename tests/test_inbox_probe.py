@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+from helpers_data import intake_file, tmpfs
 from test_hostile_inbox import OTHER_UID, UNPRIVILEGED, Recorder, _intake_unprivileged
 
 from db.models import Image
@@ -26,7 +27,7 @@ from db.session import dispose_engines, session_scope
 from db.vocabulary import ImageStatus
 from worker.files import safefs
 from worker.inbox.filters import is_candidate_in
-from worker.inbox.intake import intake_file, intake_files
+from worker.inbox.intake import intake_files
 from worker.inbox.watcher import Watcher
 from worker.settings import Settings
 
@@ -294,17 +295,11 @@ def test_a_fifo_or_device_node_is_never_opened(settings, monkeypatch):
 @pytest.fixture
 def full_disk(tmp_path):
     """A data dir on a 256 KiB tmpfs (we are root), filled once its folders exist."""
-    mount = tmp_path / "small-fs"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
-    try:
-        yield mount
-    finally:
-        dispose_engines()
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "small-fs", "256k") as mount:
+        try:
+            yield mount
+        finally:
+            dispose_engines()
 
 
 def test_a_full_disk_logs_one_line_a_pass_and_keeps_every_file(tmp_path, full_disk, caplog):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers_data import intake_file
 from helpers_models import make_tiny_bundle, register_tiny_bundle, tiny_probability
 from PIL import Image as PILImage
 
@@ -19,7 +20,6 @@ from trainer.model.bundle import load_bundle
 from trainer.model.cascade import positive_probability
 from worker.classify.batch import process_images
 from worker.classify.inference import ModelCache, StageModel, classify_arrays
-from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers_data import intake_file
 from helpers_models import register_tiny_bundle
 
 from db import claims, images, predictions
@@ -24,7 +25,6 @@ from worker.files.storage import archive_relpath
 from worker.inbox.intake import (
     display_name,
     inbox_parts,
-    intake_file,
     intake_files,
     reconcile,
     remove_stale_temps,
@@ -233,7 +233,7 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
     import os, sys
     from pathlib import Path
     from db import images
-    from worker.inbox.intake import intake_file
+    from worker.inbox.intake import intake_files
     from worker.settings import Settings
 
     def die(*args, **kwargs):  # the watcher is killed after the archive copy, before the commit
@@ -241,7 +241,7 @@ KILL_BEFORE_COMMIT = textwrap.dedent("""
 
     images.record_images = die
     settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2])
-    intake_file(settings.inbox_dir / sys.argv[3], settings, lambda *_: None)
+    intake_files([settings.inbox_dir / sys.argv[3]], settings, lambda *_: None)
 """)
 
 

@@ -104,9 +104,10 @@ def test_password_redis_json_only_and_no_patient_data_leaks(tmp_path):
 
 def test_nothing_outside_the_inbox_is_read_or_moved(tmp_path):
     """'..' names, a symlinked folder and a symlinked file that point outside the inbox."""
+    from helpers_data import intake_file
+
     from db.migrate import upgrade
     from db.session import dispose_engines
-    from worker.inbox.intake import intake_file
     from worker.inbox.watcher import scan_inbox
     from worker.settings import Settings
 

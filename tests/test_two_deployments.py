@@ -6,6 +6,7 @@ deployment id, and a worker leaves the other deployment's messages to that deplo
 from __future__ import annotations
 
 import pytest
+from helpers_data import intake_file
 from helpers_models import register_tiny_bundle
 from helpers_pipeline import Pipeline, drop, pipeline_session, png_bytes, wait_until
 
@@ -13,7 +14,6 @@ from db.deployment import deployment_id
 from db.migrate import upgrade
 from db.session import session_scope
 from worker.classify.celery_app import CLASSIFY_TASK, make_app
-from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 

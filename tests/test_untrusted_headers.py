@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from helpers_data import intake_file
 from helpers_dicom import PATIENT_NAME, make_ds, texture, to_bytes
 from helpers_models import register_tiny_bundle
 from PIL import Image
@@ -21,7 +22,6 @@ from trainer.imaging.decode import decode_bytes
 from trainer.imaging.dicom_terms import NOT_SHOWN, view_policy
 from worker.classify.batch import process_images
 from worker.classify.inference import ModelCache
-from worker.inbox.intake import intake_file
 from worker.settings import Settings
 
 SIZE, LIMIT = 32, 60_000_000

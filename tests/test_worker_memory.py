@@ -104,7 +104,8 @@ def test_images_padded_to_128_mib_stay_within_the_decode_budget(tmp_path):
 def test_a_sparse_file_from_another_user_is_archived_sparse(tmp_path):
     """``truncate -s`` padding costs the archive no disk: the copy keeps the holes (and the
     bytes and hash are the same)."""
-    from worker.inbox.intake import intake_file
+    from helpers_data import intake_file
+
     from worker.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "var", database_url=f"sqlite:///{tmp_path}/c.db")
@@ -125,13 +126,13 @@ def test_a_sparse_file_from_another_user_is_archived_sparse(tmp_path):
 def test_an_archived_file_over_the_size_limit_is_refused_before_it_is_read(db_url, tmp_path):
     """A limit lowered after intake: the worker refuses the file with the reason (moved to
     rejected/) instead of reading it."""
+    from helpers_data import intake_file
     from sqlalchemy import select
 
     from db.models import Image as ImageRow
     from db.session import session_scope
     from worker.classify.batch import process_images
     from worker.classify.inference import ModelCache
-    from worker.inbox.intake import intake_file
     from worker.settings import Settings
 
     settings = Settings(data_dir=tmp_path / "var", database_url=db_url)

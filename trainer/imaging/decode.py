@@ -37,11 +37,9 @@ import io
 import os
 import re
 import struct
-import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -61,7 +59,7 @@ PILLOW_FORMATS = ("JPEG", "PNG")
 SUPPORTED_FORMATS = (*PILLOW_FORMATS, "DICOM")
 _CLAIMED_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".dcm", ".dicom")
 _HEAD_BYTES = 512
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 STRETCH_BLOCK_PIXELS = 1 << 20
@@ -103,7 +101,7 @@ def sniff_bytes(head: bytes) -> str | None:
     unknown."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
-    if head.startswith(_PNG_MAGIC):
+    if head.startswith(PNG_MAGIC):
         return "PNG"
     if head[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
@@ -149,7 +147,7 @@ def _sniff_text(head: bytes) -> str | None:
 
 def declared_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG IHDR or JPEG SOF header without decoding; None if absent."""
-    if data.startswith(_PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
+    if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if not data.startswith(b"\xff\xd8"):
         return None
@@ -340,7 +338,7 @@ def _verify_png(fp: BinaryIO) -> None:
     """Check every chunk's CRC, streaming: Pillow's decoder skips the IDAT checksums. An
     animated PNG is refused like a GIF or a multi-frame DICOM (Pillow would read its first
     frame): its ``acTL`` chunk holds the frame count Pillow's ``n_frames`` reports."""
-    fp.seek(len(_PNG_MAGIC))
+    fp.seek(len(PNG_MAGIC))
     while True:
         header = fp.read(8)
         if len(header) < 8:
@@ -411,47 +409,3 @@ def _stretch_to_8bit(values: np.ndarray) -> Image.Image:
             np.rint(block, out=block)
             out[start:start + rows] = block
     return Image.fromarray(out)
-
-
-def decode_cost(head: bytes, size: int, resize: str = SERVICE_RESIZE) -> int:
-    """Bytes of memory decoding a file costs at its peak, from its header (0 if unknown).
-
-    16-bit PNGs are held as 32-bit samples by Pillow, copied once for the stretch; JPEGs are
-    decoded at a reduced DCT scale close to ``2 * size`` (full size for a declared filter).
-    """
-    dims = declared_size(head)
-    if dims is None:
-        return 0
-    width, height = dims
-    if head.startswith(_PNG_MAGIC):
-        bit_depth = head[24] if len(head) > 24 else 8
-        return width * height * (9 if bit_depth == 16 else 5)
-    if resize != SERVICE_RESIZE:  # full decode, colour (4 bytes) then grey (1)
-        return width * height * 5
-    scale = 1
-    while scale < 8 and width // (scale * 2) >= 2 * size and height // (scale * 2) >= 2 * size:
-        scale *= 2
-    return (width // scale) * (height // scale) * 4
-
-
-class MemoryBudget:
-    """At most ``limit`` bytes of decoding at once across threads; a single decode larger than
-    the whole budget runs alone instead of failing."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, int(limit))
-        self.in_use = 0
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def reserve(self, cost: int) -> Iterator[None]:
-        cost = min(max(0, int(cost)), self.limit)
-        with self._cond:
-            self._cond.wait_for(lambda: self.in_use + cost <= self.limit)
-            self.in_use += cost
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.in_use -= cost
-                self._cond.notify_all()

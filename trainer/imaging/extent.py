@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD9)}
 """Markers without a length: TEM, RST0-7 and SOI."""
 
@@ -24,9 +24,9 @@ class EndFinder:
     """
 
     def __init__(self, head: bytes) -> None:
-        self.kind = "PNG" if head.startswith(_PNG_MAGIC) else (
+        self.kind = "PNG" if head.startswith(PNG_MAGIC) else (
             "JPEG" if head.startswith(b"\xff\xd8") else None)
-        self.pos = len(_PNG_MAGIC) if self.kind == "PNG" else 2
+        self.pos = len(PNG_MAGIC) if self.kind == "PNG" else 2
         self.in_scan = False
         self.end: int | None = None
         self.unknown = self.kind is None

@@ -28,7 +28,7 @@ from db.claims import Claim, requeue
 from db.deployment import unknown_ids
 from db.predictions import Answer, Rejection
 from db.session import session_scope
-from trainer.imaging.decode import MemoryBudget
+from trainer.imaging.budget import MemoryBudget
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
 from worker.classify.inference import ModelCache, Models, classify_arrays

@@ -17,16 +17,9 @@ import numpy as np
 from db.claims import Claim
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
+from trainer.imaging.budget import MemoryBudget, decode_cost
 from trainer.imaging.checksum import new_digest
-from trainer.imaging.decode import (
-    SUPPORTED_FORMATS,
-    Feed,
-    MemoryBudget,
-    decode_bytes,
-    decode_cost,
-    decode_data,
-    sniff_bytes,
-)
+from trainer.imaging.decode import SUPPORTED_FORMATS, Feed, decode_bytes, decode_data, sniff_bytes
 from trainer.imaging.dicom_terms import view_policy
 from trainer.imaging.extent import EndFinder
 from worker.files.storage import stored_file

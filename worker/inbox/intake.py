@@ -94,13 +94,6 @@ def display_name(parts: Sequence[str]) -> str:
     return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def intake_file(path: Path, settings: Settings, enqueue: Enqueue | None = None
-                ) -> IntakeResult | None:
-    """Take one complete inbox file; None when there was nothing to take (gone, not a file)."""
-    results = intake_files([path], settings, enqueue)
-    return results[0] if results else None
-
-
 def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | None = None,
                  threads: int = INTAKE_THREADS, inbox: safefs.Identity | None = None
                  ) -> list[IntakeResult]:

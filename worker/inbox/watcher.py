@@ -1,7 +1,7 @@
 """``cxr watch``: a watchdog observer on the inbox feeding the intake step.
 
 Events only nominate paths; the stability tracker decides when a file is complete and
-``worker.inbox.intake.intake_file`` takes it. A reconcile pass at start-up and every
+``worker.inbox.intake.intake_files`` takes it. A reconcile pass at start-up and every
 ``rescan_seconds`` scans the inbox and re-enqueues rows the database says were left behind,
 so missed events, a watcher restart or a broker outage lose nothing. Per-file errors are
 logged and the loop goes on.
