@@ -79,7 +79,8 @@ def test_band_is_the_narrowest_that_meets_the_target():
 
 
 def test_calibration_round_trips_through_the_manifest(tmp_path):
-    from tests.helpers_models import tiny_manifest
+    from helpers_models import tiny_manifest
+
     from trainer.model.bundle import Manifest
 
     p, y = overconfident(400, 6)
@@ -92,7 +93,8 @@ def test_calibration_round_trips_through_the_manifest(tmp_path):
 
 
 def test_old_manifest_without_gate_or_calibration_loads_unchanged(tmp_path):
-    from tests.helpers_models import tiny_manifest
+    from helpers_models import tiny_manifest
+
     from trainer.model.bundle import Manifest
 
     old = tiny_manifest("pneumonia", 1).to_dict()

@@ -1,34 +1,34 @@
 """The input gate: "this is not something I can read", decided before any label is given.
 
-Two layers, cheapest first, each refusal with its own reason a person can act on:
+Three layers, cheapest first, each refusal (``Refusal``) with its own reason a person can act on:
 
-* Pixel checks (``check_pixels``) on the decoded image: nearly constant, a text page or
-  screenshot, an inverted (negative) chest film. The decoder reduces every file to luminance, so
-  a colour photograph cannot be seen in its pixels: ``check_file_colour`` looks at the file's
-  own colours (a small draft decode) and ``check_colour`` at any RGB array.
-* A learned out-of-distribution score on the stage-1 model's own penultimate features
-  (``Gate``): in the span of the top principal components, a Mahalanobis distance under a
-  Ledoit-Wolf shrunk covariance; outside it, the residual energy. Each term is scaled to mean 1
-  on the training features and the two are added. Mahalanobis on a classifier's features is
-  what separates non-chest from chest radiographs in the literature (FRODO, arXiv 1907.01253),
-  where the classifier's own confidence does no better than chance; the PCA keeps the
-  covariance estimable from a small set (k = min(32, n/3) dimensions) and the residual term
-  catches inputs that leave that span entirely, which an in-span distance alone cannot see.
-  The threshold is chosen on validation images the gate was not fitted on (``fit_gate``), or
-  by cross-fitting on a small reference (``trainer.model.gate_bundle``).
+* Pixel checks (``check_pixels``) on the decoded image: nearly constant, inverted (a negative
+  chest film), a text page or screenshot. The decoder reduces every file to luminance, so a
+  colour photograph cannot be seen in its pixels: ``check_file_colour`` looks at the file's own
+  colours (a small draft decode) and ``check_colour`` at any RGB array.
+* A layout gate: the learned score of ``trainer.model.ood`` on an 8 x 8 thumbnail. Pooled CNN
+  features forget where things are; the thumbnail remembers (a round CT section, a hand).
+* A feature gate: the same score on the stage-1 model's own penultimate features
+  (``trainer.model.gate_bundle.FeatureModel`` gives them with the probability, one pass).
 
-DICOM MONOCHROME1 is already inverted by the decoder, so a correctly labelled film is never
+Both learned gates are held in one ``InputGate``, each thresholded for half of the allowed
+false refusals, so together they refuse at most that rate of in-distribution images. DICOM
+MONOCHROME1 is already inverted by the decoder, so a correctly labelled film is never
 "inverted" here; only a negative written as MONOCHROME2 (or a JPEG of one) is.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from trainer.model.ood import Gate, cross_fit_gate, fit_gate
+from trainer.model.refusal import Refusal
+
+__all__ = ["Refusal", "Gate", "InputGate", "check_pixels", "check_file_colour", "screen"]
 
 CONSTANT_RANGE = 12.0
 """Grey levels between the 1st and 99th percentile below which an image is "nearly constant"."""
@@ -43,18 +43,9 @@ INVERTED_MARGIN = 10.0
 film inverted (a normal film has them 40-120 levels darker)."""
 
 COLOUR_SPREAD = 12.0
-"""Spread of chroma (sqrt of the variances of R-G and (R+G)/2-B, 0-255 scale) above which an
-image is a colour photograph. A uniform tint (sepia, a blue cast) has no spread and passes."""
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """Why an image gets no label: ``check`` names the test, ``reason`` says what to do."""
-
-    check: str
-    reason: str
-    score: float | None = None
-    threshold: float | None = None
+"""Spread of chromaticity (``colour_spread``) above which an image is a colour photograph.
+A uniform tint (sepia, a blue cast) has none in principle; JPEG rounding and a channel clipped
+at white bring tinted synthetic films to at most 8.4, the synthetic photos start at 23.7."""
 
 
 def _grey(pixels: np.ndarray) -> np.ndarray:
@@ -125,12 +116,21 @@ def check_inverted(grey: np.ndarray) -> Refusal | None:
 
 
 def colour_spread(rgb: np.ndarray) -> float:
-    """Spread of chroma of an (H, W, 3) image, 0 for any grey or uniformly tinted image."""
+    """Spread of chromaticity of an (H, W, 3) image (0-255 scale), 0 for any grey image and for
+    any uniform tint: chroma divided by brightness, so a sepia or blue cast that scales with
+    the grey level stays constant. Near-black pixels, whose chromaticity is noise, are left
+    out."""
     arr = np.asarray(rgb, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[2] < 3:
         return 0.0
     r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
-    return float(math.hypot(float(np.std(r - g)), float(np.std((r + g) / 2 - b))))
+    total = r + g + b
+    lit = total > 60
+    if lit.sum() < 16:
+        return 0.0
+    c1 = (r - g)[lit] / total[lit]
+    c2 = ((r + g) / 2 - b)[lit] / total[lit]
+    return float(255 * math.hypot(float(np.std(c1)), float(np.std(c2))))
 
 
 def check_colour(rgb: np.ndarray) -> Refusal | None:
@@ -174,139 +174,91 @@ def check_pixels(pixels: np.ndarray) -> Refusal | None:
     return check_colour(pixels) if np.ndim(pixels) == 3 else None
 
 
-# --- the learned gate ----------------------------------------------------------------------
+LAYOUT_SIDE = 8
+"""The layout gate reads an 8 x 8 thumbnail: enough for where the body, lungs and mediastinum
+lie, too coarse for any finding (64 values, estimable from a few dozen images)."""
 
 
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ledoit-Wolf shrunk covariance of rows ``x`` (already centred) and its shrinkage in
-    [0, 1] (Ledoit & Wolf 2004: the shrinkage towards a scaled identity that minimises the
-    expected Frobenius loss, estimated from the data)."""
-    n, p = x.shape
-    s = x.T @ x / n
-    mu = float(np.trace(s)) / p
-    delta = float(((s - mu * np.eye(p)) ** 2).sum()) / p
-    beta = (float((np.einsum("ij,ij->i", x, x) ** 2).sum()) / n - float((s ** 2).sum())) / (n * p)
-    shrink = 0.0 if delta <= 0 else min(1.0, max(0.0, beta / delta))
-    return shrink * mu * np.eye(p) + (1 - shrink) * s, shrink
+LAYOUT_DIMS = 8
+"""At most 8 principal dimensions for the layout: how a film varies in layout (position,
+scale, rotation, exposure, habitus) is low-dimensional. With 16, a dense consolidation (one
+bright blob in one lung) pushed the layout score of 1 % of synthetic pneumonia films over the
+threshold: the gate must never refuse a film for its disease, so finer layout detail is left
+to the residual term, measured against a threshold on the same scale."""
 
 
-def gate_dims(n: int, d: int, cap: int = 32) -> int:
-    """Principal components a set of ``n`` feature vectors supports: min(cap, n // 3, d - 1),
-    at least 1 (a covariance of k dimensions wants several times k samples)."""
-    return max(1, min(cap, n // 3, d - 1))
+def layout(pixels: np.ndarray, side: int = LAYOUT_SIDE) -> np.ndarray:
+    """The (side * side,) block-mean thumbnail of an image's grey levels, in [0, 1].
+
+    Pooled CNN features are blind to where things are (a round CT section and a chest film
+    can pool alike); this keeps the coarse layout, at no cost beside the forward pass."""
+    grey = _grey(pixels)
+    rows = np.linspace(0, grey.shape[0], side + 1).astype(int)
+    cols = np.linspace(0, grey.shape[1], side + 1).astype(int)
+    sums = np.add.reduceat(np.add.reduceat(grey, rows[:-1], axis=0), cols[:-1], axis=1)
+    area = np.outer(np.diff(rows), np.diff(cols))
+    return (sums / area / 255.0).ravel().astype(np.float32)
+
+
+def layouts(images: np.ndarray) -> np.ndarray:
+    """``layout`` of each image of a batch."""
+    return np.stack([layout(im) for im in images]) if len(images) else np.zeros((0, 64))
 
 
 @dataclass
-class Gate:
-    """A fitted out-of-distribution score on penultimate features; larger = less familiar.
+class InputGate:
+    """The learned part of the gate: a layout gate and a feature gate, refusing on either."""
 
-    ``score`` = (Mahalanobis^2 in the top-k PCA span) / k + (residual energy) / (its training
-    mean): about 2 for a typical training image. ``threshold`` is on that score.
-    """
-
-    mean: np.ndarray
-    components: np.ndarray
-    precision: np.ndarray
-    residual_scale: float
-    threshold: float = float("inf")
-    info: dict[str, Any] = field(default_factory=dict)
+    features: Gate
+    layout: Gate
 
     @property
-    def dims(self) -> int:
-        return int(self.components.shape[1])
+    def max_false_refusal(self) -> float:
+        return float(self.features.info.get("max_false_refusal", 0.0)) * 2
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """Score for each row of (N, D) features (a 4-D feature map is averaged over space)."""
-        f = np.asarray(features, dtype=np.float64)
-        if f.ndim > 2:
-            f = f.reshape(f.shape[0], -1, f.shape[-1]).mean(axis=1)
-        centred = f - self.mean
-        z = centred @ self.components
-        maha = np.einsum("ij,jk,ik->i", z, self.precision, z) / self.dims
-        residual = ((centred - z @ self.components.T) ** 2).sum(axis=1) / self.residual_scale
-        return (maha + residual).astype(np.float32)
+    def scores(self, features: np.ndarray, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(feature scores, layout scores) for a batch: features (N, D), pixels (N, H, W, 3)."""
+        return self.features.score(features), self.layout.score(layouts(pixels))
 
-    def refusal(self, score: float) -> Refusal | None:
-        """The refusal for one image's score, or None when it passes."""
-        if not score > self.threshold:
-            return None
-        return Refusal("out_of_scope", f"does not look like a frontal chest X-ray this model"
-                       f" was trained on (unfamiliarity score {score:.2f}, threshold"
-                       f" {self.threshold:.2f}); check the body part, view and export",
-                       float(score), float(self.threshold))
+    def refusals(self, features: np.ndarray, pixels: np.ndarray) -> list[Refusal | None]:
+        """Per image: the layout refusal, else the feature refusal, else None."""
+        f, lay = self.scores(features, pixels)
+        return [self.layout.refusal(b) or self.features.refusal(a)
+                for a, b in zip(f, lay, strict=True)]
 
 
-def fit_features(features: np.ndarray, cap: int = 32) -> Gate:
-    """A Gate (threshold still infinite) fitted to (N, D) in-distribution features."""
-    f = np.asarray(features, dtype=np.float64)
-    if f.ndim > 2:
-        f = f.reshape(f.shape[0], -1, f.shape[-1]).mean(axis=1)
-    n, d = f.shape
-    if n < 4 or d < 2:
-        raise ValueError(f"need at least 4 feature vectors of 2+ dimensions, got {f.shape}")
-    mean = f.mean(axis=0)
-    centred = f - mean
-    k = gate_dims(n, d, cap)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    components = vt[:k].T
-    cov, shrink = ledoit_wolf(centred @ components)
-    residual = ((centred - centred @ components @ components.T) ** 2).sum(axis=1)
-    scale = max(float(residual.mean()), 1e-12 * float((centred ** 2).sum() / n + 1e-30))
-    info = {"n_fit": n, "feature_dim": d, "dims": k, "shrinkage": round(shrink, 4)}
-    return Gate(mean, components, np.linalg.pinv(cov), scale, info=info)
-
-
-def choose_threshold(scores: np.ndarray, max_false_refusal: float = 0.01) -> tuple[float, dict]:
-    """A threshold refusing at most ``max_false_refusal`` of in-distribution images, from
-    scores of images the gate was not fitted on; returns it and how it was chosen.
-
-    The larger of two estimates: the split-conformal quantile (rank ceil((n+1)(1-a)), which
-    guarantees the rate in expectation when it exists, i.e. n >= 1/a - 1), else the largest
-    score; and the (1-a) quantile of a normal fitted to the log scores, which extrapolates past
-    the largest score of a small set. Taking the larger is deliberately conservative.
-    """
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
-    if n < 3:
-        raise ValueError(f"need at least 3 held-out scores to choose a threshold, got {n}")
-    rank = math.ceil((n + 1) * (1 - max_false_refusal))
-    conformal = float(s[min(rank, n) - 1])
-    logs = np.log(np.maximum(s, 1e-12))
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(1 - max_false_refusal)
-    parametric = float(math.exp(logs.mean() + z * logs.std(ddof=1)))
-    how = {"n_threshold": n, "max_false_refusal": max_false_refusal,
-           "conformal": round(conformal, 4), "conformal_exact": rank <= n,
-           "lognormal": round(parametric, 4)}
-    return max(conformal, parametric), how
-
-
-def fit_gate(features_train: np.ndarray, features_val: np.ndarray,
-             max_false_refusal: float = 0.01, cap: int = 32) -> Gate:
-    """Fit on the training features, choose the threshold on the validation features."""
-    gate = fit_features(features_train, cap)
-    gate.threshold, how = choose_threshold(gate.score(features_val), max_false_refusal)
-    gate.info.update(how, source="training")
+def _tag(gate: Gate, what: str) -> Gate:
+    gate.info["input"] = what
     return gate
 
 
-def cross_fit_gate(features: np.ndarray, max_false_refusal: float = 0.01, folds: int = 5,
-                   cap: int = 32) -> Gate:
-    """A gate from one small set (a site's reference): every image is scored by a gate fitted
-    on the other folds, the threshold is chosen on those out-of-fold scores, and the final gate
-    is fitted on all images (its in-set scores run lower, so the threshold errs on the side of
-    accepting)."""
-    f = np.asarray(features, dtype=np.float64)
-    n = len(f)
-    folds = max(2, min(folds, n // 4))
-    order = np.random.default_rng(0).permutation(n)
-    scores = np.empty(n)
-    for k in range(folds):
-        held = order[k::folds]
-        rest = np.setdiff1d(order, held)
-        scores[held] = fit_features(f[rest], cap).score(f[held])
-    gate = fit_features(f, cap)
-    gate.threshold, how = choose_threshold(scores, max_false_refusal)
-    gate.info.update(how, folds=folds, source="reference")
-    return gate
+def fit_input_gate(features_train: np.ndarray, features_val: np.ndarray,
+                   pixels_train: np.ndarray, pixels_val: np.ndarray,
+                   max_false_refusal: float = 0.01) -> InputGate:
+    """At training time: fitted on the training images, thresholded on the validation ones."""
+    half = max_false_refusal / 2
+    return InputGate(
+        _tag(fit_gate(features_train, features_val, half), "features"),
+        _tag(fit_gate(layouts(pixels_train), layouts(pixels_val), half, LAYOUT_DIMS), "layout"))
+
+
+def cross_fit_input_gate(features: np.ndarray, pixels: np.ndarray,
+                         max_false_refusal: float = 0.01) -> InputGate:
+    """From one small reference set (leave-one-out thresholds, see ``cross_fit_gate``)."""
+    half = max_false_refusal / 2
+    return InputGate(_tag(cross_fit_gate(features, half), "features"),
+                     _tag(cross_fit_gate(layouts(pixels), half, cap=LAYOUT_DIMS), "layout"))
+
+
+def screen(pixels: np.ndarray, features: np.ndarray, gate: InputGate | None,
+           paths: list[Path] | None = None) -> list[Refusal | None]:
+    """The whole gate for a batch, as the worker, ``cxr classify`` and ``cxr explain`` apply it:
+    file colour (when ``paths`` are given), pixel checks, then the learned gates (when the
+    bundle has one). ``features`` are ``FeatureModel.predict``'s for the same ``pixels``."""
+    verdicts: list[Refusal | None] = [
+        (check_file_colour(paths[i]) if paths else None) or check_pixels(px)
+        for i, px in enumerate(pixels)]
+    if gate is None:
+        return verdicts
+    learned = gate.refusals(features, pixels)
+    return [v or w for v, w in zip(verdicts, learned, strict=True)]

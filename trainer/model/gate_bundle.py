@@ -19,14 +19,14 @@ import hashlib
 import io
 import json
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from db.exceptions import ModelNotFoundError
 from trainer.model.bundle import LoadedBundle, Manifest
-from trainer.model.gate import Gate, cross_fit_gate
+from trainer.model.gate import InputGate, cross_fit_input_gate
+from trainer.model.ood import Gate
 
 GATE_FILE = "gate.npz"
 SCORE_KIND = "pca-mahalanobis-ledoit-wolf+residual"
@@ -90,41 +90,59 @@ class FeatureModel:
 
 # --- the file -------------------------------------------------------------------------------
 
+_PARTS = ("features", "layout")
 
-def gate_bytes(gate: Gate) -> bytes:
-    """``gate.npz``'s content: float64 arrays and the gate's info as a JSON string."""
+
+def gate_bytes(gate: InputGate) -> bytes:
+    """``gate.npz``'s content: per part (``features.*``, ``layout.*``) float64 arrays and its
+    info as a JSON string."""
+    arrays = {}
+    for part in _PARTS:
+        g: Gate = getattr(gate, part)
+        arrays.update({f"{part}.mean": g.mean, f"{part}.components": g.components,
+                       f"{part}.precision": g.precision,
+                       f"{part}.scales": np.array([g.maha_scale, g.residual_scale, g.threshold]),
+                       f"{part}.info": np.array(json.dumps(g.info, sort_keys=True))})
     buf = io.BytesIO()
-    np.savez(buf, mean=gate.mean, components=gate.components, precision=gate.precision,
-             residual_scale=np.float64(gate.residual_scale), threshold=np.float64(gate.threshold),
-             info=np.array(json.dumps(gate.info, sort_keys=True)))
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
-def gate_from_bytes(data: bytes) -> Gate:
+def gate_from_bytes(data: bytes) -> InputGate:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return Gate(npz["mean"], npz["components"], npz["precision"],
-                    float(npz["residual_scale"]), float(npz["threshold"]),
-                    json.loads(str(npz["info"])))
+        parts = {}
+        for part in _PARTS:
+            maha, residual, threshold = (float(v) for v in npz[f"{part}.scales"])
+            parts[part] = Gate(npz[f"{part}.mean"], npz[f"{part}.components"],
+                               npz[f"{part}.precision"], residual, threshold, maha,
+                               json.loads(str(npz[f"{part}.info"])))
+    return InputGate(**parts)
 
 
-def attach_gate(manifest: Manifest, gate: Gate, layer: str) -> dict[str, bytes]:
+def _entry(g: Gate) -> dict:
+    keys = ("dims", "feature_dim", "n_fit", "n_threshold", "max_false_refusal", "shrinkage")
+    return {"threshold": round(float(g.threshold), 6), **{k: g.info[k] for k in keys
+                                                          if k in g.info}}
+
+
+def attach_gate(manifest: Manifest, gate: InputGate, layer: str) -> dict[str, bytes]:
     """Record ``gate`` in ``manifest.gate`` and return the ``extras`` for ``save_bundle``.
 
-    The manifest entry: file, sha256, score kind, threshold, dims, feature_dim, layer, and how
-    the threshold was chosen (n images, max false refusal rate, source).
+    The manifest entry: file, sha256, score kind, layer, source, max_false_refusal (both parts
+    together), and per part (``features``, ``layout``) its threshold, dims, feature_dim,
+    n_fit, n_threshold and shrinkage.
     """
     data = gate_bytes(gate)
     manifest.gate = {
         "file": GATE_FILE, "sha256": hashlib.sha256(data).hexdigest(), "score": SCORE_KIND,
-        "threshold": round(float(gate.threshold), 6), "layer": layer,
-        **{k: gate.info[k] for k in ("dims", "feature_dim", "n_fit", "n_threshold",
-                                     "max_false_refusal", "source", "shrinkage")
-           if k in gate.info},
+        "layer": layer, "source": gate.features.info.get("source"),
+        "max_false_refusal": gate.max_false_refusal,
+        "features": _entry(gate.features), "layout": _entry(gate.layout),
     }
     return {GATE_FILE: data}
 
 
-def load_gate(bundle: LoadedBundle) -> Gate | None:
+def load_gate(bundle: LoadedBundle) -> InputGate | None:
     """The bundle's gate, or None when its manifest has none (older bundles); a missing or
     altered file raises ModelNotFoundError, like a broken model file."""
     entry = bundle.manifest.gate
@@ -146,25 +164,29 @@ def load_gate(bundle: LoadedBundle) -> Gate | None:
 # --- a site's reference ---------------------------------------------------------------------
 
 
-def fit_gate_from_reference(bundle: LoadedBundle, images: np.ndarray | Sequence[np.ndarray],
-                            max_false_refusal: float = 0.01) -> tuple[Gate, str, str]:
+def fit_gate_from_reference(bundle: LoadedBundle, images: np.ndarray,
+                            max_false_refusal: float = 0.01) -> tuple[InputGate, str, str]:
     """Fit a gate for an imported model on a folder's worth of known-good chest X-rays.
 
     ``images``: decoded (N, S, S, 3) uint8 at the bundle's input size, N >= 12 (a few dozen is
-    the intended use). Cross-fitted (``cross_fit_gate``) with k = min(32, N/3) principal
-    dimensions and Ledoit-Wolf shrinkage. Returns (gate, layer name, one-paragraph summary).
+    the intended use). Leave-one-out thresholds (``cross_fit_gate``) with k = min(32, N/3)
+    principal dimensions and Ledoit-Wolf shrinkage. Returns (gate, layer name, a summary).
     """
     x = np.asarray(images)
     if len(x) < 12:
         raise ValueError(f"a reference needs at least 12 images, got {len(x)}")
     runner = FeatureModel(bundle)
-    gate = cross_fit_gate(runner.features(x), max_false_refusal)
-    info = gate.info
+    gate = cross_fit_input_gate(runner.features(x), x, max_false_refusal)
+    f, lay = gate.features.info, gate.layout.info
+    expected = max(max_false_refusal, 2 / (len(x) + 1))
     summary = (
-        f"input gate fitted on {info['n_fit']} reference images: features of layer"
-        f" {runner.layer!r} ({info['feature_dim']} values) reduced to {info['dims']} principal"
-        f" dimensions, Ledoit-Wolf shrinkage {info['shrinkage']:.2f}; threshold"
-        f" {gate.threshold:.2f} from {info['folds']}-fold out-of-fold scores, aiming at most"
-        f" {max_false_refusal:.0%} refusals of images like the reference"
+        f"input gate fitted on {len(x)} reference images: features of layer {runner.layer!r}"
+        f" ({f['feature_dim']} values) reduced to {f['dims']} principal dimensions (shrinkage"
+        f" {f['shrinkage']:.2f}), threshold {gate.features.threshold:.2f}; 8x8 layout reduced"
+        f" to {lay['dims']} (shrinkage {lay['shrinkage']:.2f}), threshold"
+        f" {gate.layout.threshold:.2f}; thresholds from leave-one-out scores; expect about"
+        f" {expected:.1%} of images like the reference to be refused"
+        + (f" (more than the {max_false_refusal:.0%} asked: add reference images)"
+           if expected > max_false_refusal else "")
     )
     return gate, runner.layer, summary
