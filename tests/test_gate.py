@@ -140,6 +140,25 @@ def test_dicom_wrong_inputs_and_real_ct_mr_are_refused(world, tmp_path):
         p.name for p, v in zip(paths, verdicts, strict=True) if not v]
 
 
+def test_chest_dicoms_pass_the_pixel_checks_monochrome1_included(tmp_path):
+    """MONOCHROME1 films are shown bones-white by the decoder, so they are not "inverted"."""
+    pairs = held_out_images(tmp_path, 20, seed=9, fmt="dicom")
+    verdicts = [G.check_pixels(px) for px in decoded([p for p, _ in pairs])]
+    assert verdicts == [None] * 20
+
+
+def test_the_learned_gates_alone_refuse_other_anatomy(world):
+    """Without the pixel checks: the layout and feature gates still refuse every lateral view,
+    long bone, hand and CT slice (pooled features alone miss some: the layout gate's job)."""
+    wanted = ("lateral", "long_bone", "hand", "ct_slice")
+    paths = [p for p, k in world["wrong"] if k in wanted]
+    pixels = decoded(paths)
+    features, _ = FeatureModel(world["bundle"]).predict(pixels)
+    verdicts = world["gate"].refusals(features, pixels)
+    assert sum(v is not None for v in verdicts) >= 0.95 * len(paths)
+    assert {v.check for v in verdicts if v} == {"out_of_scope"}
+
+
 def test_pixel_check_reasons_are_specific():
     flat = np.full((64, 64, 3), 128, np.uint8)
     assert G.check_pixels(flat).check == "constant"

@@ -105,10 +105,21 @@ def inversion_contrast(grey: np.ndarray) -> float:
     return lungs - float(np.median(centre))
 
 
+def corner_contrast(grey: np.ndarray) -> float:
+    """Median grey of the two top corners minus the image's median (0-255 scale): the air
+    beside the neck is black on a film, so a negative has bright corners."""
+    h, w = grey.shape
+    k = max(2, min(h, w) // 8)
+    corners = np.concatenate([grey[:k, :k].ravel(), grey[:k, -k:].ravel()])
+    return float(np.median(corners) - np.median(grey))
+
+
 def check_inverted(grey: np.ndarray) -> Refusal | None:
-    """A negative: lungs brighter than the mediastinum."""
+    """A negative: lungs brighter than the mediastinum, and top corners brighter than the
+    image (two signs, so that a lateral view, whose centre is lung and whose spine lies to one
+    side, is left to the layout gate and gets that reason instead)."""
     contrast = inversion_contrast(grey)
-    if contrast <= INVERTED_MARGIN:
+    if contrast <= INVERTED_MARGIN or corner_contrast(grey) <= 0:
         return None
     return Refusal("inverted", "looks inverted (a negative: the lungs are brighter than the"
                    f" spine by {contrast:.0f} grey levels); export the image as displayed"
