@@ -224,3 +224,25 @@ def test_reference_fitted_gate_from_40_images(world):
         refused = sum(v is not None for v in screen(imported, decoded(paths), paths))
         print(f"reference gate: {kind} refused {refused / len(paths):.3f}")
         assert refused >= 0.95 * len(paths), kind
+
+
+def test_features_of_a_logits_model_with_outside_preprocessing(tmp_path):
+    """A model from elsewhere: raw logits, preprocessing declared in the manifest, a hidden
+    Dense before the head. The features are the last Dense's input (the hidden layer's
+    output), and the probability matches the bundle's own."""
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inputs))
+    x = keras.layers.Dense(6, activation="relu", name="hidden")(x)
+    outputs = keras.layers.Dense(1, name="logit")(x)
+    model = keras.Model(inputs, outputs)
+    manifest = Manifest(stage="pneumonia", version=1, class_names=["NORMAL", "PNEUMONIA"],
+                        input_size=SIZE, preprocessing="scale01", preprocessing_in_model=False,
+                        output="logits")
+    bundle = load_bundle(save_bundle(model, manifest, tmp_path / "b"))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+    runner = FeatureModel(bundle)
+    features, p = runner.predict(pixels)
+    assert runner.layer == "logit" and features.shape == (5, 6)
+    np.testing.assert_allclose(p, bundle.predict_proba(pixels), atol=1e-5)
