@@ -66,20 +66,13 @@ def world(tmp_path_factory):
                         input_size=SIZE, backbone="smallcnn", preprocessing="scale01",
                         synthetic=True)
     model = train_tiny_cnn(train, y)
-    probe = FeatureModel(_Loaded(model, manifest))
+    probe = FeatureModel.from_model(model, manifest)
     gate = G.fit_input_gate(probe.features(train), probe.features(val), train, val)
     extras = attach_gate(manifest, gate, probe.layer)
     bundle = load_bundle(save_bundle(model, manifest, tmp / "bundle", extras))
     wrong = write_wrong_inputs(tmp / "wrong", 40, seed=4)
     return {"bundle": bundle, "gate": load_gate(bundle), "test": test, "test_paths": test_paths,
             "wrong": wrong, "tmp": tmp, "train": train}
-
-
-class _Loaded:
-    """Just enough of a LoadedBundle to take features before the bundle is saved."""
-
-    def __init__(self, model, manifest):
-        self.model, self.manifest = model, manifest
 
 
 def screen(world, pixels: np.ndarray, paths) -> list[G.Refusal | None]:

@@ -68,6 +68,11 @@ class FeatureModel:
         self.model, self.layer = _two_output_model(bundle.model, bundle.manifest)
         self._lock = getattr(bundle, "_lock", None) or threading.Lock()
 
+    @classmethod
+    def from_model(cls, model, manifest: Manifest) -> FeatureModel:
+        """For the trainer, before the bundle is saved (the gate goes into it)."""
+        return cls(LoadedBundle(model, manifest, Path(".")))
+
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features (N, D), probability of class_names[1] (N,)) for raw RGB 0-255 images."""
         x = np.asarray(batch, dtype=np.float32)
