@@ -46,6 +46,9 @@ class Manifest:
     it is applied by the loader only when ``preprocessing_in_model`` is False. ``resize`` is how
     images are squashed to ``input_size`` (``trainer.imaging.decode.RESIZE_METHODS``);
     manifests from before it existed get the service's own, which is what fed them then.
+    ``gate``: the input gate's file and threshold (``trainer.model.gate_bundle``), empty when the
+    bundle has none; ``calibration``: temperature and uncertain band per ``trainer.model.
+    calibration``, empty when uncalibrated. Both default empty, so older manifests load unchanged.
     """
 
     stage: str
@@ -66,6 +69,8 @@ class Manifest:
     code_version: str | None = None
     created_at: str = field(default_factory=_now)
     synthetic: bool = False
+    gate: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.class_names) != 2:
@@ -138,10 +143,13 @@ def _check_model_matches(model, manifest: Manifest) -> None:
         )
 
 
-def save_bundle(model, manifest: Manifest, directory: Path) -> Path:
+def save_bundle(model, manifest: Manifest, directory: Path,
+                extras: dict[str, bytes] | None = None) -> Path:
     """Write ``model.keras`` and ``manifest.json`` to ``directory`` atomically; returns it.
 
-    Refuses to overwrite an existing bundle: versions are immutable once registered.
+    ``extras`` are further files written in the same step (``gate.npz``); the manifest should
+    name them with their checksum, which ``bundle_sha256`` then covers. Refuses to overwrite
+    an existing bundle: versions are immutable once registered.
     """
     from trainer.model.preprocessing import resolve_mode
 
@@ -155,6 +163,10 @@ def save_bundle(model, manifest: Manifest, directory: Path) -> Path:
     try:
         model.save(tmp / MODEL_FILE)
         manifest.write(tmp / MANIFEST_FILE)
+        for name, data in (extras or {}).items():
+            if Path(name).name != name or name in (MODEL_FILE, MANIFEST_FILE):
+                raise ValueError(f"bad extra bundle file name {name!r}")
+            (tmp / name).write_bytes(data)
         if directory.exists():
             directory.rmdir()
         os.rename(tmp, directory)
