@@ -127,3 +127,17 @@ def test_an_instance_over_the_size_limit_is_dropped(tmp_path, listener_for):
         store(Destination("CXR", "127.0.0.1", listener.port), [ds])
     assert not list((tmp_path / "inbox").iterdir())
     assert _echoscu(listener.port) == 0  # the listener itself carries on
+
+
+def test_cxr_up_runs_the_listener_and_sender_only_when_set(tmp_path):
+    from worker.ops.supervisor import child_specs
+    from worker.settings import Settings
+
+    def names(**kwargs) -> list[str]:
+        settings = Settings(_env_file=None, data_dir=tmp_path, **kwargs)
+        return [s.name for s in child_specs(settings, flower=False)]
+
+    assert names() == ["watcher", "worker"]
+    assert names(dicom_port=11112) == ["watcher", "worker", "dicom-listener"]
+    assert names(dicom_destinations="PACS@pacs:104") == ["watcher", "worker", "dicom-sender"]
+    assert names(dicom_export_dir=tmp_path / "out")[-1] == "dicom-sender"
