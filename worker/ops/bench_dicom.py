@@ -1,8 +1,9 @@
 """``cxr bench --dicom N``: N synthetic chest DICOMs sent with dcmtk's ``storescu`` over
 loopback, split over K associations at once (K storescu processes, as a PACS sends with
-several threads; K=1 shows one association's round trip), to ``cxr dicom listen`` beside ``cxr watch`` (a private data
-dir, SQLite file and Redis queue; no worker, so the clock measures the way in), timed until
-storescu is answered for every instance and until every row is recorded (queued)."""
+several threads; K=1 shows one association's round trip), to ``cxr dicom listen`` beside
+``cxr watch`` (a private data dir, SQLite file and Redis queue; no worker, so the clock
+measures the way in), timed until storescu is answered for every instance and until every
+row is recorded (queued)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def write_instances(folder: Path, n: int, side: int) -> list[Path]:
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 255, (side, side), dtype=np.uint8)
     variant = next(v for v in VARIANTS if v.bits_stored == 8 and v.photometric == "MONOCHROME2"
-                   and "1.2.840.10008.1.2.1" == str(v.transfer_syntax))
+                   and str(v.transfer_syntax) == "1.2.840.10008.1.2.1")
     return [write_dicom(synthetic_dataset(gray, variant, patient=f"BENCH{i}", accession=f"B{i}",
                                           seed=1, index=i), folder / f"{i:06d}.dcm")
             for i in range(n)]
@@ -100,6 +101,7 @@ def run_dicom_bench(n: int, base: Settings, *, associations: int = 4, side: int 
     result = {"instances": n, "associations": associations, "bytes_each": files[0].stat().st_size,
               "stored_per_s": n / stored, "recorded_per_s": n / recorded,
               "stored_s": stored, "recorded_s": recorded, "work_dir": str(root)}
-    progress(f"  {associations} association(s): storescu answered for all in {stored:.2f} s ({n / stored:.0f} instances/s); "
-             f"all rows recorded after {recorded:.2f} s ({n / recorded:.0f} instances/s)")
+    progress(f"  {associations} association(s): storescu answered for all in {stored:.2f} s "
+             f"({n / stored:.0f} instances/s); all rows recorded after {recorded:.2f} s "
+             f"({n / recorded:.0f} instances/s)")
     return result
