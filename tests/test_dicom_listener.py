@@ -102,6 +102,8 @@ def test_a_slow_caller_does_not_block_an_echo_or_another_caller(tmp_path, listen
     try:
         assert _echoscu(listener.port) == 0
         assert _storescu(listener.port, [_instance(tmp_path)]) == 0
+        stalled.settimeout(30)
+        assert stalled.recv(1024) == b""  # the half-sent PDU does not hold a thread for ever
         wait_until(lambda: not idle.is_alive(), 30, "the idle association to be dropped")
     finally:
         stalled.close()
@@ -141,3 +143,19 @@ def test_cxr_up_runs_the_listener_and_sender_only_when_set(tmp_path):
     assert names(dicom_port=11112) == ["watcher", "worker", "dicom-listener"]
     assert names(dicom_destinations="PACS@pacs:104") == ["watcher", "worker", "dicom-sender"]
     assert names(dicom_export_dir=tmp_path / "out")[-1] == "dicom-sender"
+
+
+def test_associations_beyond_the_limit_are_refused_as_busy(tmp_path, listener_for):
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    listener = listener_for(max_associations=1)
+    holder_ae = AE(ae_title="HOLDER")
+    holder_ae.add_requested_context(Verification)
+    holder = holder_ae.associate("127.0.0.1", listener.port, ae_title="CXR")
+    assert holder.is_established
+    try:
+        assert _echoscu(listener.port) != 0  # rejected: local limit exceeded
+    finally:
+        holder.release()
+    wait_until(lambda: _echoscu(listener.port) == 0, 10, "the freed slot to take an echo")

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_dicom import PATIENT_ID, make_ds, save, texture, to_bytes
+from helpers_dicom import PATIENT_ID, PATIENT_NAME, make_ds, save, texture, to_bytes
 from helpers_models import register_tiny_bundle
 from helpers_orthanc import AE_TITLE, Orthanc
 from helpers_pipeline import (
@@ -139,6 +139,9 @@ def test_storescu_and_orthanc_in_sr_and_heatmap_back_to_the_study(tmp_path):
             stop_process(sender)
             stop_process(listener)
             orthanc.stop()
+        logs = p.log("listener") + p.log("sender") + p.log("watcher")
+    assert "sent" in logs.lower()  # the logs were written, and hold no patient data
+    assert PATIENT_NAME.split("^")[0] not in logs and PATIENT_ID not in logs
     assert [rows[s]["status"] for s in sops] == ["done", "done", "rejected"]
     for source, sop in zip((pushed, from_pacs, lateral), sops, strict=True):
         sr, row = srs[sop], rows[sop]

@@ -114,9 +114,17 @@ class _Handlers:
         self._lock = threading.Lock()
 
     def bindings(self) -> list:
-        return [(evt.EVT_ESTABLISHED, self.on_established), (evt.EVT_C_ECHO, self.on_echo),
+        return [(evt.EVT_CONN_OPEN, self.on_connected),
+                (evt.EVT_ESTABLISHED, self.on_established), (evt.EVT_C_ECHO, self.on_echo),
                 (evt.EVT_C_STORE, self.on_store), (evt.EVT_DATA_RECV, self.on_data),
                 (evt.EVT_RELEASED, self.on_closed), (evt.EVT_ABORTED, self.on_closed)]
+
+    def on_connected(self, event) -> None:
+        """Bound every read and write: pynetdicom waits for the rest of a PDU without a
+        deadline, so a caller that sends half a PDU and stalls would hold its thread forever."""
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.settimeout(self.config.timeout_seconds)
 
     def on_established(self, event) -> None:
         requestor = event.assoc.requestor
