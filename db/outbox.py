@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import and_, exists, select, text, update
 from sqlalchemy.orm import Session
 
-from db.models import DicomOutbox, Image, utcnow
+from db.models import DicomOutbox, Image, Prediction, utcnow
 from db.vocabulary import ImageStatus
 
 REPORTED_STATUSES = (ImageStatus.DONE, ImageStatus.REJECTED)
@@ -32,7 +32,8 @@ class OutboxItem:
 
 def fill_outbox(session: Session, destinations: Sequence[str], kinds: Sequence[str],
                 dicom_only: bool = True, limit: int = 500) -> int:
-    """Add a row per (finished image, kind, destination) that has none yet; how many."""
+    """Add a row per (finished image, kind, destination) that has none yet; how many.
+    ``kinds``: ``sr`` (the result), ``sc`` (the heatmap, for images that have one)."""
     added = 0
     for destination in destinations:
         for kind in kinds:
@@ -42,6 +43,9 @@ def fill_outbox(session: Session, destinations: Sequence[str], kinds: Sequence[s
             query = select(Image.id).where(Image.status.in_(REPORTED_STATUSES), missing)
             if dicom_only:
                 query = query.where(Image.sop_instance_uid.is_not(None))
+            if kind == "sc":  # a heatmap picture only where the worker drew one
+                query = query.where(Image.prediction_id.in_(
+                    select(Prediction.id).where(Prediction.heatmap_path.is_not(None))))
             ids = session.scalars(query.order_by(Image.id).limit(limit)).all()
             session.add_all(DicomOutbox(image_id=i, kind=kind, destination=destination,
                                         sop_instance_uid=generate_uid(), attempts=0)

@@ -37,6 +37,7 @@ ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
 ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
 SOURCE = Code("121112", "DCM", "Source of Measurement")
 COMMENT = Code("121106", "DCM", "Comment")
+REVIEW = Code("REVIEW", "99CXR", "Review flag")
 P_PNEUMONIA = Code("P-PNEUMONIA", "99CXR", "Probability of pneumonia")
 P_VIRUS = Code("P-VIRUS", "99CXR", "Probability of viral pneumonia given pneumonia")
 RATIO = Code("{ratio}", "UCUM", "ratio")
@@ -79,6 +80,8 @@ def _items(result: dict[str, Any], source: Dataset) -> list:
     else:
         why = result.get("error") or result.get("status") or "no result"
         items.append(hd.sr.TextContentItem(FINDING, f"refused: {why}"[:1000], CONTAINS))
+    if result.get("review"):  # the abstain issue's flag (uncertain, out_of_scope)
+        items.append(hd.sr.TextContentItem(REVIEW, f"review: {result['review']}", CONTAINS))
     for key, code in (("p_pneumonia", P_PNEUMONIA), ("p_virus", P_VIRUS)):
         if result.get(key) is not None:
             items.append(hd.sr.NumContentItem(code, round(float(result[key]), 6), RATIO,

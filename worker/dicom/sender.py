@@ -91,10 +91,12 @@ def build(config: SenderConfig, item: OutboxItem) -> Dataset | None:
         result = result_for(session, item.image_id)
     if result is None:
         raise LookupError("its image row is gone")
-    if result.get("sop_instance_uid") and result.get("stored_path"):
-        source = dcmread(config.data_dir / result["stored_path"], stop_before_pixels=True)
-    else:
+    if not result.get("sop_instance_uid"):
         source = stand_in_source(item.image_id, result["sha256"])
+    elif result.get("stored_path"):
+        source = dcmread(config.data_dir / result["stored_path"], stop_before_pixels=True)
+    else:  # never a made-up study for a DICOM: its own header says where the result goes
+        raise LookupError("its archived file is not recorded")
     if item.kind == "sr":
         return result_sr(source, result, item.sop_instance_uid)
     if not result.get("heatmap_path"):
@@ -130,6 +132,8 @@ def _why(exc: Exception) -> str:
         return str(exc)
     if isinstance(exc, OSError):
         return f"{type(exc).__name__}: {exc.strerror or exc}"
+    if isinstance(exc, LookupError):
+        return f"could not build the object: {exc}"
     return f"could not build the object: {type(exc).__name__}"
 
 
