@@ -71,6 +71,10 @@ def test_a_caller_not_in_the_allowed_list_is_refused(tmp_path, listener_for):
     with pytest.raises(SendError):  # the right title from the wrong host
         echo(Destination("CXR", "127.0.0.1", listener.port), ae_title="PACS")
     assert not list((tmp_path / "inbox").iterdir())
+    wrong_called = ["storescu", "-aet", "MODALITY", "-aec", "NOT_CXR", "127.0.0.1",
+                    str(listener.port), str(file)]
+    assert subprocess.run(wrong_called, capture_output=True, timeout=30).returncode != 0
+    assert not list((tmp_path / "inbox").iterdir())
     assert _storescu(listener.port, [file], calling="MODALITY") == 0
     assert len(list((tmp_path / "inbox").iterdir())) == 1
 
