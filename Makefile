@@ -1,12 +1,12 @@
 # The two commands in the README: `make demo` (the whole product on synthetic data) and
 # `make test` (the suite, against real PostgreSQL and Redis, and a headless Chromium for the
-# review page). Both set themselves up.
+# review page, Orthanc and dcmtk for the DICOM network). Both set themselves up.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PG_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test compose-test services browser lint clean
+.PHONY: demo test compose-test services browser pacs lint clean
 
 $(BIN)/cxr: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -25,7 +25,10 @@ services:
 browser:
 	@sh .ci/browser.sh
 
-test: $(BIN)/cxr services browser
+pacs:
+	@sh .ci/pacs.sh
+
+test: $(BIN)/cxr services browser pacs
 	CXR_TEST_POSTGRES_URL="$(PG_URL)" $(BIN)/pytest -ra --durations=30
 
 # docker-compose.yml for real (also part of `make test` when a Docker engine answers).

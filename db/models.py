@@ -145,3 +145,29 @@ class Deployment(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     deployment_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DicomOutbox(Base):
+    """One DICOM object (a result SR or a heatmap SC) for one destination, until it is sent.
+
+    The object's UIDs are chosen when the row is made, so every retry sends the same instance
+    (a PACS that got it before keeps one copy). ``destination`` is ``AE@host:port`` or
+    ``export`` (the folder CXR_DICOM_EXPORT_DIR).
+    """
+
+    __tablename__ = "dicom_outbox"
+    __table_args__ = (
+        UniqueConstraint("image_id", "kind", "destination", name="uq_dicom_outbox_item"),
+        Index("ix_dicom_outbox_due", "sent_at", "next_try_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"))
+    kind: Mapped[str] = mapped_column(String(8))
+    destination: Mapped[str] = mapped_column(String(300))
+    sop_instance_uid: Mapped[str] = mapped_column(String(MAX_LENGTH))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_try_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]

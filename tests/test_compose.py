@@ -137,6 +137,7 @@ def test_mounts_land_on_the_settings_paths():
             str(settings.archive_dir): "archive",
             str(settings.rejected_dir): "rejected",
             str(settings.models_path): "models",
+            str(settings.heatmaps_dir): "heatmaps",
         }
         for target, source in mounts(service).items():
             assert expected.get(target) == source, f"{service}: {source} on {target}"
@@ -158,6 +159,23 @@ def test_volumes_shared_where_the_pipeline_needs_them():
     for worker in WORKERS:
         models = [v for v in SERVICES[worker]["volumes"] if str(v).startswith("models:")]
         assert models and str(models[0]).endswith(":ro"), "workers only read bundles"
+
+
+def test_dicom_services_in_their_own_profile():
+    """The listener writes the inbox the watcher reads; the sender reads the archive and the
+    heatmaps the workers write; both only with the profile dicom."""
+    for service, command in (("dicom-listener", ["dicom", "listen"]),
+                             ("dicom-sender", ["dicom", "send"])):
+        spec = SERVICES[service]
+        assert spec["profiles"] == ["dicom"] and spec["command"] == command
+        assert callable(build_parser().parse_args(command).func)
+        assert all(n[4:].lower() in Settings.model_fields for n in environment(service)
+                   if n.startswith("CXR_"))
+    assert mounts("dicom-listener") == {"/data/inbox": mounts("watcher")["/data/inbox"]}
+    assert settings_for("dicom-listener").dicom_port == 11112
+    sender = mounts("dicom-sender")
+    assert sender["/data/archive"] == mounts("watcher")["/data/archive"]
+    assert all(sender["/data/heatmaps"] == mounts(w)["/data/heatmaps"] for w in WORKERS)
 
 
 def test_start_order():

@@ -97,6 +97,51 @@ class Settings(BaseSettings):
     flower_basic_auth: str | None = Field(
         None, description="user:password for Flower basic auth (off if unset).", repr=False
     )
+    dicom_port: int | None = Field(
+        None, description="Port of the DICOM C-STORE listener (`cxr dicom listen`, part of "
+        "`cxr up`); unset: no listener."
+    )
+    dicom_address: str = Field(
+        "127.0.0.1", description="Address the DICOM listener binds; beyond loopback only with "
+        "CXR_DICOM_ALLOWED set."
+    )
+    dicom_ae_title: str = Field("CXR", description="This service's DICOM AE title.")
+    dicom_allowed: str = Field(
+        "", description="Calling AE titles allowed to send, comma separated, each optionally "
+        "`AE@host`; empty: any caller, on loopback only."
+    )
+    dicom_max_associations: int = Field(
+        8, description="DICOM associations served at once; more are refused (busy)."
+    )
+    dicom_max_pdu_bytes: int = Field(
+        262144, description="Largest DICOM PDU (bytes) the listener accepts and offers."
+    )
+    dicom_max_instance_bytes: int | None = Field(
+        None, description="Largest DICOM instance (bytes) received; a larger one aborts its "
+        "association (default: CXR_MAX_FILE_BYTES)."
+    )
+    dicom_timeout_seconds: float = Field(
+        30.0, description="Seconds a DICOM peer may stay silent (association set-up, messages, "
+        "network) before its association is dropped."
+    )
+    dicom_destinations: str = Field(
+        "", description="Where results go back as DICOM (SR, heatmap SC): `AE@host:port`, "
+        "comma separated."
+    )
+    dicom_export_dir: Path | None = Field(
+        None, description="Folder the DICOM results (SR, heatmap SC) are also written to."
+    )
+    dicom_send_heatmaps: bool = Field(
+        False, description="Also send each result's heatmap (CXR_HEATMAPS) as a DICOM "
+        "Secondary Capture in the source study, in a series of its own."
+    )
+    dicom_report_all: bool = Field(
+        False, description="Make a DICOM SR for every finished image, JPEG and PNG too (each "
+        "in a study of its own); default: DICOM images only."
+    )
+    dicom_retry_max_seconds: float = Field(
+        300.0, description="Longest wait (s) between two tries to send one DICOM result."
+    )
     log_level: str = Field("INFO", description="Log level for all processes.")
 
     @cached_property

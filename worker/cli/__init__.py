@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "worker.cli.train",  # synth, train
     "worker.cli.bench",  # bench
     "worker.cli.config",  # settings
+    "worker.cli.dicom",  # dicom listen|echo|outbox|send
 ]
 
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings()
     quiet_native_logs(debug=settings.log_level.upper() == "DEBUG")
-    command = " ".join(filter(None, [args.command, getattr(args, "models_command", None)]))
+    command = " ".join(filter(None, [args.command, getattr(args, "models_command", None),
+                                       getattr(args, "dicom_command", None)]))
     if command in NEEDS_MODELS:
         load_backend()
     logging.basicConfig(

@@ -9,6 +9,14 @@ from worker.settings import Settings
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.dicom:
+        from worker.ops.bench_dicom import run_dicom_bench
+
+        result = run_dicom_bench(args.dicom, settings, associations=args.associations,
+                                 redis_db=args.redis_db, work_dir=args.work_dir)
+        if args.out:
+            write_json_file(result, args.out)
+        return 0
     from worker.ops.bench import format_table, run_bench, write_json
     from worker.ops.bench_inputs import BenchConfig
 
@@ -37,6 +45,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         write_json(result, args.out)
         print(f"\nwrote {args.out}")
     return 0
+
+
+def write_json_file(result: dict, path: Path) -> None:
+    import json
+
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,6 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmaps", action="store_true",
                    help="run the pipeline with CXR_HEATMAPS on and every image positive (the "
                    "worst case); the heatmap cost on tensors is measured either way")
+    p.add_argument("--dicom", type=int, metavar="N",
+                   help="instead: send N DICOM instances with storescu to `cxr dicom listen` "
+                   "and time them until their rows are recorded (the way in alone)")
+    p.add_argument("--associations", type=int, default=4,
+                   help="with --dicom: storescu runs at once (default 4)")
     p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here")
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -224,6 +224,7 @@ def child_specs(
             env,
         ),
     ]
+    specs += dicom_specs(settings, env)
     if flower:
         try:
             from worker.ops.flower import flower_command, flower_env
@@ -231,6 +232,17 @@ def child_specs(
             pass
         else:
             specs.append(ChildSpec("flower", flower_command(settings), flower_env(settings, env)))
+    return specs
+
+
+def dicom_specs(settings: Settings, env: dict[str, str]) -> list[ChildSpec]:
+    """The DICOM listener when CXR_DICOM_PORT is set; the sender when results have somewhere
+    to go (CXR_DICOM_DESTINATIONS or CXR_DICOM_EXPORT_DIR)."""
+    specs = []
+    if settings.dicom_port is not None:
+        specs.append(ChildSpec("dicom-listener", [*CXR_COMMAND, "dicom", "listen"], env))
+    if settings.dicom_destinations.strip() or settings.dicom_export_dir:
+        specs.append(ChildSpec("dicom-sender", [*CXR_COMMAND, "dicom", "send"], env))
     return specs
 
 
