@@ -15,6 +15,12 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from worker.ops.metrics import prepare_dir, serve  # before any instrument exists
+
+        serve(settings, prepare_dir(settings, "worker"))
     from worker.classify.celery_app import app
 
     argv = [
