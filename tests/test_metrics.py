@@ -109,3 +109,17 @@ def test_the_metrics_endpoint_counts_what_the_database_holds(up):
     assert {labels["status"]: value for labels, value in scraped["cxr_queue_images"]} == {
         "received": 0, "queued": 0, "processing": 0, "waiting_model": 0}
     assert scraped["cxr_oldest_queued_age_seconds"][0][1] == 0
+
+
+def test_a_restart_starts_from_an_empty_private_folder(tmp_path, monkeypatch):
+    """An old run's multiprocess files would be added to the new run's counts."""
+    from worker.ops.metrics import MULTIPROC_ENV, prepare_dir
+    from worker.settings import Settings
+
+    monkeypatch.setenv(MULTIPROC_ENV, "unset-by-the-test")  # restored afterwards
+    settings = Settings(data_dir=tmp_path / "var")
+    first = prepare_dir(settings, "up")
+    (first / "counter_123.db").write_bytes(b"old run")
+    again = prepare_dir(settings, "up")
+    assert again == first and not any(again.iterdir())
+    assert again.stat().st_mode & 0o777 == 0o700 and os.environ[MULTIPROC_ENV] == str(again)

@@ -20,7 +20,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from worker.ops.metrics import prepare_dir, serve  # before any instrument exists
 
-        serve(settings, prepare_dir(settings, "worker"))
+        path = prepare_dir(settings, "worker")
+        if path is not None:
+            serve(settings, path)
     from worker.classify.celery_app import app
 
     argv = [

@@ -27,14 +27,22 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-def prepare_dir(settings: Settings, role: str) -> Path:
+def prepare_dir(settings: Settings, role: str) -> Path | None:
     """An empty private folder for this host's ``role`` (``up``, ``worker``), named in the
-    environment so that processes started from here write their metrics into it."""
+    environment so that processes started from here write their metrics into it; None (with
+    a warning: the service runs on without metrics) when the data dir does not allow it."""
     path = settings.data_dir.absolute() / ".metrics" / f"{role}-{socket.gethostname()}"
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    try:
+        if path.is_symlink():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        path.mkdir(parents=True, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        log.warning("metrics: cannot prepare %s (%s); running without them", path,
+                    exc.strerror or exc)
+        return None
     os.environ[MULTIPROC_ENV] = str(path)
     return path
 

@@ -254,6 +254,8 @@ def _serve_metrics(settings: Settings, specs: list[ChildSpec]) -> None:
     from worker.ops.metrics import child_metrics_env, prepare_dir, serve
 
     path = prepare_dir(settings, "up")
+    if path is None:
+        return
     for spec in specs:
         if spec.env is not None:
             spec.env.update(child_metrics_env(path))
