@@ -132,3 +132,16 @@ def queue_state(session: Session) -> tuple[dict[str, int], datetime | None]:
         counts[str(status)] = int(count)
         oldest = first if oldest is None or (first is not None and first < oldest) else oldest
     return counts, as_utc(oldest)
+
+
+def final_rows(session: Session, image_ids: list[int]) -> list[tuple[str, str | None,
+                                                                 int | None, str | None]]:
+    """(status, label, pneumonia model version, error) of each of ``image_ids``: what the
+    watcher counts for the images intake finished itself (a known content linked, a refusal)."""
+    if not image_ids:
+        return []
+    query = (select(Image.status, Prediction.label, ModelVersion.version, Image.error)
+             .outerjoin(Prediction, Prediction.id == Image.prediction_id)
+             .outerjoin(ModelVersion, ModelVersion.id == Prediction.pneumonia_model_id)
+             .where(Image.id.in_(image_ids)))
+    return [tuple(row) for row in session.execute(query)]

@@ -71,8 +71,9 @@ def test_the_metrics_endpoint_counts_what_the_database_holds(up):
     data, port, db_url, log = up
     assert f"metrics on http://127.0.0.1:{port}/metrics" in log.read_text()
     levels = {"m-1.png": 250, "m-2.png": 10, "m-3.png": 240}
+    first = png_bytes(250)
     for name, level in levels.items():
-        drop(data / "inbox", name, png_bytes(level))
+        drop(data / "inbox", name, first if level == 250 else png_bytes(level))
     wait_until(lambda: len(_db(db_url, "SELECT id FROM results WHERE status = "
                                        "'waiting_model'")) == 3, 60, "waiting_model")
     waiting = _scrape(port)
@@ -88,6 +89,13 @@ def test_the_metrics_endpoint_counts_what_the_database_holds(up):
                                        "('done', 'rejected', 'failed')")
                and len(_db(db_url, "SELECT id FROM results")) == 9, 150, "every image final")
 
+    # intake finishes these itself: a content already classified, and a link it refuses
+    drop(data / "inbox", "twin.png", first)
+    os.symlink("/etc/hostname", data / "inbox" / "link.png")
+    wait_until(lambda: not _db(db_url, "SELECT id FROM results WHERE status NOT IN "
+                                       "('done', 'rejected', 'failed')")
+               and len(_db(db_url, "SELECT id FROM results")) == 11, 60, "intake's own")
+
     scraped = _scrape(port)
     counted = Counter()
     for labels, value in scraped["cxr_images_total"]:
@@ -96,16 +104,17 @@ def test_the_metrics_endpoint_counts_what_the_database_holds(up):
                      for status, label, version, n in _db(db_url, (
                          "SELECT status, label, pneumonia_model, count(*) FROM results "
                          "GROUP BY status, label, pneumonia_model"))})
-    assert +counted == in_db and in_db[("rejected", "", "")] == 1
+    assert +counted == in_db and in_db[("rejected", "", "")] == 2
     refusals = {labels["reason"]: value for labels, value in scraped["cxr_refusals_total"]}
-    assert sum(refusals.values()) == 1
+    assert sum(refusals.values()) == 2 and refusals["link"] == 1
     assert set(refusals) <= {kind for kind, _ in REASON_KINDS} | {"other"}
     done = sum(n for (status, _, _), n in in_db.items() if status == "done")
-    assert done == 8
-    assert scraped["cxr_drop_to_done_seconds_count"][0][1] == done
-    assert scraped["cxr_forward_seconds_count"][0][1] == done
-    assert scraped["cxr_decode_seconds_count"][0][1] == done + 1
-    assert sum(v for _, v in scraped["cxr_batch_images_sum"]) == done + 1
+    assert done == 9
+    classified = done - 1  # the twin was linked at intake, never read by a worker
+    assert scraped["cxr_drop_to_done_seconds_count"][0][1] == classified
+    assert scraped["cxr_forward_seconds_count"][0][1] == classified
+    assert scraped["cxr_decode_seconds_count"][0][1] == classified + 1
+    assert sum(v for _, v in scraped["cxr_batch_images_sum"]) == classified + 1
     assert {labels["status"]: value for labels, value in scraped["cxr_queue_images"]} == {
         "received": 0, "queued": 0, "processing": 0, "waiting_model": 0}
     assert scraped["cxr_oldest_queued_age_seconds"][0][1] == 0

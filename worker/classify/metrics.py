@@ -32,6 +32,7 @@ BATCH = Histogram("cxr_batch_images", "Images classified together (one claimed g
                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 REASON_KINDS = (
+    ("link", ("symbolic link", "hard link")),
     ("changed", ("archived file changed",)),
     ("too_large", ("too large", "pixels", "bomb")),
     ("corrupt", ("truncated", "corrupt", "ends early", "bad crc")),
@@ -39,7 +40,8 @@ REASON_KINDS = (
     ("not_a_chest_xray", ("modality", "view", "lateral", "frame", "photometric", "dicom")),
     ("unreadable", ("cannot read", "permission", "empty file", "vanished")),
 )
-"""A refusal's reason, a free text, becomes one of these kinds (else ``other``)."""
+"""A refusal's reason, a free text, becomes one of these kinds (else ``other``); the first
+match wins."""
 
 
 def enabled() -> bool:
@@ -83,3 +85,22 @@ def observe_batch(answers: list[tuple[str, str]], refusals: list[str], forward_s
 def observe_failed(count: int) -> None:
     if count:
         IMAGES.labels("failed", "", "").inc(count)
+
+
+def observe_intake(db_url: str, results: list[Any]) -> None:
+    """Images intake finished itself (``IntakeResult``s done or rejected: a content already
+    classified, a refused entry), counted like the worker's."""
+    ids = [r.image_id for r in results if r.status in ("done", "rejected")]
+    if not ids or not enabled():
+        return
+    from db.monitoring import final_rows
+    from db.session import session_scope
+
+    with session_scope(db_url) as session:
+        rows = final_rows(session, ids)
+    for status, label, version, error in rows:
+        if status == "done":
+            IMAGES.labels("done", label or "", f"pneumonia/v{version}" if version else "").inc()
+        elif status == "rejected":
+            IMAGES.labels("rejected", "", "").inc()
+            REFUSALS.labels(reason_kind(error or "")).inc()
