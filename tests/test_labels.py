@@ -89,5 +89,9 @@ def test_a_bad_line_imports_nothing(cli_db, tmp_path, capsys):
     assert "nothing imported, 2 bad line(s)" in err and "line 3" in err and "line 4" in err
     (tmp_path / "nokey.csv").write_text("file_name,label\na.png,NORMAL\n")
     assert main(["labels", "import", str(tmp_path / "nokey.csv")]) == 2
+    (tmp_path / "latin1.csv").write_bytes(b"id,label\n1,NORMAL \xe9\n")
+    assert main(["labels", "import", str(tmp_path / "latin1.csv")]) == 2
+    assert main(["labels", "import", str(tmp_path / "absent.csv")]) == 2
+    assert "not a readable UTF-8 CSV file" in capsys.readouterr().err
     with session_scope(cli_db) as s:
         assert current_labels(s) == {}

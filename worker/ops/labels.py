@@ -33,6 +33,13 @@ class LabelImport:
 
 def read_label_csv(path: Path, source: str, by: str) -> tuple[str, list[tuple[int, str, str]]]:
     """(key column, [(line number, key value, label)]) or LabelError naming the bad lines."""
+    try:
+        return _read_label_csv(path, source, by)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise LabelError(f"{path}: not a readable UTF-8 CSV file ({exc})") from None
+
+
+def _read_label_csv(path: Path, source: str, by: str) -> tuple[str, list[tuple[int, str, str]]]:
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip().lower() for c in reader.fieldnames or []]
