@@ -26,6 +26,9 @@ COMMAND_MODULES = [
     "worker.cli.bench",  # bench
     "worker.cli.config",  # settings
     "worker.cli.dicom",  # dicom listen|echo|outbox|send
+
+    "worker.cli.labels",  # labels import|add|export
+    "worker.cli.monitor",  # monitor
 ]
 
 

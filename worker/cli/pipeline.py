@@ -8,13 +8,28 @@ from pathlib import Path
 from worker.settings import Settings
 
 
+def _serve_own_metrics(settings: Settings, role: str) -> None:
+    """Run alone (not under `cxr up`, which serves its children's): serve this process's
+    metrics. Before any instrument is imported, which fixes prometheus_client's mode."""
+    import os
+
+    if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from worker.ops.metrics import prepare_dir, serve
+
+        path = prepare_dir(settings, role)
+        if path is not None:
+            serve(settings, path)
+
+
 def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    _serve_own_metrics(settings, "watch")
     from worker.inbox.watcher import watch
 
     return watch(settings, polling=args.polling)
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    _serve_own_metrics(settings, "worker")
     from worker.classify.celery_app import app
 
     argv = [

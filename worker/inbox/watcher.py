@@ -36,6 +36,7 @@ from watchdog.events import (
 )
 
 from db.exceptions import CxrError
+from worker.classify import metrics
 from worker.files import safefs
 from worker.inbox.filters import is_candidate, is_candidate_in, is_walked_folder, is_walked_in
 from worker.inbox.intake import Enqueue, display_name, intake_files, reconcile
@@ -241,6 +242,7 @@ class Watcher:
                           len(due))
             return
         self.taken += len(results)
+        metrics.observe_intake(self.settings.db_url, results)
         for result in results:
             log.info("%s: %s", self.settings.describe(result.image_id, result.file_name),
                      result.status)
