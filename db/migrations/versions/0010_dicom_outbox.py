@@ -2,7 +2,7 @@
 attempts, last error and next try, so a PACS that is down costs a delay, never a result.
 
 Revision ID: 0010
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-07 03:10:00
 """
 
