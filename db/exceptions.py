@@ -55,3 +55,7 @@ class ExplainError(CxrError):
 
 class NoFeatureMapError(ExplainError):
     """The model has no convolutional feature map for Grad-CAM to weight."""
+
+
+class LabelError(CxrError):
+    """A ground-truth label that cannot be stored: unknown label or source, no such image."""

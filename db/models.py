@@ -145,3 +145,18 @@ class Deployment(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     deployment_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GroundTruth(Base):
+    """A true label given to an image (``db.labels``): the newest row per image is current,
+    earlier ones stay as history."""
+
+    __tablename__ = "labels"
+    __table_args__ = (Index("ix_labels_image_id", "image_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", name="fk_labels_image_id"))
+    label: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    labelled_by: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

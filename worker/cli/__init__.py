@@ -25,6 +25,8 @@ COMMAND_MODULES = [
     "worker.cli.train",  # synth, train
     "worker.cli.bench",  # bench
     "worker.cli.config",  # settings
+    "worker.cli.labels",  # labels import|add|export
+    "worker.cli.monitor",  # monitor
 ]
 
 
