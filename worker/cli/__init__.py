@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "worker.cli.config",  # settings
     "worker.cli.labels",  # labels import|add|export
     "worker.cli.monitor",  # monitor
+    "worker.cli.web",  # web, web hash-password
 ]
 
 
