@@ -27,13 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELS = ("NORMAL", "BACTERIA", "VIRUS", "NORMAL", "BACTERIA")
 
 
-def _png(seed: int, size: int = 96) -> bytes:
-    image = PILImage.new("L", (size, size), 40 + seed * 30 % 180)
-    for x in range(size // 4, size // 2):
-        for y in range(size // 4, 3 * size // 4):
-            image.putpixel((x, y), 220)
+def _png(seed: int, label: str = "NORMAL", size: int = 128) -> bytes:
+    """A synthetic chest X-ray of ``label`` (trainer.synth's drawing) as PNG bytes."""
+    import numpy as np
+
+    from trainer.synth.xrays import render_xray
+
+    pixels = render_xray(np.random.default_rng(seed), label, size, size)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    PILImage.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _heatmap(seed: int, size: int = 64) -> bytes:
+    """A heatmap-like picture: the X-ray in grey with a red patch where the model 'looked'."""
+    import numpy as np
+
+    grey = np.asarray(PILImage.open(io.BytesIO(_png(seed, "BACTERIA", size))))
+    rgb = np.stack([grey] * 3, axis=-1).astype(np.float32)
+    ys, xs = np.mgrid[0:size, 0:size]
+    blob = np.exp(-((xs - size * 0.35) ** 2 + (ys - size * 0.6) ** 2) / (2 * (size / 8) ** 2))
+    rgb[..., 0] = rgb[..., 0] * (1 - blob) + 255 * blob
+    rgb[..., 1:] *= (1 - 0.7 * blob)[..., None]
+    out = io.BytesIO()
+    PILImage.fromarray(rgb.clip(0, 255).astype(np.uint8)).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -67,15 +84,15 @@ def seed(db_url: str, data_dir: Path, n: int = 5) -> list[int]:
         second = register_stage(session, data_dir / "models", "infection")
         shadow = registry.register_version(session, stage="pneumonia", backbone="smallcnn").id
         for i in range(n):
-            data = _png(i)
+            label = LABELS[i % len(LABELS)]
+            data = _png(i, label)
             sha = hashlib.sha256(data).hexdigest()
             stored = f"archive/{sha[:2]}/{sha}.png"
             _write(data_dir / stored, data)
-            label = LABELS[i % len(LABELS)]
             heatmap = None
             if label != "NORMAL":
                 heatmap = f"heatmaps/{sha[:2]}/{sha}-p{first}-i{second}.png"
-                _write(data_dir / heatmap, _png(i + 3, 64))
+                _write(data_dir / heatmap, _heatmap(i))
             image = record_image(session, sha256=sha, file_name=f"chest-{i}.png",
                                  stored_path=stored, size_bytes=len(data),
                                  status=ImageStatus.DONE)

@@ -160,6 +160,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
+        Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
         *pages.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
