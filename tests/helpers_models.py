@@ -117,12 +117,13 @@ def register_tiny_bundle(
     threshold: float = 0.5,
     bias: float = 0.0,
     conv: bool = False,
+    metrics: dict | None = None,
 ) -> int:
     """Publish a tiny bundle in the model registry (optionally promoted); returns its version."""
     from trainer.training.publish import publish_model
 
     manifest = tiny_manifest(stage, 0, input_size, threshold, params={"tiny": True, "bias": bias},
-                             code_version="test")
+                             code_version="test", metrics=metrics or {})
     published = publish_model(build_tiny_model(input_size, bias, conv), manifest,
                               models_dir=models_dir, db_url=db_url, promote=promote)
     return published.version

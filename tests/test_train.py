@@ -62,6 +62,9 @@ def test_smallcnn_learns_pneumonia_on_synthetic_data(pneumonia_result, synth_roo
     assert test["auc"] >= 0.95
     assert test["ci95"]["auc"][0] <= test["auc"] <= test["ci95"]["auc"][1]
     assert result.metrics["val"]["sensitivity"] >= 0.95  # the tuned operating point
+    reference = result.metrics["reference"]  # what `cxr monitor` measures drift against
+    assert reference["source"] == "validation" and len(reference["counts"]) == 10
+    assert sum(reference["counts"]) == sum(result.metrics["counts"]["val"].values())
     assert result.history["phase"] == [1] * len(result.history["loss"])
     assert is_synthetic(synth_root)
 

@@ -113,6 +113,17 @@ class Settings(BaseSettings):
         "DATA_DIR/web-secret, mode 600).", repr=False
     )
     web_in_up: bool = Field(False, description="`cxr up` also runs the review app.")
+    monitor_psi: float = Field(
+        0.2, description="Population stability index past which `cxr monitor` flags a drift "
+        "(and `--check` exits non-zero)."
+    )
+    metrics_port: int = Field(
+        9464, description="Port of the Prometheus metrics `cxr up` and `cxr worker` serve "
+        "(0: none)."
+    )
+    metrics_address: str = Field(
+        "127.0.0.1", description="Address the Prometheus metrics listen on."
+    )
     log_level: str = Field("INFO", description="Log level for all processes.")
 
     @cached_property

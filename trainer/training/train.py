@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from db.exceptions import DatasetError
 from db.vocabulary import STAGE_CLASSES
-from trainer.training import evaluate, model_card, plots
+from trainer.training import evaluate, model_card, monitoring_stats, plots
 from trainer.training.data import Splits, class_weights, stage_view
 from trainer.training.dataset import batches, decoded_dataset, make_dataset
 from trainer.training.phases import (
@@ -174,8 +174,16 @@ def evaluate_stage(model, data: StageData, test_ds, test_y: list[int], config: T
             "test": _counts(list(test_y)),
         },
         "class_weights": {str(k): v for k, v in data.class_weight.items()},
+        "reference": reference_histogram(val_scores),
     }
     return threshold, test_scores, metrics
+
+
+def reference_histogram(val_scores) -> dict[str, Any]:
+    """The validation probabilities as a histogram: what `cxr monitor` compares served
+    probabilities with (drift) before any ground truth arrives."""
+    return {"source": "validation", "edges": list(monitoring_stats.PROBABILITY_EDGES),
+            "counts": monitoring_stats.histogram(val_scores)}
 
 
 def train_stage(
