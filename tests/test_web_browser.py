@@ -117,6 +117,11 @@ def test_sign_in_filter_open_toggle_agree_correct_and_live(app, tmp_path):
         page.keyboard.press("j")
         page.keyboard.press("Enter")
         page.wait_for_url(f"{base}/image/{late}")
+
+        page.click("header a[href='/models']")
+        assert page.locator("#models tr.production").count() == 2
+        page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        assert page.locator(".plots img").count() >= 2  # cxr monitor's plots, drawn live
         browser.close()
     assert errors == []
     with session_scope(app["db_url"]) as session:
@@ -185,3 +190,40 @@ def test_refusals(app):
     assert headers.getheader("x-frame-options") == "DENY"
     assert "httponly" in headers.getheader("set-cookie").lower()
     assert "samesite=strict" in headers.getheader("set-cookie").lower()
+
+
+def test_a_proxy_header_names_the_user(tmp_path):
+    """Behind a reverse proxy (CXR_WEB_TRUSTED_HEADER) the header is the user; without it,
+    nothing is served."""
+    data = tmp_path / "var"
+    db_url = f"sqlite:///{data / 'cxr.db'}"
+    data.mkdir()
+    upgrade(db_url)
+    image = seed(db_url, data, n=1)[0]
+    port = free_port()
+    proc = start_app({"CXR_DATA_DIR": str(data), "CXR_DATABASE_URL": db_url,
+                      "CXR_WEB_TRUSTED_HEADER": "X-Forwarded-User", "CXR_WEB_USERS": ""},
+                     port, tmp_path / "web.log")
+    app = {"port": port}
+    try:
+        assert _request(app, "GET", "/api/worklist").status == 401
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", f"/image/{image}", headers={"X-Forwarded-User": "dr.b"})
+        response = conn.getresponse()
+        page = response.read().decode()
+        assert response.status == 200 and "dr.b" in page
+        import re
+
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+        cookie = response.getheader("set-cookie").split(";")[0]
+        conn.request("POST", f"/image/{image}/label", body=f"csrf={csrf}&label=VIRUS",
+                     headers={"X-Forwarded-User": "dr.b", "Cookie": cookie,
+                              "Content-Type": "application/x-www-form-urlencoded"})
+        assert conn.getresponse().status == 303
+        conn.close()
+    finally:
+        stop_app(proc)
+    with session_scope(db_url) as session:
+        rows = session.query(GroundTruth).all()
+        assert [(r.image_id, r.label, r.labelled_by) for r in rows] == [(image, "VIRUS", "dr.b")]
+    dispose_engines()

@@ -153,7 +153,7 @@ async def logout(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     """The app for ``settings`` (checked: no open app beyond loopback)."""
-    from worker.web import pages
+    from worker.web import models_page, pages
 
     auth.check_web_settings(settings)
     routes = [
@@ -162,6 +162,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/logout", logout, methods=["POST"]),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
         *pages.routes(),
+        *models_page.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     middleware = [

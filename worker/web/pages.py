@@ -245,18 +245,6 @@ async def label_image(request: Request) -> Response:
     return RedirectResponse(f"/image/{target}", status_code=303)
 
 
-@signed_in()
-async def models_page(request: Request) -> Response:
-    from db import registry
-
-    def read():
-        with session_scope(_db(request)) as session:
-            return registry.list_versions(session)
-
-    versions = await run_in_threadpool(read)
-    return render(request, "models.html", versions=versions)
-
-
 def routes() -> list[Route]:
     return [
         Route("/", worklist_page, methods=["GET"]),
@@ -266,5 +254,4 @@ def routes() -> list[Route]:
         Route("/image/{image_id:int}/input.png", input_picture, methods=["GET"]),
         Route("/image/{image_id:int}/heatmap.png", heatmap_picture, methods=["GET"]),
         Route("/image/{image_id:int}/label", label_image, methods=["POST"]),
-        Route("/models", models_page, methods=["GET"]),
     ]
