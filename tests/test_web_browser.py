@@ -120,7 +120,8 @@ def test_sign_in_filter_open_toggle_agree_correct_and_live(app, tmp_path):
 
         page.click("header a[href='/models']")
         assert page.locator("#models tr.production").count() == 2
-        page.wait_for_function("() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "() => [...document.images].every(i => i.complete && i.naturalWidth > 0)")
         assert page.locator(".plots img").count() >= 2  # cxr monitor's plots, drawn live
         browser.close()
     assert errors == []
