@@ -129,3 +129,38 @@ def test_worklist_shows_review_flags_when_the_view_has_them(db_url, tmp_path):
         assert [r["id"] for r in flagged] == [i for i in reversed(ids) if i % 2 == 0]
         assert flagged[0]["gate_score"] == 0.25
         assert len(worklist(session, Filters(review="none"))) == len(ids) - len(flagged)
+
+
+def test_cxr_up_runs_the_review_app_only_when_asked(tmp_path):
+    from worker.ops.supervisor import child_specs
+
+    settings = Settings(data_dir=tmp_path)
+    assert "web" not in [s.name for s in child_specs(settings, flower=False)]
+    web = [s for s in child_specs(settings, flower=False, web=True) if s.name == "web"]
+    assert len(web) == 1 and web[0].argv[-1] == "web"
+    result = subprocess.run([sys.executable, "-m", "worker.cli", "up", "--web"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 "CXR_DATA_DIR": str(tmp_path / "var"),
+                                 "CXR_WEB_ADDRESS": "0.0.0.0", "CXR_WEB_USERS": ""})
+    assert result.returncode == 2 and "without sign-in" in result.stderr
+    assert not (tmp_path / "var").exists()  # refused before anything started
+
+
+def test_compose_web_service_needs_sign_in_and_stays_on_loopback(tmp_path):
+    from test_compose import DOTENV, SERVICES, environment, interpolate
+
+    service = SERVICES["web"]
+    assert service["command"] == ["web"] and service["profiles"] == ["web"]
+    assert [interpolate(p, {}) for p in service["ports"]] == ["127.0.0.1:8000:8000"]
+    users = f"alice:{auth.hash_password('x')}"
+    for env, refused in (({}, True), ({"WEB_USERS": users}, False),
+                         ({"WEB_TRUSTED_HEADER": "X-Forwarded-User"}, False)):
+        values = environment("web", {**DOTENV, **env})
+        fields = {k[4:].lower(): v or None for k, v in values.items() if k.startswith("CXR_")}
+        settings = Settings(_env_file=None, **{**fields, "data_dir": tmp_path})
+        if refused:
+            with pytest.raises(auth.WebConfigError):
+                auth.check_web_settings(settings)
+        else:
+            auth.check_web_settings(settings)

@@ -161,6 +161,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/favicon.ico", lambda request: Response(status_code=204), methods=["GET"]),
+        Route("/healthz", lambda request: PlainTextResponse("ok"), methods=["GET"]),
         *pages.routes(),
         *models_page.routes(),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
