@@ -164,3 +164,29 @@ def test_compose_web_service_needs_sign_in_and_stays_on_loopback(tmp_path):
                 auth.check_web_settings(settings)
         else:
             auth.check_web_settings(settings)
+
+
+def test_csv_cells_never_start_a_formula():
+    from worker.web.pages import _csv_cell
+
+    assert [_csv_cell(v) for v in ("=HYPERLINK(1)", "+1", "-2", "@x", "chest.png", None, 0.5)] \
+        == ["'=HYPERLINK(1)", "'+1", "'-2", "'@x", "chest.png", "", "0.5"]
+
+
+def test_the_model_input_is_served_only_from_the_hashed_file(db_url, tmp_path):
+    from worker.web.pictures import Feed, model_input_png
+
+    image = seed(db_url, tmp_path, n=1)[0]
+    settings = Settings(data_dir=tmp_path, database_url=db_url)
+    with session_scope(db_url) as session:
+        row = image_detail(session, image)
+    png, problem = model_input_png(settings, row["stored_path"], row["sha256"], Feed(40))
+    assert problem is None and png.startswith(b"\x89PNG")
+    import io
+
+    from PIL import Image as PILImage
+    assert PILImage.open(io.BytesIO(png)).size == (40, 40)
+    with open(tmp_path / row["stored_path"], "ab") as fh:
+        fh.write(b"tampered")
+    png, problem = model_input_png(settings, row["stored_path"], row["sha256"], Feed(40))
+    assert png is None and "changed after intake" in problem
