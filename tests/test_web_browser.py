@@ -228,3 +228,29 @@ def test_a_proxy_header_names_the_user(tmp_path):
         rows = session.query(GroundTruth).all()
         assert [(r.image_id, r.label, r.labelled_by) for r in rows] == [(image, "VIRUS", "dr.b")]
     dispose_engines()
+
+
+def test_without_sign_in_only_this_machine_is_answered(tmp_path):
+    """On loopback with no users the app answers as `local`, but only to requests naming this
+    machine: a site re-pointing its DNS name at 127.0.0.1 (DNS rebinding) gets nothing."""
+    data = tmp_path / "var"
+    data.mkdir()
+    db_url = f"sqlite:///{data / 'cxr.db'}"
+    upgrade(db_url)
+    seed(db_url, data, n=1)
+    port = free_port()
+    proc = start_app({"CXR_DATA_DIR": str(data), "CXR_DATABASE_URL": db_url,
+                      "CXR_WEB_USERS": "", "CXR_WEB_TRUSTED_HEADER": ""},
+                     port, tmp_path / "web.log")
+    try:
+        for host, status in (("127.0.0.1", 200), ("localhost", 200), ("evil.example", 400)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/", headers={"Host": f"{host}:{port}"})
+            response = conn.getresponse()
+            body = response.read().decode()
+            conn.close()
+            assert response.status == status, host
+            assert status != 200 or ">local<" in body
+    finally:
+        stop_app(proc)
+    dispose_engines()

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -172,6 +173,11 @@ def create_app(settings: Settings) -> Starlette:
                    session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_S,
                    same_site="strict", https_only=not is_loopback(settings.web_address)),
     ]
+    if not settings.web_users and not settings.web_trusted_header:
+        # no sign-in (loopback only): answer only to this machine's names, so a web page whose
+        # DNS name is re-pointed at 127.0.0.1 (DNS rebinding) cannot read the worklist
+        hosts = sorted({"127.0.0.1", "localhost", "[::1]", settings.web_address})
+        middleware.insert(1, Middleware(TrustedHostMiddleware, allowed_hosts=hosts))
     app = Starlette(routes=routes, middleware=middleware)
     app.state.settings = settings
     app.state.users = auth.parse_users(settings.web_users)
