@@ -132,7 +132,15 @@ async function poll(table) {
 
 document.addEventListener("DOMContentLoaded", () => {
   const button = document.getElementById("toggle-heatmap");
+  const heatmap = document.getElementById("heatmap");
   if (button) button.addEventListener("click", toggleHeatmap);
+  if (heatmap && button) {
+    // the row names a heatmap this host cannot read (drawn on another worker's disk)
+    heatmap.addEventListener("error", () => {
+      heatmap.remove();
+      button.replaceWith(document.createTextNode("The heatmap file is not available here."));
+    });
+  }
   const table = document.getElementById("worklist");
   if (table && table.dataset.live === "on") {
     setInterval(() => poll(table), 3000);
