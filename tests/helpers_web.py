@@ -96,6 +96,8 @@ def seed(db_url: str, data_dir: Path, n: int = 5) -> list[int]:
             image = record_image(session, sha256=sha, file_name=f"chest-{i}.png",
                                  stored_path=stored, size_bytes=len(data),
                                  status=ImageStatus.DONE)
+            image.accession_number = f"ACC{4711 + i}"  # DICOM identifiers, made up
+            image.study_instance_uid = f"1.2.826.0.1.3680043.8.498.{1000 + i}"
             positive = label != "NORMAL"
             rows = [{"sha256": sha, "pneumonia_model_id": first,
                      "infection_model_id": second if positive else None,

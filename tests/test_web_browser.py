@@ -88,6 +88,7 @@ def test_sign_in_filter_open_toggle_agree_correct_and_live(app, tmp_path):
         page.wait_for_url("**label=BACTERIA**")
         labels = page.locator("#worklist td.label").all_inner_texts()
         assert labels == ["BACTERIA", "BACTERIA"]
+        assert "ACC4715" in page.inner_text("#worklist")
         _shot(page, "web-worklist.png", tmp_path)
 
         newest = app["ids"][-1]
@@ -96,6 +97,7 @@ def test_sign_in_filter_open_toggle_agree_correct_and_live(app, tmp_path):
         page.wait_for_function("document.getElementById('input').complete")
         assert page.evaluate("document.getElementById('input').naturalWidth") == 48
         assert page.is_hidden("#heatmap")
+        assert "1.2.826.0.1.3680043.8.498.1004" in page.inner_text("#identifiers")
         page.click("#toggle-heatmap")
         assert page.is_visible("#heatmap") and page.is_hidden("#input")
         page.wait_for_function("document.getElementById('heatmap').naturalWidth === 64")
