@@ -15,10 +15,9 @@ from sqlalchemy.orm import Session
 
 from db.exceptions import LabelError
 from db.models import GroundTruth, Image
-from db.vocabulary import Label
+from db.vocabulary import LABEL_SOURCES, Label
 
-SOURCES = ("review", "report", "import")
-"""Where a label came from: a radiologist's review, the report, a file import."""
+SOURCES = LABEL_SOURCES
 
 MATCH_KEYS = ("id", "sha256", "sop_instance_uid", "accession_number")
 """Columns an import may match images by; a sha256 or an accession number may match several."""

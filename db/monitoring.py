@@ -7,7 +7,7 @@ measured on the images it scored, whether or not its answer was the one shown.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -15,6 +15,13 @@ from sqlalchemy import func, inspect, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import GroundTruth, Image, ModelVersion, Prediction
+
+
+def as_utc(when: datetime | None) -> datetime | None:
+    """An aware UTC time (SQLite hands back naive ones, stored as UTC)."""
+    if when is None:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def served_versions(session: Session) -> list[dict[str, Any]]:
@@ -42,7 +49,10 @@ def labelled_predictions(session: Session) -> list[dict[str, Any]]:
     )
     keys = ("image_id", "truth", "received_at", "pneumonia_model_id", "infection_model_id",
             "p_pneumonia", "p_virus", "predicted")
-    return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
+    rows = [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
+    for row in rows:
+        row["received_at"] = as_utc(row["received_at"])
+    return rows
 
 
 def received_since(session: Session, since: datetime) -> list[dict[str, Any]]:
@@ -55,7 +65,8 @@ def received_since(session: Session, since: datetime) -> list[dict[str, Any]]:
     out = []
     for image_id, received, status, label, stored, size, modality, view in session.execute(query):
         suffix = PurePosixPath(stored).suffix.lower().lstrip(".") if stored else ""
-        out.append({"id": image_id, "received_at": received, "status": status, "label": label,
+        out.append({"id": image_id, "received_at": as_utc(received), "status": status,
+                    "label": label,
                     "format": suffix or "unknown", "size_bytes": size, "modality": modality,
                     "view_position": view})
     return out
@@ -68,7 +79,10 @@ def predictions_since(session: Session, since: datetime) -> list[dict[str, Any]]
                     Prediction.infection_model_id, Prediction.p_virus)
              .where(Prediction.created_at >= since).order_by(Prediction.id))
     keys = ("created_at", "pneumonia_model_id", "p_pneumonia", "infection_model_id", "p_virus")
-    return [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
+    rows = [dict(zip(keys, row, strict=True)) for row in session.execute(query)]
+    for row in rows:
+        row["created_at"] = as_utc(row["created_at"])
+    return rows
 
 
 def first_served(session: Session, model_id: int, stage: str, limit_days: int = 7
@@ -95,3 +109,26 @@ def review_flags(session: Session) -> dict[int, str | None] | None:
         return None
     rows = session.execute(text("SELECT id, review FROM results WHERE status = 'done'"))
     return {int(i): (flag or None) for i, flag in rows}
+
+
+def received_times(session: Session, image_ids: list[int]) -> dict[int, datetime]:
+    """image id -> when it was received: the start of its drop-to-done latency."""
+    if not image_ids:
+        return {}
+    rows = session.execute(select(Image.id, Image.received_at).where(Image.id.in_(image_ids)))
+    return {int(i): as_utc(when) for i, when in rows}
+
+
+def queue_state(session: Session) -> tuple[dict[str, int], datetime | None]:
+    """(open images per status, when the oldest open one was received): the queue as
+    operations see it, read at scrape time."""
+    from db.vocabulary import OPEN_STATUSES
+
+    counts = dict.fromkeys((str(s) for s in OPEN_STATUSES), 0)
+    rows = session.execute(select(Image.status, func.count(), func.min(Image.received_at))
+                           .where(Image.status.in_(OPEN_STATUSES)).group_by(Image.status))
+    oldest = None
+    for status, count, first in rows:
+        counts[str(status)] = int(count)
+        oldest = first if oldest is None or (first is not None and first < oldest) else oldest
+    return counts, as_utc(oldest)

@@ -38,6 +38,9 @@ class ModelStatus(StrEnum):
     ARCHIVED = "archived"
 
 
+LABEL_SOURCES = ("review", "report", "import")
+"""Where a ground-truth label came from: a radiologist's review, the report, a file import."""
+
 STAGE_CLASSES: dict[str, tuple[str, str]] = {
     Stage.PNEUMONIA: ("NORMAL", "PNEUMONIA"),
     Stage.INFECTION: ("BACTERIA", "VIRUS"),

@@ -26,9 +26,11 @@ import numpy as np
 from db import images, predictions, registry
 from db.claims import Claim, requeue
 from db.deployment import unknown_ids
+from db.monitoring import received_times
 from db.predictions import Answer, Rejection
 from db.session import session_scope
 from trainer.imaging.budget import MemoryBudget
+from worker.classify import metrics
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
 from worker.classify.inference import ModelCache, Models, classify_arrays
@@ -87,6 +89,7 @@ def process_images(
             outcome.update(classify_claimed(group, settings, cache))
         except Exception as exc:
             outcome.update(_fail_spent(group, settings, exc))
+    metrics.observe_failed(sum(1 for v in outcome.values() if v == "failed"))
     return outcome
 
 
@@ -162,7 +165,8 @@ def read_and_classify(claims: list[Claim], settings: Settings, models: Models) -
     feeds = (models.pneumonia.feed, (models.infection or models.pneumonia).feed)
     pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
     try:
-        pending = [pool.submit(read_claim, claim, settings, feeds, budget) for claim in claims]
+        pending = [pool.submit(metrics.timed, read_claim, claim, settings, feeds, budget)
+                   for claim in claims]
         for start in range(0, len(claims), step):
             began = time.perf_counter()
             chunk = [future.result() for future in pending[start:start + step]]
@@ -204,8 +208,14 @@ def record(run: BatchRun, settings: Settings, models: Models, heatmaps: dict[str
                for r, result in zip(run.good, run.results, strict=True)]
     identifiers = {r.claim.image_id: r.identifiers for r in run.read
                    if r.identifiers is not None}
+    done = [a.image_id for a in answers]
     with session_scope(settings.db_url) as session:
         predictions.record_batch(session, answers, rejections, identifiers)
+        received = received_times(session, done) if metrics.enabled() else {}
+    version = f"pneumonia/v{models.pneumonia.version}"
+    metrics.observe_batch([(str(r.label), version) for r in run.results],
+                          [r.reason for r in rejections], run.forward_s, len(run.read),
+                          received, done)
     outcome = dict.fromkeys((r.image_id for r in rejections), "rejected")
     outcome.update(dict.fromkeys((a.image_id for a in answers), "done"))
     return outcome

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from db.labels import EXPORT_COLUMNS, SOURCES
+from db.vocabulary import LABEL_SOURCES as SOURCES
 from db.vocabulary import Label
 
 
@@ -73,7 +73,7 @@ def cmd_labels_add(args: argparse.Namespace, settings: Any) -> int:
 def cmd_labels_export(args: argparse.Namespace, settings: Any) -> int:
     import csv
 
-    from db.labels import export_labels
+    from db.labels import EXPORT_COLUMNS, export_labels
     from db.migrate import check_schema
     from db.session import session_scope
     from worker.cli.format import spreadsheet_safe

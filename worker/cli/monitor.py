@@ -82,6 +82,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{_shares(day['labels'])}; statuses {_shares(day['statuses'])}")
         lines.append("    input: " + "; ".join(f"{k} {_shares(v)}"
                                                for k, v in day["input"].items()))
+        moved = {k: v for k, v in day["psi_vs_earlier"].items() if v is not None}
+        if moved:
+            lines.append("    PSI against the earlier days: "
+                         + ", ".join(f"{k} {v:.3f}" for k, v in moved.items()))
         for s in day["stages"]:
             scores = (f"PSI {s['psi']:.3f} KS {s['ks']:.3f} against {s['reference']}"
                       if s["psi"] is not None else "no reference")

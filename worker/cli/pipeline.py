@@ -15,6 +15,14 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+
+    if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from worker.ops.metrics import prepare_dir, serve  # before any instrument exists
+
+        path = prepare_dir(settings, "worker")
+        if path is not None:
+            serve(settings, path)
     from worker.classify.celery_app import app
 
     argv = [

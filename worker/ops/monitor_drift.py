@@ -106,9 +106,9 @@ def _stage_entry(name: str, values: list[float], reference: dict[str, Any] | Non
 
 
 def _shares(values: list[Any]) -> dict[str, float]:
-    total = len(values)
-    keys = sorted({str(v) for v in values})
-    return {k: round(sum(1 for v in values if str(v) == k) / total, 4) for k in keys}
+    """Share of each value (``none`` for a missing one: a JPEG has no DICOM modality)."""
+    names = ["none" if v is None else str(v) for v in values]
+    return {k: round(names.count(k) / len(names), 4) for k in sorted(set(names))}
 
 
 def _shares_entry(day: str, rows: list[dict[str, Any]], earlier: list[dict[str, Any]]

@@ -31,7 +31,7 @@ def _version_plot(version: dict[str, Any], out_dir: Path) -> Path:
     x = list(range(len(weeks)))
     for offset, (name, colour) in enumerate((("sensitivity", "tab:red"),
                                              ("specificity", "tab:blue"))):
-        points = [(i + offset * 0.1, w[name], w[f"{name}_ci"]) for i, w in zip(x, weeks,
+        points = [(i + (offset - 0.5) * 0.1, w[name], w[f"{name}_ci"]) for i, w in zip(x, weeks,
                                                                               strict=True)
                   if w[name] is not None]
         if not points:
@@ -41,6 +41,7 @@ def _version_plot(version: dict[str, Any], out_dir: Path) -> Path:
                   [ci[1] - y for y, ci in zip(ys, cis, strict=True)]]
         ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, color=colour, label=name)
     ax.set_xticks(x, [f"{w['week']}\nn={w['n_labelled']}" for w in weeks])
+    ax.set_xlim(-0.5, len(weeks) - 0.5)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{version['model']} on labelled images (95 % intervals)")
     ax.legend(loc="lower left")
@@ -63,6 +64,7 @@ def _psi_plot(drift: dict[str, Any], out_dir: Path) -> Path:
         ax.plot([days.index(d) for d, _ in points], [p for _, p in points], "o-", label=model)
     ax.axhline(drift["psi_threshold"], color="grey", linestyle="--", label="alarm")
     ax.set_xticks(range(len(days)), days, rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(days) - 0.5)
     ax.set_ylabel("PSI against reference")
     ax.set_title("Served probabilities: drift per day")
     ax.legend(loc="upper left", fontsize="small")

@@ -250,6 +250,23 @@ def _wait_for_broker(url: str, proc_alive: Callable[[], bool]) -> None:
     )
 
 
+def _serve_metrics(settings: Settings, specs: list[ChildSpec]) -> None:
+    """The children write their metrics into one private folder; this process serves them."""
+    if not settings.metrics_port:
+        return
+    from worker.ops.metrics import child_metrics_env, prepare_dir, serve
+
+    path = prepare_dir(settings, "up")
+    if path is None:
+        return
+    for spec in specs:
+        if spec.env is not None:
+            spec.env.update(child_metrics_env(path))
+    if serve(settings, path):
+        print(f"cxr up: metrics on http://{settings.metrics_address}:{settings.metrics_port}"
+              "/metrics", flush=True)
+
+
 def up(settings: Settings, *, flower: bool = True, polling: bool = False,
        concurrency: int | None = None, stop: threading.Event | None = None,
        web: bool = False) -> int:
@@ -271,6 +288,7 @@ def up(settings: Settings, *, flower: bool = True, polling: bool = False,
             print("cxr up: created the database schema", flush=True)
         specs = child_specs(settings, flower=flower, polling=polling, concurrency=concurrency,
                             web=web)
+        _serve_metrics(settings, specs)
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
