@@ -188,6 +188,9 @@ def test_refusals(app):
         assert image not in current_labels(session, [image])
     assert _request(app, "POST", "/login", "csrf=x&user=alice&password=guess").status == 403
     assert _sign_in(app, "guess").status == 401
+    for _ in range(4):  # five wrong passwords in a row pause sign-in for that user
+        assert _sign_in(app, "guess").status == 401
+    assert _sign_in(app).status == 429
     headers = _request(app, "GET", "/login")
     assert "frame-ancestors 'none'" in headers.getheader("content-security-policy")
     assert headers.getheader("x-frame-options") == "DENY"

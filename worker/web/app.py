@@ -7,6 +7,7 @@ build and no ORM or form layer of its own to reconcile with db/.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import wraps
@@ -43,6 +44,9 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
     "cross-origin-opener-policy": "same-origin",
 }
+MAX_FAILURES, LOCKOUT_S = 5, 300.0
+"""Wrong passwords for one user before sign-in pauses for that user (each guess also costs
+a 16 MiB scrypt)."""
 _DUMMY_HASH = auth.hash_password("not a password", salt=b"\0" * 16)
 STATIC = Path(__file__).with_name("static")
 
@@ -131,14 +135,30 @@ async def login_page(request: Request) -> Response:
     return render(request, "login.html")
 
 
+def _locked_out(request: Request, name: str, failed: bool = False) -> bool:
+    """Whether ``name`` (a configured user) had ``MAX_FAILURES`` wrong passwords in the last
+    ``LOCKOUT_S``; ``failed`` records one more. Only known names are tracked (bounded memory)."""
+    failures: dict[str, list[float]] = request.app.state.failures
+    if name not in request.app.state.users:
+        return False
+    now = time.monotonic()
+    recent = [t for t in failures.get(name, []) if now - t < LOCKOUT_S]
+    failures[name] = [*recent, now] if failed else recent
+    return len(recent) >= MAX_FAILURES
+
+
 async def login(request: Request) -> Response:
     users = request.app.state.users
     form = await checked_form(request)
     if not users or form is None:
         return PlainTextResponse("bad or missing CSRF token", status_code=403)
     name, password = form.get("user", ""), form.get("password", "")
+    if _locked_out(request, name):
+        return render(request, "login.html", status_code=429,
+                      error="too many wrong passwords; try again in a few minutes")
     ok = await run_in_threadpool(auth.verify_password, password, users.get(name, _DUMMY_HASH))
     if not ok or name not in users:
+        _locked_out(request, name, failed=True)
         return render(request, "login.html", status_code=401, error="wrong name or password")
     request.session.clear()
     request.session.update(user=name, csrf=auth.new_csrf_token())
@@ -181,6 +201,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(routes=routes, middleware=middleware)
     app.state.settings = settings
     app.state.users = auth.parse_users(settings.web_users)
+    app.state.failures = {}
     app.state.templates = Environment(loader=PackageLoader("worker.web", "templates"),
                                       autoescape=True)
     app.state.templates.filters["when"] = when
