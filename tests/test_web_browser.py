@@ -178,6 +178,7 @@ def test_refusals(app):
     assert _request(app, "POST", f"/image/{image}/label", "label=NORMAL").status == 401
     cookie = _signed_in_cookie(app)
     assert _request(app, "GET", f"/image/{image}/input.png", cookie=cookie).status == 200
+    _csv_and_json_follow_the_filters(app, cookie)
     forged = _request(app, "POST", f"/image/{image}/label", "csrf=forged&label=NORMAL", cookie)
     assert forged.status == 403
     assert _request(app, "POST", f"/image/{image}/label", "label=NORMAL", cookie).status == 403
@@ -259,3 +260,22 @@ def test_without_sign_in_only_this_machine_is_answered(tmp_path):
     finally:
         stop_app(proc)
     dispose_engines()
+
+
+def _csv_and_json_follow_the_filters(app, cookie: str) -> None:
+    import csv
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", app["port"], timeout=10)
+    conn.request("GET", "/worklist.csv?label=BACTERIA", headers={"Cookie": cookie})
+    response = conn.getresponse()
+    lines = response.read().decode().splitlines()
+    assert response.status == 200 and "attachment" in response.getheader("content-disposition")
+    assert "not a medical device" in lines[0]
+    rows = list(csv.DictReader(lines[1:]))
+    assert [int(r["id"]) for r in rows] == [app["ids"][4], app["ids"][1]]
+    assert {r["label"] for r in rows} == {"BACTERIA"} and rows[0]["accession_number"]
+    conn.request("GET", f"/api/worklist?after={app['ids'][2]}", headers={"Cookie": cookie})
+    new = json.loads(conn.getresponse().read())["new"]
+    assert [r["id"] for r in new][-2:] == [app["ids"][4], app["ids"][3]]
+    conn.close()
