@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from db.exceptions import LabelError
 from db.session import session_scope
-from db.vocabulary import DISCLAIMER, FINAL_STATUSES, ImageStatus, Label
+from db.vocabulary import DISCLAIMER, FINAL_STATUSES, STAGE_CLASSES, ImageStatus, Label
 from db.worklist import Filters
 from worker.web.app import checked_form, render, signed_in
 
@@ -157,9 +157,10 @@ def _image_context(settings, image_id: int) -> dict[str, Any] | None:
         if row is None:
             return None
         newer_id, older_id = neighbours(session, image_id)
-        stages = [("pneumonia", row["p_pneumonia"], row["threshold"], row["pneumonia_model"]),
+        stages = [("pneumonia", row["p_pneumonia"], row["threshold"], row["pneumonia_model"],
+                   STAGE_CLASSES["pneumonia"]),
                   ("infection", row["p_virus"], row["infection_threshold"],
-                   row["infection_model"])]
+                   row["infection_model"], STAGE_CLASSES["infection"])]
         return {"row": row, "stages": stages, "predictions": predictions_of(session, image_id),
                 "given": labels_of(session, image_id), "newer_id": newer_id,
                 "older_id": older_id, "has_review": "review" in view_columns(session),
