@@ -58,6 +58,7 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     assert len(explained) == (1 if any(label != "NORMAL" for _, label, _, _ in rows) else 0)
     assert all(f"-> {path}" in out for path in explained)
     assert (demo / "review.html").read_text().count('<article class="card"') == 6
+    assert out.strip().splitlines()[-1].startswith("review app: ")  # `make demo` ends with it
     assert f"open {demo / 'review.html'}" in out
     assert not (tmp_path / "var" / "inbox").exists() or not any(
         p.is_file() for p in (tmp_path / "var" / "inbox").rglob("*"))

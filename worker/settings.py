@@ -142,6 +142,22 @@ class Settings(BaseSettings):
     dicom_retry_max_seconds: float = Field(
         300.0, description="Longest wait (s) between two tries to send one DICOM result."
     )
+    web_address: str = Field("127.0.0.1", description="Address the review app (`cxr web`) "
+                             "listens on; beyond loopback it needs users or a trusted header.")
+    web_port: int = Field(8000, description="Port the review app listens on.")
+    web_users: str | None = Field(
+        None, description="Review app users as name:hash,... (hashes from `cxr web "
+        "hash-password`).", repr=False
+    )
+    web_trusted_header: str | None = Field(
+        None, description="Header a reverse proxy sets to the signed-in user's name (e.g. "
+        "X-Forwarded-User); only for an app the proxy alone can reach."
+    )
+    web_secret: str | None = Field(
+        None, description="Key that signs review app sessions (default: a random key kept in "
+        "DATA_DIR/web-secret, mode 600).", repr=False
+    )
+    web_in_up: bool = Field(False, description="`cxr up` also runs the review app.")
     monitor_psi: float = Field(
         0.2, description="Population stability index past which `cxr monitor` flags a drift "
         "(and `--check` exits non-zero)."

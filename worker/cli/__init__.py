@@ -29,6 +29,7 @@ COMMAND_MODULES = [
 
     "worker.cli.labels",  # labels import|add|export
     "worker.cli.monitor",  # monitor
+    "worker.cli.web",  # web, web hash-password
 ]
 
 

@@ -1,10 +1,10 @@
 """`cxr demo`: the whole product on synthetic X-rays, from nothing, in one command.
 
 Generate a data set, train and promote both stages with the small backbone, start the stack
-(`cxr up`: Redis if needed, watcher, worker with heatmaps on, Flower), drop held-out images
-into the inbox, wait for every result, print them with a summary, draw where the model looked
-for one of them (`cxr explain`), write the review page (`cxr report`), and stop (unless
---keep-running).
+(`cxr up`: Redis if needed, watcher, worker with heatmaps on, Flower, the review app), drop
+held-out images into the inbox, wait for every result, print them with a summary, draw where
+the model looked for one of them (`cxr explain`), write the review page (`cxr report`), and
+stop (unless --keep-running); the last line says where the review app (`cxr web`) is.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.flower_basic_auth:
         password = secrets.token_urlsafe(9)
         settings = settings.model_copy(update={"flower_basic_auth": f"demo:{password}"})
+    web_password = _web_user(settings)
     settings.ensure_dirs()
     upgrade(settings.db_url)
     if not (args.reuse_models and _has_production_models(settings)):
@@ -65,7 +66,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         _train_both(settings, data, args)
     log_path = settings.data_dir.absolute() / "logs" / "demo-stack.log"
     print(f"\n[{_elapsed(started)}] starting the stack (cxr up); its log: {log_path}", flush=True)
-    stack = _start_stack(settings, log_path)
+    stack = _start_stack(settings, log_path, web_password)
     try:
         if not _wait_for_flower(settings, stack):
             print("Flower did not answer; continuing without it", flush=True)
@@ -84,7 +85,24 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         else:
             _stop_stack(stack)
     print(f"\ndemo finished in {_elapsed(started)}. {SYNTHETIC_NOTE} {DISCLAIMER}")
+    print(_web_address(settings, web_password, args.keep_running))
     return 0
+
+
+def _web_user(settings: Settings) -> str | None:
+    """A password for the demo's review app user ``demo`` (None when users are configured)."""
+    if settings.web_users or settings.web_trusted_header:
+        return None
+    return secrets.token_urlsafe(9)
+
+
+def _web_address(settings: Settings, password: str | None, running: bool) -> str:
+    """The last line of the demo: where the review app is (or how to start it)."""
+    url = f"http://{settings.web_address}:{settings.web_port}/"
+    if running:
+        who = f" (user 'demo', password {password!r})" if password else ""
+        return f"review app: {url}{who}"
+    return f"review app: run `cxr web`, then open {url} (signs in as 'local' on loopback)"
 
 
 def _elapsed(started: float) -> str:
@@ -124,12 +142,16 @@ def _train_both(settings: Settings, data: Path, args: argparse.Namespace) -> Non
     train_args.func(train_args, settings)
 
 
-def _start_stack(settings: Settings, log_path: Path) -> LocalStack:
+def _start_stack(settings: Settings, log_path: Path, web_password: str | None) -> LocalStack:
     from worker.ops.supervisor import child_env
+    from worker.web.auth import hash_password
 
     env = child_env(settings)
     env["CXR_FLOWER_BASIC_AUTH"] = settings.flower_basic_auth or ""
     env["CXR_HEATMAPS"] = "true"  # the worker draws where it looked for each positive result
+    env["CXR_WEB_IN_UP"] = "true"  # the review app, at the address the demo prints last
+    if web_password:
+        env["CXR_WEB_USERS"] = f"demo:{hash_password(web_password)}"
     return LocalStack(env, log_path)
 
 

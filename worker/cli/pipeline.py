@@ -47,8 +47,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from worker.ops.supervisor import up
 
+    web = (settings.web_in_up or args.web) and not args.no_web
+    if web:
+        from worker.web.auth import check_web_settings
+
+        check_web_settings(settings)  # refuse an open review app before starting anything
     return up(settings, flower=not args.no_flower, polling=args.polling,
-              concurrency=args.concurrency)
+              concurrency=args.concurrency, web=web)
 
 
 def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
@@ -85,6 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "database's schema, restarts a child that dies, and stops everything on Ctrl-C.",
     )
     p.add_argument("--no-flower", action="store_true", help="do not start Flower")
+    p.add_argument("--web", action="store_true",
+                   help="also run the review app, `cxr web` (CXR_WEB_IN_UP=true does too)")
+    p.add_argument("--no-web", action="store_true", help="do not run the review app")
     p.add_argument("--polling", action="store_true", help="watcher polls (network filesystems)")
     p.add_argument("--concurrency", type=int, help="worker processes (CXR_WORKER_CONCURRENCY)")
     p.set_defaults(func=cmd_up)

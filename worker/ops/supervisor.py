@@ -213,6 +213,7 @@ def child_specs(
     flower: bool = True,
     polling: bool = False,
     concurrency: int | None = None,
+    web: bool = False,
 ) -> list[ChildSpec]:
     env = child_env(settings)
     cli = CXR_COMMAND
@@ -232,6 +233,8 @@ def child_specs(
             pass
         else:
             specs.append(ChildSpec("flower", flower_command(settings), flower_env(settings, env)))
+    if web:  # the review app; `cxr up` checked its sign-in settings before starting anything
+        specs.append(ChildSpec("web", [*cli, "web"], env))
     return specs
 
 
@@ -277,7 +280,8 @@ def _serve_metrics(settings: Settings, specs: list[ChildSpec]) -> None:
 
 
 def up(settings: Settings, *, flower: bool = True, polling: bool = False,
-       concurrency: int | None = None, stop: threading.Event | None = None) -> int:
+       concurrency: int | None = None, stop: threading.Event | None = None,
+       web: bool = False) -> int:
     """Run everything in the foreground until Ctrl-C/SIGTERM (or ``stop`` is set)."""
     settings.ensure_dirs()
     specs: list[ChildSpec] = []
@@ -294,7 +298,8 @@ def up(settings: Settings, *, flower: bool = True, polling: bool = False,
 
         if ensure_schema(settings.db_url):
             print("cxr up: created the database schema", flush=True)
-        specs = child_specs(settings, flower=flower, polling=polling, concurrency=concurrency)
+        specs = child_specs(settings, flower=flower, polling=polling, concurrency=concurrency,
+                            web=web)
         _serve_metrics(settings, specs)
         stop = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
