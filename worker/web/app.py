@@ -71,6 +71,13 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+
+def png_or_404(data: bytes | None, missing: str) -> Response:
+    """A picture's PNG, or 404 with what is missing (pages serve pictures by row id only)."""
+    if data is None:
+        return PlainTextResponse(missing, status_code=404)
+    return Response(data, media_type="image/png")
+
 def user_of(request: Request) -> str | None:
     """The signed-in user: the proxy's header, the session's user, or ``local`` when the app
     runs on loopback with no sign-in configured."""

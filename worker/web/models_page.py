@@ -8,11 +8,11 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from db.session import session_scope
-from worker.web.app import render, signed_in
+from worker.web.app import png_or_404, render, signed_in
 
 FIGURES = ("n_labelled", "sensitivity", "specificity", "accuracy", "auc", "cascade_accuracy",
            "review_share")
@@ -61,9 +61,7 @@ async def plot(request: Request) -> Response:
     """The monitor's n-th plot (weekly figures per version, then drift), by number only."""
     data = await run_in_threadpool(_plot_png, request.app.state.settings,
                                    request.path_params["index"])
-    if data is None:
-        return PlainTextResponse("no such plot", status_code=404)
-    return Response(data, media_type="image/png")
+    return png_or_404(data, "no such plot")
 
 
 def routes() -> list[Route]:

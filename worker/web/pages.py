@@ -28,7 +28,7 @@ from db.exceptions import LabelError
 from db.session import session_scope
 from db.vocabulary import DISCLAIMER, FINAL_STATUSES, STAGE_CLASSES, ImageStatus, Label
 from db.worklist import Filters
-from worker.web.app import checked_form, render, signed_in
+from worker.web.app import checked_form, png_or_404, render, signed_in
 
 REVIEW_FLAGS = ("uncertain", "out_of_scope", "none")
 CSV_COLUMNS = ("id", "received_at", "status", "label", "p_pneumonia", "p_virus", "review",
@@ -195,9 +195,7 @@ def _input_png(settings, image_id: int) -> tuple[bytes | None, str | None]:
 async def input_picture(request: Request) -> Response:
     data, problem = await run_in_threadpool(_input_png, request.app.state.settings,
                                             request.path_params["image_id"])
-    if data is None:
-        return PlainTextResponse(problem or "no picture", status_code=404)
-    return Response(data, media_type="image/png")
+    return png_or_404(data, problem or "no picture")
 
 
 def _heatmap(settings, image_id: int) -> bytes | None:
@@ -213,9 +211,7 @@ def _heatmap(settings, image_id: int) -> bytes | None:
 async def heatmap_picture(request: Request) -> Response:
     data = await run_in_threadpool(_heatmap, request.app.state.settings,
                                    request.path_params["image_id"])
-    if data is None:
-        return PlainTextResponse("no heatmap for this image", status_code=404)
-    return Response(data, media_type="image/png")
+    return png_or_404(data, "no heatmap for this image")
 
 
 def _add_label(db_url: str, image_id: int, label: str, user: str) -> int | None:
