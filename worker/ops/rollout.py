@@ -40,12 +40,14 @@ class Comparison:
     pairs: list[Pair]
 
 
-def comparison(session, stage: str, version: int, since: datetime | None = None
-               ) -> Comparison:
-    """Production against ``stage/vVERSION`` on every image both answered."""
+def comparison(session, stage: str, version: int, since: datetime | None = None,
+               truth: dict[int, str] | None = None) -> Comparison:
+    """Production against ``stage/vVERSION`` on every image both answered; ``truth`` (image
+    id -> label) defaults to the labels table's."""
     candidate = registry.get_version(session, stage, version)
     pairs = compare_pairs(session, stage, candidate.id, since)
-    truth = ground_truth(session, [p.image_id for p in pairs]) if pairs else {}
+    if truth is None:
+        truth = ground_truth(session, [p.image_id for p in pairs]) if pairs else {}
     report = compare(pairs, stage, truth)
     report["candidate_version"] = candidate.version
     production = registry.get_production(session, stage)
@@ -54,8 +56,8 @@ def comparison(session, stage: str, version: int, since: datetime | None = None
 
 
 def promote_guarded(db_url: str, stage: str, version: int, *, force: bool = False,
-                    actor: str | None = None, reason: str | None = None
-                    ) -> tuple[str, Comparison | None]:
+                    actor: str | None = None, reason: str | None = None,
+                    truth: dict[int, str] | None = None) -> tuple[str, Comparison | None]:
     """Promote ``stage/vVERSION`` unless the comparison says it is worse on labelled images
     (``rollout_stats.guard``) and ``force`` is not given; the audit row is written in the same
     transaction. Returns (the promoted version's name, the comparison when there is one)."""
@@ -63,7 +65,7 @@ def promote_guarded(db_url: str, stage: str, version: int, *, force: bool = Fals
 
     def txn() -> str:
         with session_scope(db_url) as session:
-            seen = comparison(session, stage, version)
+            seen = comparison(session, stage, version, truth=truth)
             found[0] = seen if seen.pairs else None
             refused = guard(seen.report)
             if refused and not force:
