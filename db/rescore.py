@@ -97,6 +97,11 @@ def pending_ids(session: Session, job: Job, limit: int | None = None) -> list[in
     return list(session.scalars(query.limit(limit) if limit else query))
 
 
+def still_pending(session: Session, job: Job, image_ids: Iterable[int]) -> list[int]:
+    """Those of ``image_ids`` the job still needs (a message delivered twice finds none)."""
+    return list(session.scalars(_pending(job).where(Image.id.in_(list(image_ids)))))
+
+
 def count_pending(session: Session, job: Job) -> int:
     return int(session.scalar(select(func.count()).select_from(_pending(job).subquery())))
 

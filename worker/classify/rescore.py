@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 def rescore_images(image_ids: list[int], job_id: int, settings: Settings, cache: ModelCache
                    ) -> dict[str, int]:
-    """Re-classify the done images among ``image_ids`` with the production models now;
-    returns how many were relinked to an existing prediction, classified, or skipped."""
+    """Re-classify the images among ``image_ids`` that job ``job_id`` still needs with the
+    production models now; returns how many were relinked to an existing prediction,
+    classified, or skipped."""
     with session_scope(settings.db_url) as session:
         models = cache.current(session)
         if models.pneumonia is None:
             raise RuntimeError("no production pneumonia model: re-score waits for one")
-        claims = jobs.done_claims(session, image_ids)
+        wanted = jobs.still_pending(session, jobs.get_job(session, job_id), image_ids)
+        claims = jobs.done_claims(session, wanted)
         infection = models.infection.model_id if models.infection else None
         known = predictions.current_predictions(session, [c.sha256 for c in claims],
                                                 models.pneumonia.model_id, infection)
