@@ -155,8 +155,9 @@ def cmd_history(args: argparse.Namespace, settings: Any) -> int:
 
 def _detail(detail: dict[str, Any]) -> str:
     parts = []
-    if detail.get("from") is not None or detail.get("to") is not None:
-        parts.append(f"v{detail.get('from') or '-'} -> v{detail.get('to') or '-'}")
+    before, after = detail.get("from"), detail.get("to")
+    if before is not None or after is not None:
+        parts.append(" -> ".join(f"v{v}" if v else "(none)" for v in (before, after)))
     parts += [f"{k}={v}" for k, v in detail.items()
               if k not in ("from", "to", "guard") and v not in (None, False, {}, [])]
     return " ".join(parts)
