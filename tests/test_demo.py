@@ -54,7 +54,8 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
                for status, label, _, _ in rows), rows
     assert {model for _, _, model, _ in rows} == {2}
     assert roles["production"] == 12 and roles["shadow"] >= 6 and roles["rescore"] == 12
-    assert actions[:2] == ["shadow on", "promote"] and actions[-1] == "rescore done"
+    assert actions == ["promote", "promote",  # cxr train --stage both --promote
+                       "shadow on", "promote", "rescore", "rescore done"]
     assert "would change label" in out and "on 6 labelled image(s)" in out
     assert (tmp_path / "var" / "demo" / "compare.png").is_file()
     # heatmaps on in the demo's worker: one per pneumonia-positive result; one explained
