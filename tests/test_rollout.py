@@ -156,6 +156,11 @@ def _check_compare(p: Pipeline, rows: dict, ids: dict) -> dict:
     assert report["table"][0][1] == len(expected_flips) and report["table"][1][0] == 0
     assert report["labelled"] is None  # no labels module on this branch: none yet
     assert (p.root / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    second = json.loads(cxr(p, "models", "compare", "infection", "2", "--format", "json").stdout)
+    sent_on = [i for i, n in ids.items() if rows[n]["label"] != "NORMAL"]
+    assert second["n"] == len(sent_on) and second["classes"] == ["BACTERIA", "VIRUS"]
+    assert second["table"][0][1] == 0  # the -3 bias only ever flips VIRUS to BACTERIA
+    assert all(f["candidate_p"] < f["production_p"] for f in second["flipped"])
     text_out = cxr(p, "models", "compare", "pneumonia", "2").stdout
     assert f"{len(expected_flips)} image(s) would change label" in text_out
     return report

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from db.vocabulary import DISCLAIMER, Stage
+from db.vocabulary import DISCLAIMER, Label, Stage
 from worker.cli.format import format_table
 
 
@@ -197,7 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prediction; `cxr results --history ID` lists every one.")
     res.add_argument("--since", type=_parse_iso, help="received since (ISO date/time)")
     res.add_argument("--until", type=_parse_iso, help="received before (ISO date/time)")
-    res.add_argument("--label", type=str.upper, help="only images showing this label now")
+    res.add_argument("--label", type=str.upper, choices=[label.value for label in Label],
+                     help="only images showing this label now")
     res.add_argument("--status", choices=["done"], default=None,
                      help="which images (default: every finished one, i.e. done)")
     res.add_argument("--no-progress", action="store_true", help="no progress bar")
