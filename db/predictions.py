@@ -55,7 +55,10 @@ def link_prediction(session: Session, image_id: int, prediction_id: int) -> bool
             status=ImageStatus.DONE, prediction_id=prediction_id, error=None, finished_at=utcnow()
         )
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    link_roles(session, [(image_id, prediction_id, Role.PRODUCTION)])  # its history too
+    return True
 
 
 def save_predictions(session: Session, rows: list[dict]) -> list[int]:

@@ -105,3 +105,18 @@ def test_rescore_relinks_reuses_and_keeps_the_answer_of_a_file_gone_since(settin
     assert job.skipped == {str(ids[0]): "its archived file is missing"}
     assert shown == {ids[0]: 1, **dict.fromkeys(ids[1:], 2)}
     assert _count(settings, "SELECT COUNT(*) FROM predictions") == 4 + 3
+
+
+def test_a_copy_answered_at_intake_has_its_prediction_in_its_history(settings):
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    first = _drop(settings, "a.png", 200)
+    process_images([first], settings, ModelCache(settings.models_path))
+    copy = _drop(settings, "b.png", 200)  # same bytes: linked at intake, never classified
+    from db.rollout import image_history
+
+    with session_scope(settings.db_url) as session:
+        history = image_history(session, copy)
+        shown = session.execute(text("SELECT prediction_id FROM images WHERE id = :i"),
+                                {"i": first}).scalar_one()
+    assert [(h.role, h.pneumonia_model, h.shown) for h in history] == [("production", 1, True)]
+    assert _count(settings, f"SELECT prediction_id FROM images WHERE id = {copy}") == shown
