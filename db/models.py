@@ -185,3 +185,65 @@ class GroundTruth(Base):
     source: Mapped[str] = mapped_column(String(16))
     labelled_by: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelShadow(Base):
+    """The version a stage's workers also run beside production (``cxr models shadow``): the
+    stage is the key, so a stage has one shadow at most."""
+
+    __tablename__ = "model_shadows"
+
+    stage: Mapped[str] = mapped_column(String(20), primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ImagePrediction(Base):
+    """Every prediction an image has had and why (``production``, ``shadow``, ``rescore``);
+    ``images.prediction_id`` stays the one its row shows."""
+
+    __tablename__ = "image_predictions"
+    __table_args__ = (
+        UniqueConstraint("image_id", "prediction_id", "role", name="uq_image_predictions"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    prediction_id: Mapped[int] = mapped_column(ForeignKey("predictions.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Who changed what the service answers with: promote, rollback, shadow, import, rescore."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str] = mapped_column(String(32))
+    stage: Mapped[str | None] = mapped_column(String(20))
+    version: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """The versions involved (``from``, ``to``), filters, counts: never patient data."""
+    actor: Mapped[str] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RescoreJob(Base):
+    """A re-score of past images with the production models of its start: its filters, the
+    target versions and a cursor (the highest image id sent), so a killed run resumes."""
+
+    __tablename__ = "rescore_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    pneumonia_model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    infection_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    """image id -> why it kept its prediction (its archived file is gone or unreadable)."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from db import images
 from db.identifiers import DicomIdentifiers
 from db.models import Image, Prediction, utcnow
+from db.rollout import Role, link_roles
 from db.vocabulary import OPEN_STATUSES, ImageStatus, Label
 
 
@@ -54,7 +55,10 @@ def link_prediction(session: Session, image_id: int, prediction_id: int) -> bool
             status=ImageStatus.DONE, prediction_id=prediction_id, error=None, finished_at=utcnow()
         )
     )
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    link_roles(session, [(image_id, prediction_id, Role.PRODUCTION)])  # its history too
+    return True
 
 
 def save_predictions(session: Session, rows: list[dict]) -> list[int]:
@@ -156,9 +160,11 @@ class Rejection:
 
 
 def record_batch(session: Session, answers: list[Answer], rejections: list[Rejection],
-                 identifiers: Mapping[int, DicomIdentifiers]) -> None:
+                 identifiers: Mapping[int, DicomIdentifiers],
+                 shadows: list[Answer] | None = None) -> None:
     """Everything a classified batch ends with, in the caller's one transaction: the DICOM
-    identifiers read, the refusals, and the predictions linked to their images."""
+    identifiers read, the refusals, the predictions linked to their images, and the shadow
+    versions' predictions (in the image's history only, never its row)."""
     for image_id, values in identifiers.items():
         images.set_identifiers(session, image_id, values)
     for refused in rejections:
@@ -168,3 +174,8 @@ def record_batch(session: Session, answers: list[Answer], rejections: list[Rejec
     link_predictions(session, [(a.image_id, prediction_id)
                                for a, prediction_id in zip(answers, prediction_ids, strict=True)],
                      {a.image_id: a.note for a in answers if a.note})
+    shadow_ids = save_predictions(session, [s.row for s in shadows or []])
+    link_roles(session, [
+        *((a.image_id, p, Role.PRODUCTION) for a, p in zip(answers, prediction_ids, strict=True)),
+        *((s.image_id, p, Role.SHADOW) for s, p in zip(shadows or [], shadow_ids, strict=True)),
+    ])

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from db.exceptions import CxrError, ModelNotFoundError
-from db.models import ModelVersion, utcnow
+from db.models import ModelShadow, ModelVersion, utcnow
 from db.vocabulary import ModelStatus, Stage
 
 VERSION_RETRIES = 20
@@ -45,6 +45,8 @@ class RegisteredModel:
     code_version: str | None
     created_at: datetime | None
     promoted_at: datetime | None
+    shadow: bool = False
+    """Workers also run it beside production (``cxr models shadow``); never shown as a label."""
 
     @property
     def name(self) -> str:
@@ -177,7 +179,8 @@ def list_versions(session: Session, stage: str | None = None) -> list[Registered
     query = select(ModelVersion).order_by(ModelVersion.stage, ModelVersion.version)
     if stage is not None:
         query = query.where(ModelVersion.stage == _check_stage(stage))
-    return [_entity(row) for row in session.scalars(query)]
+    shadows = set(shadow_ids(session).values())
+    return [replace(_entity(row), shadow=row.id in shadows) for row in session.scalars(query)]
 
 
 def _lock_stage(session: Session, stage: str) -> None:
@@ -203,6 +206,7 @@ def promote(session: Session, stage: str, version: int) -> RegisteredModel:
     session.flush()
     target.status = ModelStatus.PRODUCTION
     target.promoted_at = utcnow()
+    session.execute(delete(ModelShadow).where(ModelShadow.model_id == target.id))
     session.flush()
     return _entity(target)
 
@@ -238,6 +242,39 @@ def rollback(session: Session, stage: str) -> RegisteredModel:
     previous.status = ModelStatus.PRODUCTION
     session.flush()
     return _entity(previous)
+
+
+def shadow_ids(session: Session) -> dict[str, int]:
+    """stage -> id of its shadow version (checked per batch, like ``production_ids``)."""
+    return dict(session.execute(select(ModelShadow.stage, ModelShadow.model_id)).all())
+
+
+def get_shadow(session: Session, stage: str) -> RegisteredModel | None:
+    model_id = shadow_ids(session).get(_check_stage(stage))
+    return None if model_id is None else replace(get_by_id(session, model_id), shadow=True)
+
+
+def set_shadow(session: Session, stage: str, version: int) -> tuple[RegisteredModel,
+                                                                     RegisteredModel | None]:
+    """Make ``stage/vN`` the stage's shadow, replacing any other; (it, the one it replaced).
+    The production version cannot shadow itself."""
+    stage = _check_stage(stage)
+    _lock_stage(session, stage)
+    target = _version_row(session, stage, version)
+    if target.status == ModelStatus.PRODUCTION:
+        raise CxrError(f"{target.name} is the production model; shadow a candidate instead")
+    previous = get_shadow(session, stage)
+    session.execute(delete(ModelShadow).where(ModelShadow.stage == stage))
+    session.add(ModelShadow(stage=stage, model_id=target.id))
+    session.flush()
+    return replace(_entity(target), shadow=True), previous
+
+
+def clear_shadow(session: Session, stage: str) -> RegisteredModel | None:
+    """Stop shadowing in ``stage``; the version that was shadowing, if any."""
+    previous = get_shadow(session, stage)
+    session.execute(delete(ModelShadow).where(ModelShadow.stage == _check_stage(stage)))
+    return previous
 
 
 def with_retries(fn: Callable[[], T], attempts: int = 10) -> T:

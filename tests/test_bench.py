@@ -44,7 +44,7 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         "bench", "--backbone", "smallcnn", "--img-size", "32", "--images", "12",
         "--notebook-images", "4", "--latency-images", "3", "--latency-gap", "0.2",
         "--source-px", "64", "96", "--min-time", "0.2", "--batch-size", "8", "--heatmaps",
-        "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--shadow", "--work-dir", str(tmp_path / "work"), "--out", str(out),
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -59,6 +59,7 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         "latency": ["p50_s", "p95_s", "intake_p50_s", "images"],
         "heatmaps": ["images_per_s", "gradcam_images_per_s", "batch_size"],
         "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook", "heatmaps_over_ceiling"],
+        "shadow": ["production_images_per_s", "with_shadow_images_per_s", "cost"],
     }.items():
         for key in keys:
             assert result[section][key] > 0, (section, key, result[section])
@@ -75,6 +76,12 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert result["config"]["heatmaps"] and "heatmaps / ceiling" in printed
     assert "heatmaps: " in stack_log  # every image positive: the worker drew its heatmap
     assert len(list((tmp_path / "work" / "var" / "heatmaps").rglob("*.png"))) == 12 + 3 + 3
+    assert "shadow cost (time with / without)" in printed
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "work" / "var" / "cxr.db") as db:
+        shadows = db.execute("SELECT COUNT(*) FROM image_predictions WHERE role = 'shadow'")
+        assert shadows.fetchone()[0] == 12 + 3 + 3  # every image the stack classified
 
 
 def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():

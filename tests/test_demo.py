@@ -46,10 +46,18 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     with sqlite3.connect(tmp_path / "var" / "cxr.db") as db:
         rows = db.execute("select status, label, pneumonia_model, heatmap_path "
                           "from results").fetchall()
-    assert len(rows) == 6
+        roles = dict(db.execute("select role, count(*) from image_predictions group by role"))
+        actions = [a for (a,) in db.execute("select action from audit order by id")]
+    # the second act: v2 trained, shadowed on 6 more images, compared, promoted, re-scored
+    assert len(rows) == 12
     assert all(status == "done" and label in ("NORMAL", "BACTERIA", "VIRUS")
                for status, label, _, _ in rows), rows
-    assert {model for _, _, model, _ in rows} == {1}
+    assert {model for _, _, model, _ in rows} == {2}
+    assert roles["production"] == 12 and roles["shadow"] >= 6 and roles["rescore"] == 12
+    assert actions == ["promote", "promote",  # cxr train --stage both --promote
+                       "shadow on", "promote", "rescore", "rescore done"]
+    assert "would change label" in out and "on 6 labelled image(s)" in out
+    assert (tmp_path / "var" / "demo" / "compare.png").is_file()
     # heatmaps on in the demo's worker: one per pneumonia-positive result; one explained
     assert all((label != "NORMAL") == bool(path) for _, label, _, path in rows), rows
     assert all((tmp_path / "var" / path).is_file() for *_, path in rows if path)

@@ -70,7 +70,7 @@ def publish_model(
                 load_bundle(bundle_dir)
             registry.set_bundle_sha256(session, mv.id, bundle_sha256(bundle_dir))
             if promote:
-                mv = registry.promote(session, mv.stage, mv.version)
+                mv = _promote_audited(session, mv.stage, mv.version)
             session.flush()
             published = Published(mv.stage, mv.version, str(mv.status), bundle_dir)
     except BaseException:
@@ -78,6 +78,18 @@ def publish_model(
             shutil.rmtree(bundle_dir, ignore_errors=True)
         raise
     return published
+
+
+def _promote_audited(session, stage: str, version: int):
+    """Promote at publication (``--promote``), with its audit row in the same transaction."""
+    from db import audit, registry
+
+    before = registry.get_production(session, stage)
+    promoted = registry.promote(session, stage, version)
+    audit.record(session, "promote", stage=stage, version=version,
+                 detail={"from": before.version if before else None, "to": version,
+                         "at": "publish"})
+    return promoted
 
 
 def code_version() -> str:

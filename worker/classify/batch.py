@@ -35,6 +35,7 @@ from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
 from worker.classify.inference import ModelCache, Models, classify_arrays
 from worker.classify.reading import Read, read_claim
+from worker.classify.shadow import run_shadows, shadow_row
 from worker.files.storage import reject_archived, stored_file
 from worker.settings import Settings
 
@@ -52,8 +53,12 @@ class BatchRun:
     good: list[Read] = field(default_factory=list)
     results: list = field(default_factory=list)
     """The cascade's answer for each of ``good``."""
+    shadow: list = field(default_factory=list)
+    """The shadow versions' answers (``worker.classify.shadow.ShadowAnswer``), by index into
+    ``good``: stored, never shown."""
     waited_s: float = 0.0
     forward_s: float = 0.0
+    shadow_s: float = 0.0
 
 
 def decode_threads() -> int:
@@ -175,14 +180,26 @@ def read_and_classify(claims: list[Claim], settings: Settings, models: Models) -
             run.read += chunk
             if decoded:
                 began = time.perf_counter()
-                run.results += classify_arrays(np.stack([r.pixels for r in decoded]),
-                                               models.pneumonia, models.infection,
-                                               _stage_two(decoded))
+                pixels = np.stack([r.pixels for r in decoded])
+                answers = classify_arrays(pixels, models.pneumonia, models.infection,
+                                          _stage_two(decoded))
                 run.forward_s += time.perf_counter() - began
+                _shadow(run, pixels, models, answers, _stage_two(decoded))
+                run.results += answers
                 run.good += decoded
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return run
+
+
+def _shadow(run: BatchRun, pixels: np.ndarray, models: Models, answers: list,
+            stage_two) -> None:
+    """The shadow versions on the same pixels as production (nothing when none is set)."""
+    if models.shadow_pneumonia is None and models.shadow_infection is None:
+        return
+    began = time.perf_counter()
+    run.shadow += run_shadows(pixels, models, answers, stage_two, offset=len(run.good))
+    run.shadow_s += time.perf_counter() - began
 
 
 def draw_heatmaps(run: BatchRun, settings: Settings, models: Models) -> dict[str, str]:
@@ -208,9 +225,13 @@ def record(run: BatchRun, settings: Settings, models: Models, heatmaps: dict[str
                for r, result in zip(run.good, run.results, strict=True)]
     identifiers = {r.claim.image_id: r.identifiers for r in run.read
                    if r.identifiers is not None}
+    shadow_ms = run.shadow_s * 1000.0 / max(1, len(run.good))
+    shadows = [Answer(run.good[s.index].claim.image_id,
+                      shadow_row(run.good[s.index].claim.sha256, s, shadow_ms))
+               for s in run.shadow]
     done = [a.image_id for a in answers]
     with session_scope(settings.db_url) as session:
-        predictions.record_batch(session, answers, rejections, identifiers)
+        predictions.record_batch(session, answers, rejections, identifiers, shadows)
         received = received_times(session, done) if metrics.enabled() else {}
     version = f"pneumonia/v{models.pneumonia.version}"
     metrics.observe_batch([(str(r.label), version) for r in run.results],
@@ -287,5 +308,6 @@ def _log_batch(run: BatchRun, settings: Settings, total_s: float) -> None:
                      r.rejected)
     for r, result in zip(run.good, run.results, strict=True):
         log.info("%s: %s", settings.describe(r.claim.image_id, r.claim.file_name), result.label)
-    log.info("batch of %d: decode %.0f ms, forward %.0f ms, total %.0f ms", len(run.read),
-             run.waited_s * 1000.0, run.forward_s * 1000.0, total_s * 1000.0)
+    log.info("batch of %d: decode %.0f ms, forward %.0f ms, shadow %.0f ms, total %.0f ms",
+             len(run.read), run.waited_s * 1000.0, run.forward_s * 1000.0,
+             run.shadow_s * 1000.0, total_s * 1000.0)

@@ -17,6 +17,10 @@ from trainer.model.runtime import quiet_native_logs
 from worker.settings import Settings
 
 CLASSIFY_TASK = "cxr.classify_images"
+RESCORE_TASK = "cxr.rescore_images"
+RESCORE_SUFFIX = ".rescore"
+"""The re-score queue is ``CXR_QUEUE`` + this: it sorts after the live queue, which a worker
+consuming both reads first (``queue_order_strategy: sorted``)."""
 THREADS_ENV = "CXR_TF_THREADS"
 
 log = logging.getLogger(__name__)
@@ -43,10 +47,14 @@ def make_app(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # kombu's Redis transport polls a worker's queues round robin by default; sorted,
+        # the live queue's lists come first in every BRPOP, so re-scores wait for live images
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout,
+                                  "queue_order_strategy": "sorted"},
         task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],
-        task_routes={CLASSIFY_TASK: {"queue": settings.queue}},
+        task_queues=[Queue(settings.queue), Queue(settings.queue + RESCORE_SUFFIX)],
+        task_routes={CLASSIFY_TASK: {"queue": settings.queue},
+                     RESCORE_TASK: {"queue": settings.queue + RESCORE_SUFFIX}},
         task_publish_retry_policy={
             "max_retries": 2,
             "interval_start": 0,
@@ -86,7 +94,8 @@ def _take_back_messages(**_kwargs) -> None:
     from worker.classify.recovery import restore_unacked
 
     try:
-        restored = restore_unacked(app, settings.queue)
+        restored = sum(restore_unacked(app, queue)
+                       for queue in (settings.queue, settings.queue + RESCORE_SUFFIX))
     except Exception as exc:  # the broker may be down; Redis's visibility timeout still applies
         log.warning("could not restore unacknowledged messages (%s)", type(exc).__name__)
         return

@@ -58,6 +58,9 @@ class StageModel:
 class Models:
     pneumonia: StageModel | None
     infection: StageModel | None
+    shadow_pneumonia: StageModel | None = None
+    """Shadow versions (``cxr models shadow``): run beside production, never shown."""
+    shadow_infection: StageModel | None = None
 
 
 @dataclass(frozen=True)
@@ -223,13 +226,15 @@ def load_registered(models_dir: Path, row) -> StageModel:
 
 
 class ModelCache:
-    """Production models for this process, reloaded when the registry says they changed."""
+    """Production (and shadow) models for this process, reloaded when the registry says they
+    changed."""
 
     def __init__(self, models_dir: Path, loader=None, warm_batch: int = 0):
         self.models_dir = Path(models_dir)
         self._loader = loader
         self.warm_batch = warm_batch
         self._loaded: dict[str, StageModel] = {}
+        self._failed: dict[str, int] = {}
         self._lock = threading.Lock()
         self._configured = False
 
@@ -256,23 +261,42 @@ class ModelCache:
                      time.perf_counter() - started)
         return StageModel(row.id, row.version, bundle)
 
+    def _load_shadow(self, key: str, row) -> None:
+        """A shadow that cannot load is left out (once, with a warning): it never stops
+        production."""
+        self._loaded.pop(key, None)
+        if self._failed.get(key) == row.id:
+            return
+        try:
+            self._loaded[key] = self._load(row)
+        except Exception as exc:
+            self._failed[key] = row.id
+            log.warning("shadow model %s not loaded, production goes on without it: %s",
+                        row.name, exc)
+
     def current(self, session) -> Models:
-        """The production models now; loads only what changed since the last call."""
+        """The production and shadow models now; loads only what changed since the last call."""
         from db import registry
 
-        ids = registry.production_ids(session)
+        wanted = {stage: (model_id, registry.get_production)
+                  for stage, model_id in registry.production_ids(session).items()}
+        wanted.update({f"shadow-{stage}": (model_id, registry.get_shadow)
+                       for stage, model_id in registry.shadow_ids(session).items()})
         with self._lock:
-            for stage in (Stage.PNEUMONIA, Stage.INFECTION):
-                wanted = ids.get(stage.value)
-                have = self._loaded.get(stage.value)
-                if wanted is None:
-                    self._loaded.pop(stage.value, None)
-                elif have is None or have.model_id != wanted:
-                    row = registry.get_production(session, stage.value)
+            for key in list(self._loaded):
+                if key not in wanted:
+                    del self._loaded[key]
+            for key, (model_id, lookup) in wanted.items():
+                have = self._loaded.get(key)
+                if have is None or have.model_id != model_id:
+                    row = lookup(session, key.removeprefix("shadow-"))
                     if row is None:
-                        self._loaded.pop(stage.value, None)
+                        self._loaded.pop(key, None)
+                    elif key.startswith("shadow-"):
+                        self._load_shadow(key, row)
                     else:
-                        self._loaded[stage.value] = self._load(row)
-            return Models(
-                self._loaded.get(Stage.PNEUMONIA.value), self._loaded.get(Stage.INFECTION.value)
-            )
+                        self._loaded[key] = self._load(row)
+            get = self._loaded.get
+            return Models(get(Stage.PNEUMONIA.value), get(Stage.INFECTION.value),
+                          get(f"shadow-{Stage.PNEUMONIA.value}"),
+                          get(f"shadow-{Stage.INFECTION.value}"))

@@ -12,7 +12,7 @@ import time
 
 from worker.classify.batch import process_images
 from worker.classify.broker import send_ids, this_deployment
-from worker.classify.celery_app import CLASSIFY_TASK, app, settings
+from worker.classify.celery_app import CLASSIFY_TASK, RESCORE_TASK, app, settings
 from worker.classify.claiming import LiveHosts
 from worker.classify.inference import ModelCache
 
@@ -73,3 +73,22 @@ def _pass_on(request, image_ids: list[int], deployment: str) -> dict[str, int]:
                     "CXR_QUEUE or Redis database", queue, deployment[:8],
                     this_deployment(settings.db_url)[:8])
     return {"other deployment": len(image_ids)}
+
+
+@app.task(name=RESCORE_TASK, bind=True, max_retries=None, ignore_result=True)
+def rescore_images(self, image_ids: list[int], job_id: int, deployment: str | None = None
+                   ) -> dict[str, int]:
+    """Re-score done images with today's production versions (``cxr rescore``), on the
+    lower-priority queue; errors retry with backoff. Another deployment's message is left
+    alone (its `cxr rescore` sends it again)."""
+    from worker.classify.rescore import rescore_images as rescore
+
+    if deployment is not None and deployment != this_deployment(settings.db_url):
+        return {"other deployment": len(image_ids)}
+    try:
+        return rescore(list(image_ids), int(job_id), settings, model_cache())
+    except Exception as exc:
+        countdown = min(60, 2 ** max(0, self.request.retries))
+        log.warning("re-score of %s: %s; retrying in %ss", list(image_ids), type(exc).__name__,
+                    countdown)
+        raise self.retry(exc=exc, countdown=countdown) from exc

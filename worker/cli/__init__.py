@@ -21,7 +21,8 @@ COMMAND_MODULES = [
     "worker.cli.db",  # db upgrade|current, results
     "worker.cli.explain",  # explain
     "worker.cli.report",  # report
-    "worker.cli.models",  # models list|show|promote|rollback|import
+    "worker.cli.models",  # models list|show|promote|rollback|import|shadow|compare|history
+    "worker.cli.rollout",  # rescore
     "worker.cli.train",  # synth, train
     "worker.cli.bench",  # bench
     "worker.cli.config",  # settings

@@ -37,6 +37,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         work_dir=args.work_dir,
         redis_db=args.redis_db,
         heatmaps=args.heatmaps,
+        shadow=args.shadow,
     )
     result = run_bench(cfg, settings, progress=lambda line: print(line, flush=True))
     print()
@@ -99,6 +100,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "and time them until their rows are recorded (the way in alone)")
     p.add_argument("--associations", type=int, default=4,
                    help="with --dicom: storescu runs at once (default 4)")
+    p.add_argument("--shadow", action="store_true",
+                   help="also run a second bundle of the same backbone as a shadow version: "
+                   "its cost on the same tensors, and the pipeline run with it")
     p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here")
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     res.add_argument("--limit", type=_parse_limit, default=50,
                      help=f"at most N rows (0: all; default 50; at most {MAX_LIMIT:,})")
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    res.add_argument("--history", type=int, metavar="ID",
+                     help="every prediction image ID has had (production, shadow, re-score)")
     res.set_defaults(func=cmd_results)
 
 
@@ -88,6 +90,11 @@ def cmd_results(args: argparse.Namespace, settings: Any) -> int:
     from worker.cli.format import format_results_table, write_rows
 
     check_schema(settings.db_url)
+    if args.history is not None:
+        from worker.cli.rollout import print_history
+
+        with session_scope(settings.db_url) as session:
+            return print_history(session, args.history)
     with session_scope(settings.db_url) as session:
         rows = list_results(
             session,

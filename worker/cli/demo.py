@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-running", action="store_true",
                    help="leave watcher, worker and Flower running after the demo")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for results")
+    p.add_argument("--no-rollout", action="store_true",
+                   help="skip the second act: train a new version, shadow, compare, promote, "
+                   "re-score")
     p.set_defaults(func=cmd_demo)
 
 
@@ -78,6 +81,11 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
         _report(settings, rows, names)
         _report_flower(settings, set(names))
         _explain_and_review(settings, rows, dropped_at)
+        if not args.no_rollout:
+            from worker.cli.demo_rollout import rollout_act
+
+            rollout_act(settings, _synthetic_dataset(settings, args.n), args, _drop_images,
+                        _wait_for_results, stack, names)
     finally:
         if args.keep_running:
             print(f"\nthe stack keeps running (cxr up, pid {stack.pid}); stop it with "

@@ -1,4 +1,5 @@
-"""`cxr models list|show|promote|rollback|import`: the model registry from the command line."""
+"""`cxr models list|show|promote|rollback|import` (and, from ``worker.cli.rollout``,
+`shadow|compare|history`): the model registry from the command line."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from db.vocabulary import Stage
+from worker.cli.db import _parse_iso
 from worker.cli.format import format_table
+from worker.cli.rollout import add_who, register_models
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser(
         "models",
-        help="model registry: list, show, promote, rollback, import",
+        help="model registry: list, show, promote, rollback, import, shadow, compare, history",
         description="Versioned model bundles per stage (pneumonia, infection).",
     )
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -34,12 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     promote.add_argument("stage", choices=stages)
     promote.add_argument("version", type=_parse_version)
+    promote.add_argument("--force", action="store_true",
+                         help="promote even when it is worse on labelled images")
+    add_who(promote)
     promote.set_defaults(func=cmd_models_promote)
     rollback = models_sub.add_parser(
         "rollback", help="go back to the previous production version of a stage"
     )
     rollback.add_argument("stage", choices=stages)
+    add_who(rollback)
     rollback.set_defaults(func=cmd_models_rollback)
+    _register_import(models_sub, stages)
+    register_models(models_sub, stages, _parse_version, _parse_iso)
+
+
+def _register_import(models_sub, stages: list[str]) -> None:
     imp = models_sub.add_parser(
         "import",
         help="wrap an existing Keras model (.keras or .h5) as a registered bundle",
@@ -66,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--threshold", type=float, default=0.5,
                      help="decision threshold on the probability of the second class")
     imp.add_argument("--promote", action="store_true", help="make it the production model")
+    add_who(imp)
     imp.set_defaults(func=cmd_models_import)
 
 
@@ -88,7 +101,7 @@ def cmd_models_list(args: argparse.Namespace, settings: Any) -> int:
             [
                 m.stage,
                 f"v{m.version}",
-                m.status,
+                f"{m.status}, shadow" if m.shadow else m.status,
                 m.backbone,
                 _metric(m.metrics, "auc"),
                 _metric(m.metrics, "accuracy"),
@@ -146,34 +159,31 @@ def cmd_models_show(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_models_promote(args: argparse.Namespace, settings: Any) -> int:
-    from db import registry
     from db.migrate import check_schema
-    from db.session import session_scope
+    from worker.cli.rollout import format_report
+    from worker.ops.rollout import PromotionRefused, promote_guarded
 
     check_schema(settings.db_url)
-
-    def txn() -> str:
-        with session_scope(settings.db_url) as session:
-            return registry.promote(session, args.stage, args.version).name
-
-    name = registry.with_retries(txn)
+    try:
+        name, seen = promote_guarded(settings.db_url, args.stage, args.version,
+                                     force=args.force, actor=args.by, reason=args.reason)
+    except PromotionRefused as refused:
+        if refused.comparison is not None:
+            print(format_report(refused.comparison.report) + "\n")
+        raise
+    if seen is not None:
+        print(format_report(seen.report) + "\n")
     print(f"{name} is now in production")
     _requeue_waiting(settings)
     return 0
 
 
 def cmd_models_rollback(args: argparse.Namespace, settings: Any) -> int:
-    from db import registry
     from db.migrate import check_schema
-    from db.session import session_scope
+    from worker.ops.rollout import rollback_audited
 
     check_schema(settings.db_url)
-
-    def txn() -> str:
-        with session_scope(settings.db_url) as session:
-            return registry.rollback(session, args.stage).name
-
-    name = registry.with_retries(txn)
+    name = rollback_audited(settings.db_url, args.stage, args.by, args.reason)
     print(f"rolled back: {name} is now in production")
     _requeue_waiting(settings)
     return 0
@@ -205,6 +215,13 @@ def cmd_models_import(args: argparse.Namespace, settings) -> int:
         db_url=settings.db_url, threshold=args.threshold, promote=args.promote,
         resize=args.resize, color_mode=args.color_mode,
     )
+    from db import audit
+    from db.session import session_scope
+
+    with session_scope(settings.db_url) as session:
+        audit.record(session, "import", stage=args.stage, version=version,
+                     detail={"file": args.file.name, "promoted": bool(args.promote)},
+                     actor=args.by, reason=args.reason)
     status = "production" if args.promote else "candidate"
     print(f"imported {args.file} as {args.stage}/v{version} ({status}) "
           f"in {settings.models_path / args.stage / f'v{version}'}")

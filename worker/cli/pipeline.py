@@ -30,12 +30,12 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     _serve_own_metrics(settings, "worker")
-    from worker.classify.celery_app import app
+    from worker.classify.celery_app import RESCORE_SUFFIX, app
 
     argv = [
         "worker",
         f"--concurrency={args.concurrency or settings.worker_concurrency}",
-        f"--queues={args.queues or settings.queue}",
+        f"--queues={args.queues or settings.queue + ',' + settings.queue + RESCORE_SUFFIX}",
         f"--loglevel={settings.log_level}",
         f"--pool={args.pool}",
         "--without-mingle",
@@ -116,7 +116,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--concurrency", "-c", type=int,
                    help="worker processes (default CXR_WORKER_CONCURRENCY)")
-    p.add_argument("--queues", "-Q", help="comma-separated queues (default CXR_QUEUE)")
+    p.add_argument("--queues", "-Q", help="comma-separated queues (default CXR_QUEUE, then "
+                   "CXR_QUEUE.rescore: re-scores after live images)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                    help="Celery pool (default prefork)")
     p.set_defaults(func=cmd_worker)

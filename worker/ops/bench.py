@@ -121,6 +121,7 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
                                                 threshold=0.0 if cfg.heatmaps else 0.5))
     files = _bench_files(root, cfg, progress)
     results = _measure_in_process(bundle, cfg, files, progress)
+    results["shadow"] = _measure_shadow(bundle, settings, cfg, progress) if cfg.shadow else None
     results.update(_measure_stack(settings, env, root, cfg, files, progress))
     results["intake"] = None
     if cfg.burst:
@@ -162,6 +163,17 @@ def _measure_in_process(bundle, cfg: BenchConfig, files: BenchFiles,
     return {"ceiling": ceiling, "heatmaps": heatmaps, "decode": decode, "notebook": notebook}
 
 
+def _measure_shadow(bundle, settings: Settings, cfg: BenchConfig, progress: Progress
+                    ) -> dict[str, Any]:
+    """A second bundle of the same backbone as the shadow: its cost on tensors, and the stack
+    run then classifies with it too."""
+    from worker.ops.bench_shadow import add_shadow, measure_shadow
+
+    progress("shadow: a second random bundle beside production, on the same tensors")
+    shadow = add_shadow(settings, cfg.backbone, cfg.img_size)
+    return measure_shadow(bundle, shadow, cfg.batch_size, cfg.min_time_s, progress)
+
+
 def _measure_stack(settings: Settings, env: dict[str, str], root: Path, cfg: BenchConfig,
                    files: BenchFiles, progress: Progress) -> dict[str, Any]:
     """pipeline and latency through the real stack, started warm and stopped afterwards."""
@@ -195,7 +207,7 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
         "machine": machine,
         "config": config,
         **{key: results[key] for key in ("ceiling", "notebook", "pipeline", "latency", "decode",
-                                         "intake", "heatmaps")},
+                                         "intake", "heatmaps", "shadow")},
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
             "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"]
@@ -210,6 +222,8 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
 
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary: throughputs, latency and the two ratios."""
+    from worker.ops.bench_shadow import shadow_lines
+
     c, nb, p, lat = (result[k] for k in ("ceiling", "notebook", "pipeline", "latency"))
     cfg, m = result["config"], result["machine"]
     d, h = result["decode"], result["heatmaps"]
@@ -218,6 +232,7 @@ def format_table(result: dict[str, Any]) -> str:
         (f"decode ceiling ({d['threads']} threads)", f"{d['images_per_s']:.1f}"),
         ("notebook (load_img + predict, 1 by 1)", f"{nb['images_per_s']:.1f}"),
         ("pipeline (1 worker, heatmaps on)" if cfg.get("heatmaps")
+         else "pipeline (1 worker, with a shadow)" if cfg.get("shadow")
          else "pipeline (inbox -> done, 1 worker)", f"{p['images_per_s']:.1f}"),
     ]
     if h:
@@ -243,6 +258,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
         *([f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}"]
           if h else []),
+        *shadow_lines(result.get("shadow")),
         f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
     ]

@@ -44,6 +44,7 @@ class BenchConfig:
     seed: int = 0
     redis_db: int = 12
     heatmaps: bool = False
+    shadow: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -101,7 +102,7 @@ def build_free_model(img_size: int):
 
 
 def register_random_bundle(settings: Settings, backbone: str, img_size: int,
-                           threshold: float = 0.5) -> Path:
+                           threshold: float = 0.5, promote: bool = True) -> Path:
     """Build ``backbone`` with random weights and publish it as the production pneumonia model
     (``threshold`` 0: every image is positive)."""
     from trainer.model.bundle import Manifest
@@ -120,4 +121,4 @@ def register_random_bundle(settings: Settings, backbone: str, img_size: int,
         params={"bench": True, "weights": "none"}, code_version="bench",
     )
     return publish_model(model, manifest, models_dir=settings.models_path,
-                         db_url=settings.db_url, promote=True).bundle_dir
+                         db_url=settings.db_url, promote=promote).bundle_dir
