@@ -64,7 +64,7 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
 
     Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
     ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
-    optionally ``heatmap_path``.
+    optionally ``heatmap_path``, ``gate_score`` and ``review``.
     """
     if not rows:
         return []
@@ -82,6 +82,8 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
         else float(r["infection_threshold"]),
         "inference_ms": r.get("inference_ms"),
         "heatmap_path": r.get("heatmap_path"),
+        "gate_score": r.get("gate_score"),
+        "review": r.get("review"),
         "created_at": now,
     } for r in rows]
     dialect = session.get_bind().dialect.name
@@ -148,11 +150,14 @@ class Answer:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A refused image: the reason and where its file now lies in ``rejected/``."""
+    """A refused image: the reason and where its file now lies in ``rejected/``; an image the
+    input gate refused also carries ``review`` (``out_of_scope``) and its gate score."""
 
     image_id: int
     reason: str
     stored_path: str | None = None
+    review: str | None = None
+    gate_score: float | None = None
 
 
 def record_batch(session: Session, answers: list[Answer], rejections: list[Rejection],
@@ -163,7 +168,8 @@ def record_batch(session: Session, answers: list[Answer], rejections: list[Rejec
         images.set_identifiers(session, image_id, values)
     for refused in rejections:
         images.mark_rejected(session, refused.image_id, refused.reason,
-                             stored_path=refused.stored_path)
+                             stored_path=refused.stored_path, review=refused.review,
+                             gate_score=refused.gate_score)
     prediction_ids = save_predictions(session, [a.row for a in answers])
     link_predictions(session, [(a.image_id, prediction_id)
                                for a, prediction_id in zip(answers, prediction_ids, strict=True)],
