@@ -37,7 +37,13 @@ class GateRefused:
 
     @property
     def reason(self) -> str:
-        return f"refused by the input gate ({self.refusal.check}): {self.refusal.reason}"
+        """What the ``error`` column says: the check, its reason and, where the reason does
+        not already give them, the score and threshold."""
+        r = self.refusal
+        text = f"refused by the input gate ({r.check}): {r.reason}"
+        if "threshold" not in r.reason and r.score is not None and r.threshold is not None:
+            text += f" (score {r.score:.3g}, threshold {r.threshold:.3g})"
+        return text
 
 
 def stage_model(model_id: int, version: int, bundle) -> StageModel:
