@@ -33,7 +33,7 @@ from trainer.imaging.budget import MemoryBudget
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
 from worker.classify.gating import GateRefused, classify_gated
-from worker.classify.inference import ModelCache, Models
+from worker.classify.inference import ModelCache, Models, classify_arrays
 from worker.classify.reading import Read, read_claim
 from worker.files.storage import reject_archived, stored_file
 from worker.settings import Settings
@@ -187,7 +187,8 @@ def classify_decoded(decoded: list[Read], models: Models, run: BatchRun) -> None
     cascade on what it passed; an image the gate refused becomes a refusal with no label
     (``review`` = ``out_of_scope``), its file kept in ``rejected/`` like any other."""
     answers = classify_gated(np.stack([r.pixels for r in decoded]), models.pneumonia,
-                             models.infection, _stage_two(decoded), [r.colour for r in decoded])
+                             models.infection, _stage_two(decoded), [r.colour for r in decoded],
+                             classify=classify_arrays)
     for read, answer in zip(decoded, answers, strict=True):
         if isinstance(answer, GateRefused):
             read.pixels, read.second, read.rejected = None, None, answer.reason

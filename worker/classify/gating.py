@@ -100,19 +100,20 @@ def _subset(stage_two: StagePixels | None, keep: np.ndarray) -> StagePixels | No
 
 
 def classify_gated(batch: np.ndarray, pneumonia: StageModel, infection: StageModel | None,
-                   stage_two: StagePixels | None = None, colour: list | None = None
-                   ) -> list[CascadeResult | GateRefused]:
-    """The gate, then ``classify_arrays`` on the images it passed, per image in batch order.
+                   stage_two: StagePixels | None = None, colour: list | None = None,
+                   classify=classify_arrays) -> list[CascadeResult | GateRefused]:
+    """The gate, then ``classify`` (``classify_arrays``) on the images it passed, per image in
+    batch order; without a gate exactly ``classify(batch, pneumonia, infection, stage_two)``.
 
     ``colour``: the file-colour verdict of each image (``check_file_colour``), which its
     decoded grey pixels cannot show."""
     batch = np.asarray(batch)
     if pneumonia.gate is None or not len(batch):
-        return list(classify_arrays(batch, pneumonia, infection, stage_two))
+        return list(classify(batch, pneumonia, infection, stage_two))
     verdicts, scores, proba = screen_batch(pneumonia, batch, colour)
     keep = np.flatnonzero([v is None for v in verdicts])
-    answers = iter(classify_arrays(batch[keep], pneumonia, infection, _subset(stage_two, keep),
-                                   first=proba[keep]) if keep.size else [])
+    answers = iter(classify(batch[keep], pneumonia, infection, _subset(stage_two, keep),
+                            first=proba[keep]) if keep.size else [])
     return [GateRefused(v, float(s)) if v is not None
             else replace(next(answers), gate_score=float(s))
             for v, s in zip(verdicts, scores, strict=True)]
