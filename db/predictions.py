@@ -57,19 +57,9 @@ def link_prediction(session: Session, image_id: int, prediction_id: int) -> bool
     return result.rowcount == 1
 
 
-def save_predictions(session: Session, rows: list[dict]) -> list[int]:
-    """Insert-or-get predictions on (sha256, pneumonia model, infection model), so a content
-    is never predicted twice by the same models: one insert-or-ignore and one read for the
-    batch; ids in the order given.
-
-    Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
-    ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
-    optionally ``heatmap_path``, ``gate_score`` and ``review``.
-    """
-    if not rows:
-        return []
-    now = utcnow()
-    values = [{
+def _values(r: dict, now) -> dict:
+    """One ``save_predictions`` row as the predictions table stores it."""
+    return {
         "sha256": r["sha256"],
         "pneumonia_model_id": r["pneumonia_model_id"],
         "infection_model_id": r["infection_model_id"],
@@ -85,7 +75,22 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
         "gate_score": r.get("gate_score"),
         "review": r.get("review"),
         "created_at": now,
-    } for r in rows]
+    }
+
+
+def save_predictions(session: Session, rows: list[dict]) -> list[int]:
+    """Insert-or-get predictions on (sha256, pneumonia model, infection model), so a content
+    is never predicted twice by the same models: one insert-or-ignore and one read for the
+    batch; ids in the order given.
+
+    Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
+    ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
+    optionally ``heatmap_path``, ``gate_score`` and ``review``.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    values = [_values(r, now) for r in rows]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as upsert

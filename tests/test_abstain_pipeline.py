@@ -147,6 +147,10 @@ def test_imported_model_with_a_reference_refuses_what_it_should(gated, wrong, tm
           f" {sum(refused)}/{len(refused)}")
     assert sum(chest_refused) <= 1
     assert sum(refused) >= 0.95 * len(refused)
+    hand = next(str(p) for p, kind in wrong if kind == "hand")
+    explained = _cxr(env, "explain", "--file", hand, "--out", str(tmp_path / "maps"), ok=False)
+    assert f"{hand}: out_of_scope: refused by the input gate" in explained
+    assert not list((tmp_path / "maps").glob("*.png"))
 
 
 def _cxr(env: dict, *args: str, ok: bool = True) -> str:

@@ -96,6 +96,20 @@ def output_kind(model, input_size: int, logits: bool, channels: int = 3) -> str:
     return "sigmoid" if y.shape[1] == 1 else "softmax"
 
 
+def _checked_mode(preprocess: str, resize: str) -> str:
+    """The preprocessing mode ``preprocess`` names, with ``resize`` checked too."""
+    from trainer.imaging.decode import RESIZE_FILTERS
+    from trainer.model.preprocessing import resolve_mode
+
+    try:
+        mode = resolve_mode(preprocess)
+    except ValueError as exc:
+        raise ImportModelError(str(exc)) from None
+    if resize not in RESIZE_FILTERS:
+        raise ImportModelError(f"--resize must be one of {', '.join(RESIZE_FILTERS)}")
+    return mode
+
+
 def import_model(
     src: Path,
     *,
@@ -121,17 +135,10 @@ def import_model(
     site's known-good chest X-rays to fit the input gate on (``reference_gate``); what was
     fitted is told to ``say``.
     """
-    from trainer.imaging.decode import RESIZE_FILTERS
-    from trainer.model.preprocessing import resolve_mode
     from trainer.training.publish import publish_model
 
     src = Path(src)
-    try:
-        mode = resolve_mode(preprocess)
-    except ValueError as exc:
-        raise ImportModelError(str(exc)) from None
-    if resize not in RESIZE_FILTERS:
-        raise ImportModelError(f"--resize must be one of {', '.join(RESIZE_FILTERS)}")
+    mode = _checked_mode(preprocess, resize)
     names = list(class_names or STAGE_CLASSES.get(stage, ()))
     if len(names) != 2:
         raise ImportModelError(f"need exactly 2 class names in output order, got {names}")

@@ -242,11 +242,8 @@ def train_stage(
         epochs_run=len(history.get("loss", [])),
         synthetic=synthetic,
     )
-    result = TrainResult(
-        model=model, config=config, history=history, metrics=metrics, threshold=threshold,
-        test_labels=np.asarray(test_y), test_scores=test_scores, out_dir=out_dir,
-        synthetic=synthetic, parent_version=parent_version, abstention=abstention,
-    )
+    result = TrainResult(model, config, history, metrics, threshold, np.asarray(test_y),
+                         test_scores, out_dir, synthetic, parent_version, abstention)
     write_outputs(result)
     return result
 
