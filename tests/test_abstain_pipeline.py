@@ -232,3 +232,42 @@ def test_results_view_has_gate_score_and_review(db_url, flag):
     assert rows["knee.png"]["review"] == "out_of_scope" and rows["knee.png"]["label"] is None
     assert rows["knee.png"]["gate_score"] == pytest.approx(3.5)
     assert sorted(review) == sorted(["knee.png"] + (["ok.png"] if flag else []))
+
+
+def test_the_review_flags_migration_steps_down_and_up_with_the_results_view(empty_db_url):
+    from sqlalchemy import inspect
+
+    from db.migrate import downgrade, upgrade
+    from db.session import get_engine
+
+    def columns(table: str) -> set[str]:
+        return {c["name"] for c in inspect(get_engine(empty_db_url)).get_columns(table)}
+
+    upgrade(empty_db_url)
+    assert {"gate_score", "review"} <= columns("results") & columns("predictions") & columns(
+        "images")
+    downgrade(empty_db_url, "0006")
+    assert not {"gate_score", "review"} & (columns("results") | columns("predictions")
+                                           | columns("images"))
+    assert "heatmap_path" in columns("results")
+    upgrade(empty_db_url)
+    assert {"gate_score", "review"} <= columns("results")
+
+
+def test_the_review_page_shows_the_flag(tmp_path):
+    from datetime import UTC, datetime
+
+    from worker.ops.review_page import render_review
+    from worker.settings import Settings
+
+    base = dict(sha256="a" * 64, p_virus=None, pneumonia_model=1, infection_model=None,
+                received_at=datetime.now(UTC), finished_at=datetime.now(UTC), stored_path=None,
+                heatmap_path=None, gate_score=0.3, error=None)
+    rows = [dict(base, id=1, file_name="film.jpeg", status="done", label="NORMAL",
+                 p_pneumonia=0.31, review="uncertain:pneumonia"),
+            dict(base, id=2, file_name="knee.jpeg", status="rejected", label=None,
+                 p_pneumonia=None, pneumonia_model=None, review="out_of_scope", gate_score=4.0,
+                 error="refused by the input gate (out_of_scope): not a chest film")]
+    page = render_review(rows, Settings(data_dir=tmp_path), since=datetime(2026, 1, 1, tzinfo=UTC))
+    assert "review: uncertain:pneumonia" in page
+    assert "rejected (out_of_scope)" in page and "refused by the input gate" in page
