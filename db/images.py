@@ -109,11 +109,15 @@ def mark_waiting_model(session: Session, image_ids: Iterable[int]) -> int:
 
 
 def mark_rejected(
-    session: Session, image_id: int, reason: str, stored_path: str | None = None
+    session: Session, image_id: int, reason: str, stored_path: str | None = None,
+    review: str | None = None, gate_score: float | None = None,
 ) -> bool:
+    """Refuse an open image; ``review``/``gate_score`` when the input gate refused it."""
     values: dict = {"error": reason, "finished_at": utcnow()}
     if stored_path is not None:
         values["stored_path"] = stored_path
+    if review is not None:
+        values.update(review=review, gate_score=gate_score)
     return _set_status(session, image_id, ImageStatus.REJECTED, OPEN_STATUSES, **values)
 
 

@@ -63,6 +63,10 @@ class Image(Base):
     accession_number: Mapped[str | None] = mapped_column(String(MAX_LENGTH), index=True)
     modality: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
     view_position: Mapped[str | None] = mapped_column(String(MAX_LENGTH))
+    gate_score: Mapped[float | None] = mapped_column(Float)
+    review: Mapped[str | None] = mapped_column(String(32))
+    """Set on an image the input gate refused (``out_of_scope``, no prediction); a classified
+    image's flag and score are its prediction's."""
 
     prediction: Mapped[Prediction | None] = relationship()
 
@@ -131,6 +135,11 @@ class Prediction(Base):
     heatmap_path: Mapped[str | None] = mapped_column(Text)
     """The Grad-CAM picture of this prediction (``heatmaps/...``, relative to the data dir):
     per prediction, since another model looks elsewhere."""
+    gate_score: Mapped[float | None] = mapped_column(Float)
+    """The stage-1 bundle's learned gate score over its threshold (refused above 1); None
+    without a gate."""
+    review: Mapped[str | None] = mapped_column(String(32))
+    """``uncertain:<stage>`` when a calibrated probability lay in its band, else None."""
 
     pneumonia_model: Mapped[ModelVersion] = relationship(foreign_keys=[pneumonia_model_id])
     infection_model: Mapped[ModelVersion | None] = relationship(foreign_keys=[infection_model_id])

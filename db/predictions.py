@@ -61,19 +61,9 @@ def link_prediction(session: Session, image_id: int, prediction_id: int) -> bool
     return True
 
 
-def save_predictions(session: Session, rows: list[dict]) -> list[int]:
-    """Insert-or-get predictions on (sha256, pneumonia model, infection model), so a content
-    is never predicted twice by the same models: one insert-or-ignore and one read for the
-    batch; ids in the order given.
-
-    Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
-    ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
-    optionally ``heatmap_path``.
-    """
-    if not rows:
-        return []
-    now = utcnow()
-    values = [{
+def _values(r: dict, now) -> dict:
+    """One ``save_predictions`` row as the predictions table stores it."""
+    return {
         "sha256": r["sha256"],
         "pneumonia_model_id": r["pneumonia_model_id"],
         "infection_model_id": r["infection_model_id"],
@@ -86,8 +76,25 @@ def save_predictions(session: Session, rows: list[dict]) -> list[int]:
         else float(r["infection_threshold"]),
         "inference_ms": r.get("inference_ms"),
         "heatmap_path": r.get("heatmap_path"),
+        "gate_score": r.get("gate_score"),
+        "review": r.get("review"),
         "created_at": now,
-    } for r in rows]
+    }
+
+
+def save_predictions(session: Session, rows: list[dict]) -> list[int]:
+    """Insert-or-get predictions on (sha256, pneumonia model, infection model), so a content
+    is never predicted twice by the same models: one insert-or-ignore and one read for the
+    batch; ids in the order given.
+
+    Each row has ``sha256``, ``pneumonia_model_id``, ``infection_model_id``, ``p_pneumonia``,
+    ``p_virus``, ``label``, ``threshold``, ``infection_threshold``, ``inference_ms`` and
+    optionally ``heatmap_path``, ``gate_score`` and ``review``.
+    """
+    if not rows:
+        return []
+    now = utcnow()
+    values = [_values(r, now) for r in rows]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as upsert
@@ -152,11 +159,14 @@ class Answer:
 
 @dataclass(frozen=True)
 class Rejection:
-    """A refused image: the reason and where its file now lies in ``rejected/``."""
+    """A refused image: the reason and where its file now lies in ``rejected/``; an image the
+    input gate refused also carries ``review`` (``out_of_scope``) and its gate score."""
 
     image_id: int
     reason: str
     stored_path: str | None = None
+    review: str | None = None
+    gate_score: float | None = None
 
 
 def record_batch(session: Session, answers: list[Answer], rejections: list[Rejection],
@@ -169,7 +179,8 @@ def record_batch(session: Session, answers: list[Answer], rejections: list[Rejec
         images.set_identifiers(session, image_id, values)
     for refused in rejections:
         images.mark_rejected(session, refused.image_id, refused.reason,
-                             stored_path=refused.stored_path)
+                             stored_path=refused.stored_path, review=refused.review,
+                             gate_score=refused.gate_score)
     prediction_ids = save_predictions(session, [a.row for a in answers])
     link_predictions(session, [(a.image_id, prediction_id)
                                for a, prediction_id in zip(answers, prediction_ids, strict=True)],

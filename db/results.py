@@ -25,6 +25,8 @@ RESULT_COLUMNS = (
     "error",
     *DICOM_KEYWORDS,
     "heatmap_path",
+    "gate_score",
+    "review",
 )
 
 
@@ -46,9 +48,13 @@ def list_results(
     label: str | None = None,
     since: datetime | None = None,
     limit: int | None = None,
+    review: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rows of the ``results`` view, newest first, filtered as the CLI asks."""
+    """Rows of the ``results`` view, newest first, filtered as the CLI asks; ``review``: only
+    those a person must look at (``uncertain:<stage>`` or ``out_of_scope``)."""
     where, params = [], {}
+    if review:
+        where.append("review IS NOT NULL")
     if status:
         where.append("status = :status")
         params["status"] = status

@@ -43,6 +43,10 @@ _VIEWS = {
             f"{_DICOM_COLUMNS}{_JOINS}",
     "0005": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
             f"{_DICOM_COLUMNS},\n       p.heatmap_path AS heatmap_path{_JOINS}",
+    "0009": f"CREATE VIEW results AS\n{_COMMON_COLUMNS},\n       i.task_id AS task_id,\n"
+            f"{_DICOM_COLUMNS},\n       p.heatmap_path AS heatmap_path,\n"
+            "       COALESCE(p.gate_score, i.gate_score) AS gate_score,\n"
+            f"       COALESCE(p.review, i.review) AS review{_JOINS}",
 }
 
 

@@ -32,6 +32,21 @@ class ImageStatus(StrEnum):
     FAILED = "failed"
 
 
+class Review(StrEnum):
+    """The ``review`` column: what a person must look at. Empty (NULL) for a confident answer;
+    ``uncertain`` is stored with the stage whose probability lay in its band
+    (``uncertain:pneumonia``), see ``review_uncertain``."""
+
+    UNCERTAIN = "uncertain"
+    OUT_OF_SCOPE = "out_of_scope"
+    """Refused by the input gate: not something the models can read, so no label."""
+
+
+def review_uncertain(stage: str) -> str:
+    """The review flag of a label kept but inside ``stage``'s uncertain band."""
+    return f"{Review.UNCERTAIN}:{stage}"
+
+
 class ModelStatus(StrEnum):
     CANDIDATE = "candidate"
     PRODUCTION = "production"

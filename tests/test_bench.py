@@ -60,6 +60,8 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         "heatmaps": ["images_per_s", "gradcam_images_per_s", "batch_size"],
         "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook", "heatmaps_over_ceiling"],
         "shadow": ["production_images_per_s", "with_shadow_images_per_s", "cost"],
+        "gate": ["forward_images_per_s", "gated_images_per_s", "gate_images_per_s",
+                 "batch_size", "colour_over_decode", "gate_over_forward"],
     }.items():
         for key in keys:
             assert result[section][key] > 0, (section, key, result[section])
@@ -74,6 +76,10 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     stack_log = (tmp_path / "work" / "stack.log").read_text()
     assert "batch of" in stack_log
     assert result["config"]["heatmaps"] and "heatmaps / ceiling" in printed
+    assert "input gate / forward pass" in printed
+    gate = result["gate"]
+    assert gate["gate_over_forward"] == pytest.approx(
+        gate["forward_images_per_s"] / gate["gate_images_per_s"])
     assert "heatmaps: " in stack_log  # every image positive: the worker drew its heatmap
     assert len(list((tmp_path / "work" / "var" / "heatmaps").rglob("*.png"))) == 12 + 3 + 3
     assert "shadow cost (time with / without)" in printed

@@ -110,6 +110,35 @@ def test_publish_registers_and_bundle_round_trips(pneumonia_result, synth_root, 
 
 
 @pytest.mark.slow
+def test_training_puts_gate_and_calibration_in_the_bundle_and_card(pneumonia_result, db_url,
+                                                                   tmp_path):
+    """Issue 22 at training time: stage 1's gate fitted on its training images and thresholded
+    on validation, calibration and band on validation, both in the published bundle; the card
+    gives ECE and Brier before and after, the reliability diagram, and what is not certified
+    (this validation split has about a hundred films)."""
+    from trainer.model.bundle import load_bundle
+    from trainer.model.gate_bundle import load_gate
+    from trainer.training.train import publish
+
+    entry = pneumonia_result.metrics["abstention"]
+    assert {"ece_before", "ece_after", "brier_before", "brier_after", "error_outside",
+            "coverage"} <= set(entry["test"])
+    assert entry["gate"]["features"]["n_threshold"] == entry["calibration"]["metrics"]["n_val"]
+    assert any("not certified" in note for note in entry["notes"])
+    publish(pneumonia_result, models_dir=tmp_path / "models", db_url=db_url,
+            dataset_fingerprint=None)
+    bundle = load_bundle(tmp_path / "models" / "pneumonia" / "v1")
+    assert bundle.manifest.calibration["temperature"] > 0
+    assert bundle.manifest.gate["source"] == "training"
+    assert load_gate(bundle).features.threshold == pytest.approx(
+        entry["gate"]["features"]["threshold"])
+    assert (bundle.directory / "reliability.png").stat().st_size > 1000
+    report = (bundle.directory / "report.md").read_text()
+    assert "## Calibration, uncertain band and input gate" in report
+    assert "ECE" in report and "Not certified" in report
+
+
+@pytest.mark.slow
 def test_cli_trains_both_stages_promotes_and_fine_tunes_from_a_version(
     synth_root, tmp_path, monkeypatch, capsys
 ):

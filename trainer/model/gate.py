@@ -57,9 +57,28 @@ def _grey(pixels: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32)
 
 
+def _percentiles(grey: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """``np.percentile(grey, qs)`` (linear interpolation); for whole grey levels 0-255 from a
+    histogram instead of a sort (the same values, a tenth of the time)."""
+    flat = grey.ravel()
+    whole = flat.size and flat.min() >= 0 and flat.max() <= 255 and np.array_equal(
+        flat, np.floor(flat))
+    if not whole:
+        return [float(v) for v in np.percentile(flat, qs)]
+    cum = np.cumsum(np.bincount(flat.astype(np.int64), minlength=256))
+    out = []
+    for q in qs:
+        pos = q / 100.0 * (flat.size - 1)
+        lo_k, frac = int(math.floor(pos)), pos - math.floor(pos)
+        lo_v = int(np.searchsorted(cum, lo_k, side="right"))
+        hi_v = int(np.searchsorted(cum, min(lo_k + 1, flat.size - 1), side="right"))
+        out.append(lo_v + frac * (hi_v - lo_v))
+    return out
+
+
 def check_constant(grey: np.ndarray) -> Refusal | None:
     """A blank, black or flat image (a failed export, a placeholder)."""
-    lo, hi = np.percentile(grey, [1, 99])
+    lo, hi = _percentiles(grey, (1, 99))
     spread = float(hi - lo)
     if spread >= CONSTANT_RANGE:
         return None
@@ -181,15 +200,14 @@ def check_pixels(pixels: np.ndarray) -> Refusal | None:
     arr = np.asarray(pixels)
     step = 2 if min(arr.shape[:2]) > 128 else 1
     small = arr[::step, ::step]
-    grey = _grey(small)
+    tinted = small.ndim == 3 and not (np.array_equal(small[..., 0], small[..., 1])
+                                      and np.array_equal(small[..., 1], small[..., 2]))
+    grey = _grey(small) if tinted or small.ndim == 2 else small[..., 0].astype(np.float32)
     for check in (check_constant, check_inverted, check_text):
         refusal = check(grey)
         if refusal is not None:
             return refusal
-    if small.ndim == 3 and not (np.array_equal(small[..., 0], small[..., 1])
-                                and np.array_equal(small[..., 1], small[..., 2])):
-        return check_colour(small)
-    return None
+    return check_colour(small) if tinted else None
 
 
 LAYOUT_SIDE = 8
@@ -218,9 +236,21 @@ def layout(pixels: np.ndarray, side: int = LAYOUT_SIDE) -> np.ndarray:
     return (sums / area / 255.0).ravel().astype(np.float32)
 
 
-def layouts(images: np.ndarray) -> np.ndarray:
-    """``layout`` of each image of a batch."""
-    return np.stack([layout(im) for im in images]) if len(images) else np.zeros((0, 64))
+def layouts(images: np.ndarray, side: int = LAYOUT_SIDE) -> np.ndarray:
+    """``layout`` of each image of a batch. A batch of grey x 3 images (what the decoder gives)
+    whose sides divide by ``side`` takes a shortcut with the same values: one channel, block
+    means by a reshape (a tenth of the time at 224 px, which keeps the gate within a few
+    per cent of a CPU forward pass)."""
+    arr = np.asarray(images)
+    if not len(arr):
+        return np.zeros((0, side * side), np.float32)
+    n, h, w = arr.shape[:3]
+    grey3 = arr.ndim == 4 and arr.shape[3] == 3 and np.array_equal(
+        arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 1], arr[..., 2])
+    if not (grey3 and h % side == 0 and w % side == 0):
+        return np.stack([layout(im, side) for im in arr])
+    blocks = arr[..., 0].astype(np.float32).reshape(n, side, h // side, side, w // side)
+    return (blocks.mean(axis=(2, 4)) / 255.0).reshape(n, -1).astype(np.float32)
 
 
 @dataclass

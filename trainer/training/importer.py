@@ -12,6 +12,7 @@ model's input channels, 1 = grayscale, 3 = rgb).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,20 @@ def output_kind(model, input_size: int, logits: bool, channels: int = 3) -> str:
     return "sigmoid" if y.shape[1] == 1 else "softmax"
 
 
+def _checked_mode(preprocess: str, resize: str) -> str:
+    """The preprocessing mode ``preprocess`` names, with ``resize`` checked too."""
+    from trainer.imaging.decode import RESIZE_FILTERS
+    from trainer.model.preprocessing import resolve_mode
+
+    try:
+        mode = resolve_mode(preprocess)
+    except ValueError as exc:
+        raise ImportModelError(str(exc)) from None
+    if resize not in RESIZE_FILTERS:
+        raise ImportModelError(f"--resize must be one of {', '.join(RESIZE_FILTERS)}")
+    return mode
+
+
 def import_model(
     src: Path,
     *,
@@ -109,24 +124,21 @@ def import_model(
     promote: bool = False,
     resize: str = IMPORT_RESIZE,
     color_mode: str | None = None,
+    reference: Path | None = None,
+    say: Callable[[str], None] = log.info,
 ) -> int:
     """Register ``src`` as the next version of ``stage``; returns that version number.
 
     ``preprocess`` is a mode or backbone name (trainer.model.preprocessing); ``class_names``
     defaults to the stage's classes, in the model's output order; ``resize`` and ``color_mode``
-    say how images were fed to it (see the module docstring).
+    say how images were fed to it (see the module docstring). ``reference``: a folder of the
+    site's known-good chest X-rays to fit the input gate on (``reference_gate``); what was
+    fitted is told to ``say``.
     """
-    from trainer.imaging.decode import RESIZE_FILTERS
-    from trainer.model.preprocessing import resolve_mode
     from trainer.training.publish import publish_model
 
     src = Path(src)
-    try:
-        mode = resolve_mode(preprocess)
-    except ValueError as exc:
-        raise ImportModelError(str(exc)) from None
-    if resize not in RESIZE_FILTERS:
-        raise ImportModelError(f"--resize must be one of {', '.join(RESIZE_FILTERS)}")
+    mode = _checked_mode(preprocess, resize)
     names = list(class_names or STAGE_CLASSES.get(stage, ()))
     if len(names) != 2:
         raise ImportModelError(f"need exactly 2 class names in output order, got {names}")
@@ -146,8 +158,56 @@ def import_model(
         backbone="imported", preprocessing=preprocess, preprocessing_in_model=False,
         output=output, color_mode=color_mode, resize=resize, params=params,
     )
+    extras = None
+    if reference is not None:
+        extras, summary = reference_gate(model, manifest, Path(reference))
+        say(summary)
     published = publish_model(
-        model, manifest, models_dir=models_dir, db_url=db_url, promote=promote, verify_load=True
+        model, manifest, models_dir=models_dir, db_url=db_url, promote=promote, verify_load=True,
+        extras=extras,
     )
     log.info("imported %s as %s", src.name, published.name)
     return published.version
+
+
+REFERENCE_MAX_PIXELS = 60_000_000
+"""Decoded pixel limit for reference images (the service's default ``CXR_MAX_IMAGE_PIXELS``)."""
+
+
+def reference_images(folder: Path, size: int, resize: str) -> tuple[np.ndarray, list[str]]:
+    """(the decodable images under ``folder`` at the model's feed, the names that were not)."""
+    from db.exceptions import BadImageError
+    from trainer.imaging.decode import decode_image
+
+    if not folder.is_dir():
+        raise ImportModelError(f"--reference {folder} is not a folder")
+    good, bad = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            good.append(decode_image(path, size, REFERENCE_MAX_PIXELS, resize))
+        except (BadImageError, OSError):
+            bad.append(path.name)
+    if not good:
+        raise ImportModelError(f"--reference {folder} holds no image that decodes")
+    return np.stack(good), bad
+
+
+def reference_gate(model, manifest: Manifest, folder: Path) -> tuple[dict[str, bytes], str]:
+    """Fit the input gate of ``model`` on the chest X-rays in ``folder`` (at least 12; a few
+    dozen intended), record it in ``manifest``; returns (the bundle's extra files, a summary
+    of what was fitted)."""
+    from trainer.model.bundle import LoadedBundle
+    from trainer.model.gate_bundle import attach_gate, fit_gate_from_reference
+
+    if manifest.channels != 3:
+        raise ImportModelError("--reference needs a model that takes RGB input; a greyscale "
+                               "model gets no input gate")
+    images, bad = reference_images(folder, manifest.input_size, manifest.resize)
+    try:
+        gate, layer, summary = fit_gate_from_reference(LoadedBundle(model, manifest, folder),
+                                                       images)
+    except ValueError as exc:
+        raise ImportModelError(f"--reference {folder}: {exc}") from None
+    if bad:
+        summary += f"; {len(bad)} file(s) did not decode and were left out (first: {bad[0]})"
+    return attach_gate(manifest, gate, layer), summary

@@ -41,12 +41,14 @@ def publish_model(
     extra_files: Iterable[Path] = (),
     promote: bool = False,
     verify_load: bool = False,
+    extras: dict[str, bytes] | None = None,
 ) -> Published:
     """Publish ``model`` as the next version of ``manifest.stage``.
 
     The manifest's ``version`` is replaced by the one the registry allocates and its
     ``code_version`` defaults to this checkout's. ``verify_load`` loads the saved bundle back
-    in safe mode before committing (for models made elsewhere).
+    in safe mode before committing (for models made elsewhere). ``extras``: further files
+    written with the bundle in its atomic step (``gate.npz``, named in the manifest).
     """
     from db import registry
     from db.session import session_scope
@@ -62,7 +64,7 @@ def publish_model(
                 parent_version=manifest.parent_version, code_version=manifest.code_version,
             )
             final = dataclasses.replace(manifest, version=mv.version)
-            bundle_dir = save_bundle(model, final, Path(models_dir) / mv.bundle_path)
+            bundle_dir = save_bundle(model, final, Path(models_dir) / mv.bundle_path, extras)
             for source in extra_files:
                 if Path(source).exists():
                     shutil.copy2(source, bundle_dir / Path(source).name)

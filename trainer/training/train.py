@@ -25,6 +25,8 @@ import tensorflow as tf
 from db.exceptions import DatasetError
 from db.vocabulary import STAGE_CLASSES
 from trainer.training import evaluate, model_card, monitoring_stats, plots
+from trainer.training.abstain import card_entry, fit_abstention, report_lines
+from trainer.training.calibration_plots import plot_reliability
 from trainer.training.data import Splits, class_weights, stage_view
 from trainer.training.dataset import batches, decoded_dataset, make_dataset
 from trainer.training.phases import (
@@ -39,7 +41,8 @@ from trainer.training.phases import (
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("metrics.json", "roc.png", "confusion.png", "curves.png", "report.md")
+OUTPUT_FILES = ("metrics.json", "roc.png", "confusion.png", "curves.png", "report.md",
+                "reliability.png")
 
 
 @dataclass
@@ -71,6 +74,10 @@ class TrainConfig:
     n_boot: int = 1000
     val_fraction: float | None = None
     init_from: str | None = None
+    max_error: float = 0.05
+    """Error rate allowed outside the uncertain band (chosen on validation)."""
+    gate: bool = True
+    """Fit stage 1's input gate on the training images (``trainer.training.abstain``)."""
 
 
 @dataclass
@@ -87,6 +94,8 @@ class TrainResult:
     out_dir: Path
     synthetic: bool = False
     parent_version: int | None = None
+    abstention: Any = None
+    """``trainer.training.abstain.Abstention``: calibration, band and (stage 1) gate."""
 
 
 def build_model(config: TrainConfig, init_model_path: Path | None = None):
@@ -233,17 +242,16 @@ def train_stage(
             timing.update(times)
     keep.restore()
     threshold, test_scores, metrics = evaluate_stage(model, data, test_ds, test_y, config)
+    abstention = fit_abstention(model, data, config, threshold, test_scores, test_y)
+    metrics["abstention"] = card_entry(abstention)
     metrics.update(
         best_val_auc=keep.best if np.isfinite(keep.best) else None,
         timing=timing,
         epochs_run=len(history.get("loss", [])),
         synthetic=synthetic,
     )
-    result = TrainResult(
-        model=model, config=config, history=history, metrics=metrics, threshold=threshold,
-        test_labels=np.asarray(test_y), test_scores=test_scores, out_dir=out_dir,
-        synthetic=synthetic, parent_version=parent_version,
-    )
+    result = TrainResult(model, config, history, metrics, threshold, np.asarray(test_y),
+                         test_scores, out_dir, synthetic, parent_version, abstention)
     write_outputs(result)
     return result
 
@@ -269,9 +277,16 @@ def write_outputs(result: TrainResult) -> None:
         np.asarray(result.metrics["test"]["confusion"]), names, out / "confusion.png",
         title=title, synthetic=result.synthetic,
     )
-    (out / "report.md").write_text(
-        model_card.render_report(result.metrics, asdict(result.config), synthetic=result.synthetic)
-    )
+    report = model_card.render_report(result.metrics, asdict(result.config),
+                                      synthetic=result.synthetic)
+    if result.abstention is not None:
+        cal = result.abstention.calibration
+        plot_reliability(cal.reliability, out / "reliability.png", title=f"{title} calibration",
+                         band=cal.band, synthetic=result.synthetic)
+        report = report.replace(f"\n\n{model_card.VALIDITY_NOTE}",
+                                "\n".join(["", *report_lines(result.metrics["abstention"])])
+                                + f"\n\n{model_card.VALIDITY_NOTE}", 1)
+    (out / "report.md").write_text(report)
 
 
 def _json_safe(value):
@@ -309,12 +324,27 @@ def publish(
         dataset_fingerprint=dataset_fingerprint, parent_version=result.parent_version,
         synthetic=result.synthetic,
     )
+    extras = _attach_abstention(manifest, result.abstention)
     published = publish_model(
         result.model, manifest, models_dir=models_dir, db_url=db_url,
         extra_files=[result.out_dir / name for name in OUTPUT_FILES], promote=promote,
+        extras=extras,
     )
     log.info("registered %s (%s) at %s", published.name, published.status, published.bundle_dir)
     return published
+
+
+def _attach_abstention(manifest, abstention) -> dict[str, bytes]:
+    """Calibration into ``manifest.calibration``, the gate into ``manifest.gate`` and its file
+    into the returned extras (nothing for a result without them)."""
+    if abstention is None:
+        return {}
+    manifest.calibration = _json_safe(abstention.calibration.to_dict())
+    if abstention.gate is None:
+        return {}
+    from trainer.model.gate_bundle import attach_gate
+
+    return attach_gate(manifest, abstention.gate, abstention.layer)
 
 
 def score_paths(predict, paths: list[Path], img_size: int, batch_size: int = 32) -> np.ndarray:

@@ -29,10 +29,12 @@ from db.deployment import unknown_ids
 from db.monitoring import received_times
 from db.predictions import Answer, Rejection
 from db.session import session_scope
+from db.vocabulary import Review
 from trainer.imaging.budget import MemoryBudget
 from worker.classify import metrics
 from worker.classify.celery_app import THREADS_ENV
 from worker.classify.claiming import claim_images, holder_id
+from worker.classify.gating import GateRefused, classify_gated
 from worker.classify.inference import ModelCache, Models, classify_arrays
 from worker.classify.reading import Read, read_claim
 from worker.classify.shadow import run_shadows, shadow_row
@@ -170,7 +172,8 @@ def read_and_classify(claims: list[Claim], settings: Settings, models: Models) -
     feeds = (models.pneumonia.feed, (models.infection or models.pneumonia).feed)
     pool = ThreadPoolExecutor(max_workers=max(1, min(decode_threads(), len(claims))))
     try:
-        pending = [pool.submit(metrics.timed, read_claim, claim, settings, feeds, budget)
+        colour = models.pneumonia.gate is not None
+        pending = [pool.submit(metrics.timed, read_claim, claim, settings, feeds, budget, colour)
                    for claim in claims]
         for start in range(0, len(claims), step):
             began = time.perf_counter()
@@ -180,16 +183,34 @@ def read_and_classify(claims: list[Claim], settings: Settings, models: Models) -
             run.read += chunk
             if decoded:
                 began = time.perf_counter()
-                pixels = np.stack([r.pixels for r in decoded])
-                answers = classify_arrays(pixels, models.pneumonia, models.infection,
-                                          _stage_two(decoded))
+                classify_decoded(decoded, models, run)
                 run.forward_s += time.perf_counter() - began
-                _shadow(run, pixels, models, answers, _stage_two(decoded))
-                run.results += answers
-                run.good += decoded
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return run
+
+
+def classify_decoded(decoded: list[Read], models: Models, run: BatchRun) -> None:
+    """Step 2's forward pass: the input gate (when the stage-1 bundle has one) and the
+    cascade on what it passed, then the shadow versions on the same pixels; an image the gate
+    refused becomes a refusal with no label (``review`` = ``out_of_scope``), its file kept in
+    ``rejected/`` like any other."""
+    answers = classify_gated(np.stack([r.pixels for r in decoded]), models.pneumonia,
+                             models.infection, _stage_two(decoded), [r.colour for r in decoded],
+                             classify=classify_arrays)
+    passed: list[Read] = []
+    results: list = []
+    for read, answer in zip(decoded, answers, strict=True):
+        if isinstance(answer, GateRefused):
+            read.pixels, read.second, read.rejected = None, None, answer.reason
+            read.review, read.gate_score = Review.OUT_OF_SCOPE, answer.gate_score
+        else:
+            passed.append(read)
+            results.append(answer)
+    if passed:
+        _shadow(run, np.stack([r.pixels for r in passed]), models, results, _stage_two(passed))
+    run.good += passed
+    run.results += results
 
 
 def _shadow(run: BatchRun, pixels: np.ndarray, models: Models, answers: list,
@@ -218,7 +239,8 @@ def record(run: BatchRun, settings: Settings, models: Models, heatmaps: dict[str
     """Step 4: move refused files into ``rejected/``, then record every outcome (identifiers,
     refusals, predictions) in one call and one transaction."""
     per_image_ms = run.forward_s * 1000.0 / max(1, len(run.good))
-    rejections = [Rejection(r.claim.image_id, r.rejected, _reject_file(r.claim, settings))
+    rejections = [Rejection(r.claim.image_id, r.rejected, _reject_file(r.claim, settings),
+                            r.review, r.gate_score)
                   for r in run.read if r.rejected is not None]
     answers = [Answer(r.claim.image_id, _prediction_row(r.claim, result, models, per_image_ms,
                                                         heatmaps), r.note)
@@ -262,6 +284,7 @@ def _prediction_row(claim: Claim, result, models: Models, per_image_ms: float,
         threshold=models.pneumonia.threshold,
         infection_threshold=infection.threshold if infection else None,
         inference_ms=per_image_ms, heatmap_path=heatmaps.get(claim.sha256),
+        gate_score=result.gate_score, review=result.review,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from db.exceptions import BadImageError
-from db.vocabulary import POSITIVE_CLASS, Label, Stage
+from db.vocabulary import POSITIVE_CLASS, Label, Stage, review_uncertain
 from trainer.imaging.decode import SERVICE_RESIZE, Feed, decode_many
 from trainer.model.cascade import cascade_labels, positive_probability, positive_threshold
 
@@ -34,14 +34,27 @@ StagePixels = Callable[[np.ndarray, Feed], np.ndarray]
 
 @dataclass(frozen=True)
 class StageModel:
-    """A production bundle and the registry row it came from."""
+    """A production bundle and the registry row it came from; with the bundle's input gate
+    (``gate``) and the model giving features with the probability (``runner``) when it has
+    one (``worker.classify.gating.stage_model``)."""
 
     model_id: int
     version: int
     bundle: Any  # trainer.model.bundle.LoadedBundle
+    runner: Any = None  # trainer.model.gate_bundle.FeatureModel
+    gate: Any = None  # trainer.model.gate.InputGate
+
+    @property
+    def calibration(self) -> dict:
+        """The manifest's calibration (temperature, calibrated threshold, band), or {}."""
+        return getattr(self.bundle.manifest, "calibration", None) or {}
 
     @property
     def threshold(self) -> float:
+        """The decision threshold on served probabilities: the calibrated one when the bundle
+        is calibrated (comparing calibrated probabilities with the raw threshold is wrong)."""
+        if self.calibration:
+            return float(self.calibration["threshold"])
         return float(self.bundle.manifest.threshold)
 
     @property
@@ -68,6 +81,9 @@ class CascadeResult:
     label: Label
     p_pneumonia: float
     p_virus: float | None
+    review: str | None = None
+    """``uncertain:<stage>`` when a calibrated probability lay in that stage's band."""
+    gate_score: float | None = None
 
 
 def bucket_sizes(n: int) -> list[int]:
@@ -91,25 +107,37 @@ def predict_in_buckets(bundle, batch: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S) -> list[int]:
+def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S,
+            predict: Callable[[np.ndarray], Any] | None = None) -> list[int]:
     """Run the bucket sizes up to ``max_batch`` once, smallest first, until ``budget_s`` is
-    spent (a slow model is not held back for minutes); returns the sizes warmed."""
+    spent (a slow model is not held back for minutes); returns the sizes warmed. ``predict``:
+    what serving calls instead of ``bundle.predict_proba`` (the gated feature model)."""
     size = int(bundle.manifest.input_size)
+    predict = predict or bundle.predict_proba
     started = time.perf_counter()
     warmed, n = [], 1
     while n <= max(1, max_batch) and time.perf_counter() - started < budget_s:
-        bundle.predict_proba(np.zeros((n, size, size, 3), dtype=np.float32))
+        predict(np.zeros((n, size, size, 3), dtype=np.float32))
         warmed.append(n)
         n *= 2
     return warmed
 
 
-def _positive(stage: StageModel, batch: np.ndarray, positive: str) -> tuple[np.ndarray, float]:
-    """(p(positive) per image, the manifest's threshold on that probability)."""
+def _positive(stage: StageModel, batch: np.ndarray, positive: str, proba=None
+              ) -> tuple[np.ndarray, float, np.ndarray]:
+    """(p(positive) per image, calibrated when the bundle is, the threshold on that
+    probability, whether each lies in the stage's uncertain band). ``proba``: the model's
+    p(class_names[1]) when already computed (the gate's forward pass)."""
     names = stage.bundle.manifest.class_names
-    proba = predict_in_buckets(stage.bundle, batch)
+    proba = predict_in_buckets(stage.bundle, batch) if proba is None else proba
+    uncertain = np.zeros(len(proba), dtype=bool)
+    if stage.calibration:
+        from trainer.model.calibration import calibrate, in_band
+
+        proba = calibrate(proba, stage.calibration["temperature"])
+        uncertain = in_band(proba, stage.calibration["band"])
     return (positive_probability(proba, names, positive),
-            positive_threshold(stage.threshold, names, positive))
+            positive_threshold(stage.threshold, names, positive), uncertain)
 
 
 def stage_two_from_files(paths: Sequence[Path], max_pixels: int, threads: int = 1) -> StagePixels:
@@ -133,6 +161,7 @@ def classify_arrays(
     pneumonia: StageModel,
     infection: StageModel | None,
     stage_two: StagePixels | None = None,
+    first: np.ndarray | None = None,
 ) -> list[CascadeResult]:
     """Stage 1 on every image; stage 2 on the stage-1 positives only, in one call each; the
     labels come from the cascade rule the trainer evaluates with (``trainer.model.cascade``).
@@ -140,14 +169,17 @@ def classify_arrays(
     ``batch`` holds the images as stage 1 takes them (its ``feed``). When stage 2 takes another
     size or resize method, ``stage_two(indices, feed)`` gives those images its way
     (``stage_two_from_files``): resizing stage-1 pixels would feed stage 2 pixels it never saw
-    in training.
+    in training. ``first``: stage 1's p(class_names[1]) for ``batch`` when the gate's pass
+    already gave it (no second forward pass). A calibrated stage's probability in its band
+    keeps its label and gets ``review`` = ``uncertain:<stage>`` (stage 1's first).
     """
     batch = np.asarray(batch)
     if batch.ndim != 4:
         raise ValueError(f"expected (N, S, S, 3) pixels, got shape {batch.shape}")
-    p_pneu, t_pneu = _positive(pneumonia, batch, POSITIVE_CLASS[Stage.PNEUMONIA])
+    p_pneu, t_pneu, unsure = _positive(pneumonia, batch, POSITIVE_CLASS[Stage.PNEUMONIA], first)
     p_virus = np.full(len(batch), np.nan)
     t_virus = None
+    review: list[str | None] = [review_uncertain(Stage.PNEUMONIA) if u else None for u in unsure]
     positives = np.flatnonzero(p_pneu >= t_pneu)
     if infection is not None and positives.size:
         feed = infection.feed
@@ -158,11 +190,14 @@ def classify_arrays(
                              "no stage_two pixels were given")
         else:
             second = stage_two(positives, feed)
-        p_virus[positives], t_virus = _positive(infection, second, POSITIVE_CLASS[Stage.INFECTION])
+        p_virus[positives], t_virus, unsure = _positive(infection, second,
+                                                        POSITIVE_CLASS[Stage.INFECTION])
+        for i in positives[unsure]:
+            review[i] = review[i] or review_uncertain(Stage.INFECTION)
     labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
     return [
-        CascadeResult(label, float(p1), None if np.isnan(p2) else float(p2))
-        for label, p1, p2 in zip(labels, p_pneu, p_virus, strict=True)
+        CascadeResult(label, float(p1), None if np.isnan(p2) else float(p2), flag)
+        for label, p1, p2, flag in zip(labels, p_pneu, p_virus, review, strict=True)
     ]
 
 
@@ -183,15 +218,20 @@ def production_models(models_dir: Path, db_url: str) -> Models:
 
 
 def classify_file(path: Path, models: Models, max_pixels: int
-                  ) -> tuple[np.ndarray, StagePixels, CascadeResult]:
-    """One file through the cascade: (stage-1 pixels, stage-2 pixels, result). Raises
-    BadImageError or OSError for a file that cannot be decoded."""
+                  ) -> tuple[np.ndarray, StagePixels, Any]:
+    """One file through the gate and the cascade, as the worker does it: (stage-1 pixels,
+    stage-2 pixels, a CascadeResult or, when the input gate refused it, a
+    ``gating.GateRefused``). Raises BadImageError or OSError for a file that cannot be
+    decoded."""
     from trainer.imaging.decode import decode_image
+    from worker.classify.gating import classify_gated, file_colour
 
     feed = models.pneumonia.feed
     pixels = decode_image(path, feed.size, max_pixels, feed.resize)
     stage_two = stage_two_from_files([path], max_pixels)
-    result = classify_arrays(pixels[None], models.pneumonia, models.infection, stage_two)[0]
+    colour = file_colour([Path(path)]) if models.pneumonia.gate is not None else None
+    result = classify_gated(pixels[None], models.pneumonia, models.infection, stage_two,
+                            colour)[0]
     return pixels, stage_two, result
 
 
@@ -219,10 +259,11 @@ def load_registered(models_dir: Path, row) -> StageModel:
     """The bundle of a registered version (``row``, a registry row), checked against its
     registered hash: for explaining a prediction with the models that made it."""
     from trainer.model.bundle import load_bundle
+    from worker.classify.gating import stage_model
 
     directory = Path(models_dir) / row.bundle_path
     _check_registered_bytes(directory, row)
-    return StageModel(row.id, row.version, load_bundle(directory))
+    return stage_model(row.id, row.version, load_bundle(directory))
 
 
 class ModelCache:
@@ -252,14 +293,17 @@ class ModelCache:
             self._loader = load_bundle
         directory = self.models_dir / row.bundle_path
         _check_registered_bytes(directory, row)
-        bundle = self._loader(directory)
-        log.info("loaded model %s", row.name)
+        from worker.classify.gating import stage_model
+
+        stage = stage_model(row.id, row.version, self._loader(directory))
+        log.info("loaded model %s%s", row.name, " with its input gate" if stage.gate else "")
         if self.warm_batch > 0:
             started = time.perf_counter()
-            sizes = warm_up(bundle, self.warm_batch)
+            sizes = warm_up(stage.bundle, self.warm_batch,
+                            predict=stage.runner.predict if stage.runner else None)
             log.info("warmed up model %s for batch sizes %s in %.1f s", row.name, sizes,
                      time.perf_counter() - started)
-        return StageModel(row.id, row.version, bundle)
+        return stage
 
     def _load_shadow(self, key: str, row) -> None:
         """A shadow that cannot load is left out (once, with a warning): it never stops

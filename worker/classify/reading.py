@@ -8,6 +8,7 @@ both stages' pixels are decoded, so a message holds pixels, not files.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -22,6 +23,8 @@ from trainer.imaging.checksum import new_digest
 from trainer.imaging.decode import SUPPORTED_FORMATS, Feed, decode_bytes, decode_data, sniff_bytes
 from trainer.imaging.dicom_terms import view_policy
 from trainer.imaging.extent import EndFinder
+from trainer.model.gate import check_file_colour
+from trainer.model.refusal import Refusal
 from worker.files.storage import stored_file
 from worker.settings import Settings
 
@@ -48,17 +51,24 @@ class Read:
     view: str | None = None
     note: str | None = None
     """How a done image was read, for its ``error`` column (an unknown view taken as frontal)."""
+    colour: Refusal | None = None
+    """The input gate's verdict on the file's own colours (the decoder keeps grey only)."""
+    review: str | None = None
+    gate_score: float | None = None
+    """Set when the input gate refused the image (``out_of_scope``)."""
 
 
 def read_claim(claim: Claim, settings: Settings, feeds: tuple[Feed, Feed],
-               budget: MemoryBudget) -> Read:
-    """Read, check and decode one archived file for both stages' feeds, within ``budget``."""
+               budget: MemoryBudget, colour: bool = False) -> Read:
+    """Read, check and decode one archived file for both stages' feeds, within ``budget``;
+    with ``colour`` (an input gate is on) also judge a JPEG's or PNG's own colours from the
+    same checked bytes."""
     path = stored_file(settings, claim.stored_path)
     if path is None:
         return Read(claim, missing=True)
     try:
         with open(path, "rb") as fh:
-            read = _read_opened(claim, fh, settings, feeds, budget)
+            read = _read_opened(claim, fh, settings, feeds, budget, colour)
     except FileNotFoundError:
         return Read(claim, missing=True)
     except OSError as exc:
@@ -67,7 +77,7 @@ def read_claim(claim: Claim, settings: Settings, feeds: tuple[Feed, Feed],
 
 
 def _read_opened(claim: Claim, fh: BinaryIO, settings: Settings, feeds: tuple[Feed, Feed],
-                 budget: MemoryBudget) -> Read:
+                 budget: MemoryBudget, colour: bool = False) -> Read:
     st_size = os.fstat(fh.fileno()).st_size
     if st_size > settings.max_file_bytes:
         return Read(claim, rejected=f"file too large: {st_size:,} bytes (the limit, "
@@ -89,9 +99,10 @@ def _read_opened(claim: Claim, fh: BinaryIO, settings: Settings, feeds: tuple[Fe
             other = decoded.pixels if second == first else decode_bytes(
                 data, second.size, settings.max_image_pixels, name=claim.file_name,
                 resize=second.resize)
+            tint = check_file_colour(io.BytesIO(data)) if colour and fmt != "DICOM" else None
             del data
         return Read(claim, pixels=decoded.pixels, second=other,
-                    identifiers=decoded.identifiers, view=decoded.view)
+                    identifiers=decoded.identifiers, view=decoded.view, colour=tint)
     except BadImageError as exc:
         return Read(claim, rejected=str(exc), identifiers=exc.identifiers)
 

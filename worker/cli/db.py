@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     res.add_argument("--since", type=_parse_iso, help="ISO date/time; local time if no zone")
     res.add_argument("--limit", type=_parse_limit, default=50,
                      help=f"at most N rows (0: all; default 50; at most {MAX_LIMIT:,})")
+    res.add_argument("--review", action="store_true",
+                     help="only what needs a person: labels inside a stage's uncertain band "
+                     "(review uncertain:<stage>) and images the input gate refused "
+                     "(out_of_scope, no label)")
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
     res.add_argument("--history", type=int, metavar="ID",
                      help="every prediction image ID has had (production, shadow, re-score)")
@@ -102,6 +106,7 @@ def cmd_results(args: argparse.Namespace, settings: Any) -> int:
             label=args.label,
             since=args.since,
             limit=args.limit or None,
+            review=args.review,
         )
     if args.format == "table":
         print(format_results_table(rows))

@@ -21,9 +21,11 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from db.vocabulary import DISCLAIMER, FINAL_STATUSES
+from db.vocabulary import DISCLAIMER, FINAL_STATUSES, Review
 from worker.ops.stack import LocalStack
 from worker.settings import Settings
+
+OUT_OF_SCOPE = Review.OUT_OF_SCOPE.value
 
 SYNTHETIC_NOTE = (
     "Models here are trained on SYNTHETIC images in a few minutes: they show how the service "
@@ -170,13 +172,17 @@ def _stop_stack(stack: LocalStack) -> None:
 
 
 def _drop_images(settings: Settings, n: int) -> dict[str, str]:
-    """Copy held-out synthetic images into the inbox; returns file name -> true label."""
+    """Copy held-out synthetic images into the inbox, and one synthetic hand radiograph that
+    the input gate should refuse; returns file name -> true label (``out_of_scope``)."""
+    from trainer.synth.wrong_inputs import write_wrong_inputs
     from trainer.synth.xrays import held_out_images
 
     staging = settings.data_dir.absolute() / "demo-staging"
     shutil.rmtree(staging, ignore_errors=True)
     seed = int(time.time())  # new content each run, so nothing is answered from an old run
     images = held_out_images(staging, n, seed=seed)
+    images += [(path, OUT_OF_SCOPE) for path, _ in
+               write_wrong_inputs(staging / "wrong", 1, seed=seed, kinds=("hand",))]
     for path, _ in images:
         shutil.copy(path, settings.inbox_dir / path.name)
     shutil.rmtree(staging, ignore_errors=True)
@@ -220,8 +226,9 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
     print(format_results_table(rows))
     labels = Counter(r["label"] or r["status"] for r in rows)
     print("\nper class: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
-    agree = sum(1 for r in rows if r["label"] == truth.get(r["file_name"]))
+    agree = sum(1 for r in rows if (r["label"] or r.get("review")) == truth.get(r["file_name"]))
     print(f"agreement with the synthetic ground truth: {agree}/{len(rows)}")
+    _report_review(rows)
     url = make_url(settings.db_url)
     if url.get_backend_name() == "sqlite":
         print(f"database: {url.database}  (try: sqlite3 {url.database} 'select * from results')")
@@ -230,6 +237,22 @@ def _report(settings: Settings, rows: list[dict], truth: dict[str, str]) -> None
     user, _, password = (settings.flower_basic_auth or "").partition(":")
     print(f"Flower: http://{settings.flower_address}:{settings.flower_port}/ while the stack "
           f"runs (user {user!r}, password {password!r})")
+
+
+def _report_review(rows: list[dict]) -> None:
+    """What needs a person (``cxr results --review``): the image the gate refused, and any
+    label inside its stage's uncertain band."""
+    refused = [r for r in rows if r.get("review") == OUT_OF_SCOPE]
+    unsure = [r for r in rows if (r.get("review") or "").startswith("uncertain")]
+    print("\nneeds a person (cxr results --review):")
+    for r in refused:
+        print(f"  {r['file_name']}: no label, {r['error']}")
+    for r in unsure:
+        print(f"  {r['file_name']}: {r['label']} kept but flagged {r['review']} "
+              f"(p_pneumonia {r['p_pneumonia']:.3f}, inside the band)")
+    if not unsure:
+        print("  no label fell inside an uncertain band this time (the band is where the "
+              "validation errors were; a clear-cut synthetic set has few)")
 
 
 def _explain_and_review(settings: Settings, rows: list[dict], since: datetime) -> None:

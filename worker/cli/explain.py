@@ -123,6 +123,10 @@ def _explain_files(files: list[Path], out: Path, settings: Settings) -> int:
             failures += 1
             print(f"{path}: rejected: {exc}")
             continue
+        if result.label is None:  # refused by the input gate: nothing to explain
+            failures += 1
+            print(f"{path}: out_of_scope: {result.reason}")
+            continue
         heatmap = explain_results(models, [result], pixels[None], stage_two)[0]
         target = out / f"{path.stem}-heatmap.png"
         _write(target, render(result, heatmap))

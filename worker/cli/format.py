@@ -30,7 +30,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def format_results_table(rows: list[dict[str, Any]]) -> str:
     """The columns of the ``results`` view a person reads first."""
-    headers = ["id", "file_name", "status", "label", "p_pneumonia", "p_virus", "models", "error"]
+    headers = ["id", "file_name", "status", "label", "p_pneumonia", "p_virus", "models",
+               "review", "error"]
     lines = []
     for row in rows:
         models = ""
@@ -47,6 +48,7 @@ def format_results_table(rows: list[dict[str, Any]]) -> str:
                 probability(row["p_pneumonia"]),
                 probability(row["p_virus"]),
                 models,
+                row.get("review") or "",
                 clip(row["error"] or "", 60),
             ]
         )

@@ -79,6 +79,10 @@ def _register_import(models_sub, stages: list[str]) -> None:
                      help="decision threshold on the probability of the second class")
     imp.add_argument("--promote", action="store_true", help="make it the production model")
     add_who(imp)
+    imp.add_argument("--reference", type=Path, metavar="DIR",
+                     help="a folder of this site's known-good chest X-rays (a few dozen; at "
+                     "least 12): fit the input gate on them, so the workers refuse images "
+                     "unlike them (pneumonia stage, RGB models)")
     imp.set_defaults(func=cmd_models_import)
 
 
@@ -213,7 +217,7 @@ def cmd_models_import(args: argparse.Namespace, settings) -> int:
         args.file, stage=args.stage, class_names=classes, input_size=args.input_size,
         preprocess=args.preprocess, logits=args.logits, models_dir=settings.models_path,
         db_url=settings.db_url, threshold=args.threshold, promote=args.promote,
-        resize=args.resize, color_mode=args.color_mode,
+        resize=args.resize, color_mode=args.color_mode, reference=args.reference, say=print,
     )
     from db import audit
     from db.session import session_scope

@@ -75,8 +75,14 @@ def cmd_classify(args: argparse.Namespace, settings: Settings) -> int:
             failures += 1
             print(f"{name}\trejected: {exc}")
             continue
+        if result.label is None:  # refused by the input gate: no label
+            failures += 1
+            print(f"{name}\tout_of_scope: {result.reason}")
+            continue
         p_virus = "-" if result.p_virus is None else f"{result.p_virus:.3f}"
-        print(f"{name}\t{result.label}\tp_pneumonia={result.p_pneumonia:.3f}\tp_virus={p_virus}")
+        flag = f"\treview={result.review}" if result.review else ""
+        print(f"{name}\t{result.label}\tp_pneumonia={result.p_pneumonia:.3f}\tp_virus={p_virus}"
+              f"{flag}")
     print(DISCLAIMER)
     return 1 if failures else 0
 

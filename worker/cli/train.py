@@ -64,6 +64,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--target-sensitivity", type=float, default=0.95,
                        help="the threshold is tuned on validation to reach this sensitivity")
+    train.add_argument("--max-error", type=float, default=0.05,
+                       help="error rate allowed outside each stage's uncertain band, chosen "
+                       "on validation; inside it a label is flagged for review (default 0.05)")
+    train.add_argument("--no-gate", dest="gate", action="store_false",
+                       help="do not fit stage 1's input gate (out-of-distribution refusal)")
     train.add_argument("--unfreeze-layers", type=int, default=None,
                        help="top base layers trained in phase 2 (default: per backbone)")
     train.add_argument("--patience", type=int, default=5,
@@ -195,6 +200,7 @@ def _stage_config(args: argparse.Namespace, stage: str, spec, settings):
         weights=str(args.weights), seed=args.seed,
         unfreeze_layers=args.unfreeze_layers, patience=args.patience,
         target_sensitivity=args.target_sensitivity, feature_cache=args.feature_cache,
+        max_error=args.max_error, gate=args.gate,
         flip=args.flip, val_fraction=args.val_fraction, init_from=args.init_from,
         learning_rate=args.learning_rate,
         fine_tune_learning_rate=args.fine_tune_learning_rate, augment=args.augment,

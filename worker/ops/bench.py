@@ -9,6 +9,7 @@ them), so their ratios mean something even on a busy host:
 * pipeline: the real stack (``cxr up``: watcher + one worker, its own data dir, SQLite, a
   private queue) from K files copied into the inbox until K rows are ``done``;
 * latency: files dropped one at a time, spaced out, from landing in the inbox to ``done``;
+* gate: what the input gate (issue 22) adds beside the forward pass (``bench_gate``);
 * heatmaps: what ``CXR_HEATMAPS`` adds per positive image, Grad-CAM and its PNG on the same
   decoded tensors as the ceiling (and, with ``heatmaps``, the pipeline run with them on and
   every image positive: the worst case).
@@ -38,6 +39,7 @@ from worker.ops.bench_ceilings import (
     measure_heatmaps,
     measure_notebook,
 )
+from worker.ops.bench_gate import measure_gate
 from worker.ops.bench_inputs import (
     FREE,
     BenchConfig,
@@ -155,12 +157,16 @@ def _measure_in_process(bundle, cfg: BenchConfig, files: BenchFiles,
     if cfg.backbone != FREE:  # the near-free model has no feature map to explain
         progress("heatmaps: Grad-CAM and its PNG on the same tensors")
         heatmaps = measure_heatmaps(bundle, ceiling["batch_size"], cfg.min_time_s, progress)
+    progress("gate: the input gate beside the forward pass, same tensors")
+    gate = measure_gate(bundle, ceiling["batch_size"], cfg.min_time_s, progress,
+                        files.batch[:50])
     progress(f"decode ceiling: trainer.imaging.decode on {min(len(files.batch), 200)} of the "
              "files")
     decode = measure_decode(files.batch[:200], cfg.img_size, cfg.min_time_s, progress)
     progress(f"notebook way: load_img + model.predict on {len(files.notebook)} files")
     notebook = measure_notebook(bundle.model, files.notebook, cfg.img_size, progress)
-    return {"ceiling": ceiling, "heatmaps": heatmaps, "decode": decode, "notebook": notebook}
+    return {"ceiling": ceiling, "heatmaps": heatmaps, "decode": decode, "notebook": notebook,
+            "gate": gate}
 
 
 def _measure_shadow(bundle, settings: Settings, cfg: BenchConfig, progress: Progress
@@ -207,7 +213,7 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
         "machine": machine,
         "config": config,
         **{key: results[key] for key in ("ceiling", "notebook", "pipeline", "latency", "decode",
-                                         "intake", "heatmaps", "shadow")},
+                                         "intake", "heatmaps", "shadow", "gate")},
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
             "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"]
@@ -215,6 +221,7 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
             "pipeline_over_decode": pipeline["images_per_s"] / results["decode"]["images_per_s"],
             "pipeline_over_notebook": pipeline["images_per_s"]
             / results["notebook"]["images_per_s"],
+            "gate_over_forward": results["gate"]["gate_over_forward"],
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -259,6 +266,8 @@ def format_table(result: dict[str, Any]) -> str:
         *([f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}"]
           if h else []),
         *shadow_lines(result.get("shadow")),
+        *([f"{'input gate / forward pass (aim <= 5 %)':<40}"
+           f"{result['gate']['gate_over_forward']:>10.1%}"] if result.get("gate") else []),
         f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
     ]

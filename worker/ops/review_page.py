@@ -41,6 +41,7 @@ background:#fff;cursor:pointer} .filters button.on{background:#1d1d22;color:#fff
 .card{background:#fff;border-radius:6px;padding:12px;box-shadow:0 1px 3px #0003}
 .card[hidden]{display:none} .card h2{font-size:14px;margin:0 0 8px;overflow-wrap:anywhere}
 .card img{width:100%;height:auto;display:block;margin:4px 0;image-rendering:auto}
+.review{color:#b91c1c;font-weight:700}
 .label{font-size:20px;font-weight:700} .NORMAL{color:#1b7a3a} .PNEUMONIA{color:#b45309}
 .BACTERIA{color:#b91c1c} .VIRUS{color:#7c3aed} .meta{font-size:13px;color:#444}
 .nomap{font-size:12px;color:#777;margin:4px 0}
@@ -140,6 +141,8 @@ def _card(row: dict[str, Any], thumb: str | None, heat: str | None) -> str:
         f'<div class="meta">p(pneumonia) {_probability(row["p_pneumonia"])} &middot; '
         f"p(virus) {_probability(row['p_virus'])}</div>",
         f'<div class="meta">models: {_e(models)}</div>',
+        *([f'<div class="review">review: {_e(row["review"])} (label inside the uncertain'
+           ' band: a person decides)</div>'] if row.get("review") else []),
         f'<div class="meta">received {_e(_when(row["received_at"]))}, '
         f"done {_e(_when(row['finished_at']))}</div>",
     ]
@@ -181,7 +184,8 @@ def render_review(rows: list[dict[str, Any]], settings: Settings, *, since: date
         cards.append(_card(row, thumb, heat))
     refused = [r for r in rows if r["status"] in NOT_CLASSIFIED]
     refused_rows = "".join(
-        f"<tr><td>#{int(r['id'])}</td><td>{_e(r['file_name'])}</td><td>{_e(r['status'])}</td>"
+        f"<tr><td>#{int(r['id'])}</td><td>{_e(r['file_name'])}</td>"
+        f"<td>{_e(r['status'])}{_e(' (' + r['review'] + ')' if r.get('review') else '')}</td>"
         f"<td>{_e(_when(r['received_at']))}</td><td>{_e(r['error'] or '')}</td></tr>"
         for r in refused)
     labels = [lab.value for lab in Label]
