@@ -123,7 +123,7 @@ def _check_shadows(p: Pipeline, rows: dict, ids: dict) -> None:
         by_image.setdefault(link["image_id"], []).append(link)
     for image_id, name in ids.items():
         row = rows[name]
-        assert row["status"] == "done" and row["pneumonia_model"] == 1
+        assert row["status"] == "done" and row["pneumonia_model"] == 1, row["error"]
         assert row["infection_model"] in (1, None)
         mine = by_image[image_id]
         production = [m for m in mine if m["role"] == "production"]

@@ -62,6 +62,28 @@ def test_a_shadow_whose_bundle_was_tampered_with_never_stops_production(settings
                             "WHERE role = 'production'") == 4
 
 
+def test_a_shadow_that_fails_while_running_leaves_production_done(settings, caplog,
+                                                                 monkeypatch):
+    """A shadow that raises in the forward pass (a broken layer, an out-of-memory) costs its
+    own answers only: every image still gets production's."""
+    import worker.classify.batch as batch
+
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia")
+    register_tiny_bundle(settings.db_url, settings.models_path, "pneumonia", promote=False)
+    _shadow(settings, "pneumonia", 2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the shadow's forward pass failed")
+
+    monkeypatch.setattr(batch, "run_shadows", broken)
+    ids = [_drop(settings, f"{n}.png", 40 * n) for n in range(1, 4)]
+    with caplog.at_level(logging.ERROR, logger="worker.classify.batch"):
+        assert process_images(ids, settings, ModelCache(settings.models_path)) == dict.fromkeys(
+            ids, "done")
+    assert "a shadow version failed on this batch" in caplog.text
+    assert _count(settings, "SELECT COUNT(*) FROM image_predictions WHERE role = 'shadow'") == 0
+
+
 def test_a_shadow_with_another_input_size_is_skipped_not_fed_resized_pixels(settings, caplog,
                                                                              monkeypatch):
     import worker.classify.shadow

@@ -215,11 +215,15 @@ def classify_decoded(decoded: list[Read], models: Models, run: BatchRun) -> None
 
 def _shadow(run: BatchRun, pixels: np.ndarray, models: Models, answers: list,
             stage_two) -> None:
-    """The shadow versions on the same pixels as production (nothing when none is set)."""
+    """The shadow versions on the same pixels as production (nothing when none is set). A
+    shadow that fails costs its own answers only: production's stand."""
     if models.shadow_pneumonia is None and models.shadow_infection is None:
         return
     began = time.perf_counter()
-    run.shadow += run_shadows(pixels, models, answers, stage_two, offset=len(run.good))
+    try:
+        run.shadow += run_shadows(pixels, models, answers, stage_two, offset=len(run.good))
+    except Exception:
+        log.exception("a shadow version failed on this batch; production's answers stand")
     run.shadow_s += time.perf_counter() - began
 
 

@@ -74,7 +74,7 @@ def _stage_two_shadow(shadow: StageModel, pneumonia: StageModel, results: list[C
                       sent: np.ndarray, pixels: np.ndarray, offset: int) -> list[ShadowAnswer]:
     """The cascade with production's stage 1 and the shadow's stage 2, on the images
     production's stage 1 sent to stage 2."""
-    p_virus, t_virus = _positive(shadow, pixels, POSITIVE_CLASS[Stage.INFECTION])
+    p_virus, t_virus, _ = _positive(shadow, pixels, POSITIVE_CLASS[Stage.INFECTION])
     p_pneu = np.array([results[i].p_pneumonia for i in sent])
     t_pneu = 0.0  # these images are past stage 1 already: only stage 2 decides
     labels = cascade_labels(p_pneu, p_virus, t_pneu, t_virus)
