@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from db import images
 from db.identifiers import DicomIdentifiers
 from db.models import Image, Prediction, utcnow
-from db.rollout import Role, link_roles
+from db.prediction_roles import Role, link_roles
 from db.vocabulary import OPEN_STATUSES, ImageStatus, Label
 
 

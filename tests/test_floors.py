@@ -75,3 +75,15 @@ def test_modules_and_functions_stay_small():
                 if length > 60:
                     too_big.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length}")
     assert not too_big, "\n".join(too_big)
+
+
+def test_module_names_are_unique_outside_the_command_line():
+    """One name, one idea: a module outside ``worker/cli/`` (where a command's module may share
+    its topic's name) is not named like another one."""
+    from collections import Counter
+
+    names = Counter(p.name for name in ("db", "trainer", "worker")
+                    for p in (ROOT / name).rglob("*.py")
+                    if p.name != "__init__.py" and "cli" not in p.parts
+                    and "migrations" not in p.parts)
+    assert not [name for name, n in names.items() if n > 1]

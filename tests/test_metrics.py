@@ -122,7 +122,7 @@ def test_the_metrics_endpoint_counts_what_the_database_holds(up):
 
 def test_a_restart_starts_from_an_empty_private_folder(tmp_path, monkeypatch):
     """An old run's multiprocess files would be added to the new run's counts."""
-    from worker.ops.metrics import MULTIPROC_ENV, prepare_dir
+    from worker.ops.metrics_server import MULTIPROC_ENV, prepare_dir
     from worker.settings import Settings
 
     monkeypatch.setenv(MULTIPROC_ENV, "unset-by-the-test")  # restored afterwards

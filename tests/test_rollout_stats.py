@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from db.rollout import Pair
+from db.prediction_roles import Pair
 from trainer.training.rollout_stats import compare, guard, mcnemar, truth_positive, wilson
 
 

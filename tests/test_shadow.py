@@ -13,11 +13,11 @@ from PIL import Image as PILImage
 from sqlalchemy import text
 
 from db import registry
-from db import rescore as jobs
+from db import rescore_jobs as jobs
 from db.session import session_scope
 from worker.classify.batch import process_images
 from worker.classify.inference import ModelCache
-from worker.classify.rescore import rescore_images
+from worker.classify.rescoring import rescore_images
 from worker.classify.shadow import run_shadows
 from worker.settings import Settings
 
@@ -134,7 +134,7 @@ def test_a_copy_answered_at_intake_has_its_prediction_in_its_history(settings):
     first = _drop(settings, "a.png", 200)
     process_images([first], settings, ModelCache(settings.models_path))
     copy = _drop(settings, "b.png", 200)  # same bytes: linked at intake, never classified
-    from db.rollout import image_history
+    from db.prediction_roles import image_history
 
     with session_scope(settings.db_url) as session:
         history = image_history(session, copy)

@@ -1,12 +1,12 @@
 """Production against a candidate on the same images: pure statistics for `cxr models compare`
 and the promotion guard.
 
-Inputs are plain pairs (``db.rollout.Pair``: each image's production and candidate label and
-probability of the stage's positive class) and, where ground truth exists, ``truth``: image id
--> label (NORMAL, BACTERIA, VIRUS or PNEUMONIA). Sensitivity and specificity get Wilson score
-intervals (right at 0 and 1 and for small counts, where the normal approximation is not), AUC a
-seeded percentile bootstrap, and the paired difference McNemar's exact test on the discordant
-labelled images.
+Inputs are plain pairs (``db.prediction_roles.Pair``: each image's production and candidate
+label and probability of the stage's positive class) and, where ground truth exists,
+``truth``: image id -> label (NORMAL, BACTERIA, VIRUS or PNEUMONIA). Sensitivity and
+specificity get Wilson score intervals (right at 0 and 1 and for small counts, where the normal
+approximation is not), AUC a seeded percentile bootstrap, and the paired difference McNemar's
+exact test on the discordant labelled images.
 """
 
 from __future__ import annotations

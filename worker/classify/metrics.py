@@ -3,7 +3,7 @@ reading, the forward pass and the whole trip took.
 
 Multiprocess-safe: with ``PROMETHEUS_MULTIPROC_DIR`` set (``cxr up`` and ``cxr worker`` set
 it before this is imported) every prefork child writes its own files, which
-``worker.ops.metrics`` merges when scraped. Names follow Prometheus's guide: base units,
+``worker.ops.metrics_server`` merges when scraped. Names follow Prometheus's guide: base units,
 ``_total`` counters, no ids or file names as labels (label values are a few statuses, labels,
 model versions and refusal kinds).
 """

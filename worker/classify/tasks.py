@@ -81,7 +81,7 @@ def rescore_images(self, image_ids: list[int], job_id: int, deployment: str | No
     """Re-score done images with today's production versions (``cxr rescore``), on the
     lower-priority queue; errors retry with backoff. Another deployment's message is left
     alone (its `cxr rescore` sends it again)."""
-    from worker.classify.rescore import rescore_images as rescore
+    from worker.classify.rescoring import rescore_images as rescore
 
     if deployment is not None and deployment != this_deployment(settings.db_url):
         return {"other deployment": len(image_ids)}

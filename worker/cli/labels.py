@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_labels_import(args: argparse.Namespace, settings: Any) -> int:
     from db.migrate import check_schema
-    from worker.ops.labels import import_labels
+    from worker.ops.label_import import import_labels
 
     check_schema(settings.db_url)
     result = import_labels(settings.db_url, args.file, source=args.source, by=args.by,

@@ -14,7 +14,7 @@ def _serve_own_metrics(settings: Settings, role: str) -> None:
     import os
 
     if settings.metrics_port and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from worker.ops.metrics import prepare_dir, serve
+        from worker.ops.metrics_server import prepare_dir, serve
 
         path = prepare_dir(settings, role)
         if path is not None:

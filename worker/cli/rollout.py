@@ -165,7 +165,7 @@ def _detail(detail: dict[str, Any]) -> str:
 
 def print_history(session, image_id: int) -> int:
     """`cxr results --history ID`: every prediction the image has had."""
-    from db.rollout import image_history
+    from db.prediction_roles import image_history
 
     rows = image_history(session, image_id)
     if not rows:

@@ -2,7 +2,7 @@
 lower-priority queue a few at a time, a progress bar with an ETA, and a resume after a crash.
 
 The command keeps at most ``window`` messages on their way, so its queue never buries a
-deployment's Redis; the images left are always a query (``db.rescore.pending_ids``), so a
+deployment's Redis; the images left are always a query (``db.rescore_jobs.pending_ids``), so a
 killed command, a killed worker or a lost message cost a re-send, never a wrong count. A
 message sent twice is harmless: the worker reuses a prediction the versions already made.
 """
@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from db import audit, registry
-from db import rescore as jobs
+from db import rescore_jobs as jobs
 from db.exceptions import CxrError, ModelNotFoundError
 from db.session import session_scope
 from db.vocabulary import Stage

@@ -14,7 +14,7 @@ from typing import Any
 
 from db import audit, registry
 from db.exceptions import CxrError
-from db.rollout import Pair, compare_pairs
+from db.prediction_roles import Pair, compare_pairs
 from db.session import session_scope
 from trainer.training.rollout_stats import compare, guard
 

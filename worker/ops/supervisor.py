@@ -266,7 +266,7 @@ def _serve_metrics(settings: Settings, specs: list[ChildSpec]) -> None:
     """The children write their metrics into one private folder; this process serves them."""
     if not settings.metrics_port:
         return
-    from worker.ops.metrics import child_metrics_env, prepare_dir, serve
+    from worker.ops.metrics_server import child_metrics_env, prepare_dir, serve
 
     path = prepare_dir(settings, "up")
     if path is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from db import predictions
-from db import rescore as jobs
+from db import rescore_jobs as jobs
 from db.predictions import Answer
 from db.session import session_scope
 from worker.classify.batch import (

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from db.claims import Claim
 from db.models import Image, Prediction, RescoreJob, utcnow
-from db.rollout import Role, link_roles
+from db.prediction_roles import Role, link_roles
 from db.vocabulary import ImageStatus, Label
 
 RUNNING, FINISHED = "running", "done"
