@@ -132,3 +132,23 @@ def test_a_restart_starts_from_an_empty_private_folder(tmp_path, monkeypatch):
     again = prepare_dir(settings, "up")
     assert again == first and not any(again.iterdir())
     assert again.stat().st_mode & 0o777 == 0o700 and os.environ[MULTIPROC_ENV] == str(again)
+
+
+def test_gate_refusals_and_review_flags_are_counted_by_kind():
+    """A refusal by the input gate is its own kind (not 'view' or 'other'), and every review
+    flag a batch gives is counted under its flag."""
+    from worker.classify import metrics
+
+    assert metrics.reason_kind("refused by the input gate (out_of_scope): unlike the chest "
+                               "films this model knows (score 3.1, threshold 1.0)") == "input_gate"
+    assert metrics.reason_kind("a lateral view (ViewPosition LL): send a frontal film") \
+        == "not_a_chest_xray"
+
+    def seen(flag: str) -> float:
+        return metrics.REVIEW_FLAGS.labels(flag)._value.get()
+
+    before = {f: seen(f) for f in ("uncertain:pneumonia", "out_of_scope")}
+    metrics.observe_batch([("NORMAL", "pneumonia/v1")], ["refused by the input gate (text): x"],
+                          0.01, 2, {}, [], ["uncertain:pneumonia", "out_of_scope"])
+    assert seen("uncertain:pneumonia") == before["uncertain:pneumonia"] + 1
+    assert seen("out_of_scope") == before["out_of_scope"] + 1

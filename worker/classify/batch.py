@@ -260,9 +260,10 @@ def record(run: BatchRun, settings: Settings, models: Models, heatmaps: dict[str
         predictions.record_batch(session, answers, rejections, identifiers, shadows)
         received = received_times(session, done) if metrics.enabled() else {}
     version = f"pneumonia/v{models.pneumonia.version}"
+    flags = [str(r.review) for r in [*run.results, *rejections] if r.review]
     metrics.observe_batch([(str(r.label), version) for r in run.results],
                           [r.reason for r in rejections], run.forward_s, len(run.read),
-                          received, done)
+                          received, done, flags)
     outcome = dict.fromkeys((r.image_id for r in rejections), "rejected")
     outcome.update(dict.fromkeys((a.image_id for a in answers), "done"))
     return outcome

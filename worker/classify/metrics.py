@@ -28,10 +28,13 @@ DECODE = Histogram("cxr_decode_seconds", "Reading, hash check and decoding of on
                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 FORWARD = Histogram("cxr_forward_seconds", "Forward passes (both stages) per image",
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+REVIEW_FLAGS = Counter("cxr_review_flags", "Answers flagged for a person: uncertain (per stage) "
+                       "or out of scope (refused by the input gate)", ["flag"])
 BATCH = Histogram("cxr_batch_images", "Images classified together (one claimed group)",
                   buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 REASON_KINDS = (
+    ("input_gate", ("refused by the input gate",)),
     ("link", ("symbolic link", "hard link")),
     ("changed", ("archived file changed",)),
     ("too_large", ("too large", "pixels", "bomb")),
@@ -64,9 +67,13 @@ def timed(read: Callable[..., Any], *args: Any) -> Any:
 
 
 def observe_batch(answers: list[tuple[str, str]], refusals: list[str], forward_s: float,
-                  batch_images: int, received: dict[int, datetime], ids: list[int]) -> None:
+                  batch_images: int, received: dict[int, datetime], ids: list[int],
+                  flags: list[str] = ()) -> None:
     """One recorded batch: ``answers`` as (label, model version), the refusals' reasons, the
-    forward time, the group's size and when each answered image (``ids``) was received."""
+    forward time, the group's size, when each answered image (``ids``) was received, and the
+    review flags given (``uncertain:<stage>``, ``out_of_scope``)."""
+    for flag in flags:
+        REVIEW_FLAGS.labels(flag).inc()
     for label, version in answers:
         IMAGES.labels("done", label, version).inc()
     for reason in refusals:
