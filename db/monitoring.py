@@ -57,18 +57,21 @@ def labelled_predictions(session: Session) -> list[dict[str, Any]]:
 
 def received_since(session: Session, since: datetime) -> list[dict[str, Any]]:
     """Every image received since ``since``: day, status, shown label and the input mix
-    (format from the archived name, size, DICOM modality and view); no names, no patient data."""
+    (format from the archived name, size, DICOM modality and view, the input gate's score);
+    no names, no patient data."""
     query = (select(Image.id, Image.received_at, Image.status, Prediction.label,
-                    Image.stored_path, Image.size_bytes, Image.modality, Image.view_position)
+                    Image.stored_path, Image.size_bytes, Image.modality, Image.view_position,
+                    func.coalesce(Prediction.gate_score, Image.gate_score))
              .outerjoin(Prediction, Prediction.id == Image.prediction_id)
              .where(Image.received_at >= since).order_by(Image.id))
     out = []
-    for image_id, received, status, label, stored, size, modality, view in session.execute(query):
+    for (image_id, received, status, label, stored, size, modality, view,
+         gate) in session.execute(query):
         suffix = PurePosixPath(stored).suffix.lower().lstrip(".") if stored else ""
         out.append({"id": image_id, "received_at": as_utc(received), "status": status,
                     "label": label,
                     "format": suffix or "unknown", "size_bytes": size, "modality": modality,
-                    "view_position": view})
+                    "view_position": view, "gate_score": gate})
     return out
 
 

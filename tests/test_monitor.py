@@ -60,3 +60,30 @@ def test_review_flags_count_only_once_the_column_exists(db_url):
     assert after["review_share"] == pytest.approx(3 / 5)
     assert after["flagged_wrong"] == pytest.approx(2 / 3)  # NORMAL->BACTERIA, BACTERIA->NORMAL
     assert after["review_share_ci"][0] < 0.6 < after["review_share_ci"][1]
+
+
+def test_a_shift_in_the_input_gates_scores_raises_a_drift_alarm(db_url):
+    """The gate's scores are part of the input mix: a day whose images sit near or past the
+    threshold, after days of images far inside it, is flagged; the quiet days are not."""
+    from datetime import UTC, datetime, timedelta
+
+    from worker.ops.monitor_drift import drift_report, gate_band
+
+    assert [gate_band(s) for s in (None, 0.2, 0.9, 1.7)] == [
+        "no gate", "<0.5", "0.8-1 (passed)", ">1 (refused)"]
+    today = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    with session_scope(db_url) as s:
+        for i in range(60):
+            shifted = i >= 30
+            s.add(Image(sha256=f"{i:064x}", file_name=f"{i}.png", status=ImageStatus.REJECTED,
+                        received_at=today - timedelta(days=0 if shifted else 2),
+                        gate_score=1.6 if shifted and i % 2 else 0.95 if shifted else 0.3))
+    with session_scope(db_url) as s:
+        report = drift_report(s, [], today - timedelta(days=7), 0.2)
+    days = {d["day"]: d for d in report["days"]}
+    assert [d["psi_vs_earlier"]["gate"] for d in report["days"]][0] is None  # nothing before it
+    shifted_day = days[today.date().isoformat()]
+    assert shifted_day["input"]["gate"] == {"0.8-1 (passed)": 0.5, ">1 (refused)": 0.5}
+    assert shifted_day["psi_vs_earlier"]["gate"] > 0.2
+    assert any("gate mix PSI" in alarm for alarm in report["alarms"])
+    assert "gate score" not in report["not_measured"]

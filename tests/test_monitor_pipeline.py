@@ -108,7 +108,7 @@ def test_labelled_figures_and_the_drift_alarm(stack, tmp_path):
     assert stage_one["sensitivity_ci"] == pytest.approx(_wilson(want["tp"], want["n_sick"]))
     assert stage_one["auc_ci"][0] < want["auc"] < stage_one["auc_ci"][1]
     assert [w["week"] for w in stage_one["weeks"]] and stage_one["weeks"][0]["n_labelled"] == 40
-    assert stage_one["review_share"] is None  # no review column in this schema yet
+    assert stage_one["review_share"] == 0.0  # these bundles have no band: nothing flagged
     stage_two = figures["infection/v1"]
     two = [t for t, level in zip(truths, LEVELS, strict=True) if level > 128 and t != "NORMAL"]
     assert stage_two["n_infection_labelled"] == len(two)
