@@ -56,7 +56,12 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     assert all(h[:2] == ("rejected", None) and h[5] == "out_of_scope" for h in hands), hands
     assert "needs a person (cxr results --review)" in out and hands[0][4] in out
     films = [r for r in everything if not r[4].startswith("wrong-hand")]
-    assert len(films) == 12
+    # the first act also drops a film its models answer inside an uncertain band, when one of
+    # the pool is: its label is kept and flagged for a person
+    borderline = [r for r in films if r[4].startswith("borderline-")]
+    assert len(borderline) <= 1 and len(films) == 12 + len(borderline)
+    if borderline:
+        assert f"{borderline[0][4]}: " in out and "kept but flagged uncertain" in out
     # a 2-epoch, 32 px model's gate is thresholded on a few dozen validation films (not
     # certified): a film may be refused too, never given a label then
     refused = [r for r in films if r[0] == "rejected"]
@@ -80,7 +85,8 @@ def test_demo_trains_serves_and_reports_every_image(tmp_path):
     assert len(explained) == (1 if any(label != "NORMAL" for _, label, _, _ in rows) else 0)
     assert all(f"-> {path}" in out for path in explained)
     cards = (demo / "review.html").read_text().count('<article class="card"')
-    assert 6 - len(refused) <= cards <= 6  # the first act's classified films
+    first_act = 6 + len(borderline)  # the first act's films, classified unless refused
+    assert first_act - len(refused) <= cards <= first_act
     assert out.strip().splitlines()[-1].startswith("review app: ")  # `make demo` ends with it
     assert f"open {demo / 'review.html'}" in out
     assert not (tmp_path / "var" / "inbox").exists() or not any(

@@ -26,6 +26,9 @@ from worker.ops.stack import LocalStack
 from worker.settings import Settings
 
 OUT_OF_SCOPE = Review.OUT_OF_SCOPE.value
+BORDERLINE_POOL = 40
+"""Held-out films tried, in this process as the worker would answer them, to find one inside
+an uncertain band (the demo shows that flag)."""
 
 SYNTHETIC_NOTE = (
     "Models here are trained on SYNTHETIC images in a few minutes: they show how the service "
@@ -75,7 +78,7 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if not _wait_for_flower(settings, stack):
             print("Flower did not answer; continuing without it", flush=True)
-        names = _drop_images(settings, args.images)
+        names = _drop_images(settings, args.images, borderline=True)
         print(f"[{_elapsed(started)}] copied {len(names)} held-out images into "
               f"{settings.inbox_dir}", flush=True)
         dropped_at = datetime.now(UTC) - timedelta(seconds=5)
@@ -171,22 +174,44 @@ def _stop_stack(stack: LocalStack) -> None:
     stack.stop(timeout=60)
 
 
-def _drop_images(settings: Settings, n: int) -> dict[str, str]:
-    """Copy held-out synthetic images into the inbox, and one synthetic hand radiograph that
-    the input gate should refuse; returns file name -> true label (``out_of_scope``)."""
+def _drop_images(settings: Settings, n: int, borderline: bool = False) -> dict[str, str]:
+    """Copy held-out synthetic images into the inbox, one synthetic hand radiograph that the
+    input gate should refuse and, with ``borderline``, one film the production models answer
+    inside an uncertain band (named ``borderline-...``); returns file name -> true label
+    (``out_of_scope`` for the hand)."""
     from trainer.synth.wrong_inputs import write_wrong_inputs
     from trainer.synth.xrays import held_out_images
 
     staging = settings.data_dir.absolute() / "demo-staging"
     shutil.rmtree(staging, ignore_errors=True)
     seed = int(time.time())  # new content each run, so nothing is answered from an old run
-    images = held_out_images(staging, n, seed=seed)
-    images += [(path, OUT_OF_SCOPE) for path, _ in
+    images = [(path, label, path.name) for path, label in held_out_images(staging, n, seed=seed)]
+    images += [(path, OUT_OF_SCOPE, path.name) for path, _ in
                write_wrong_inputs(staging / "wrong", 1, seed=seed, kinds=("hand",))]
-    for path, _ in images:
-        shutil.copy(path, settings.inbox_dir / path.name)
+    found = _borderline_film(settings, staging / "pool", seed + 1) if borderline else None
+    if found is not None:
+        images.append((found[0], found[1], f"borderline-{found[0].name}"))
+    for path, _, name in images:
+        shutil.copy(path, settings.inbox_dir / name)
     shutil.rmtree(staging, ignore_errors=True)
-    return {path.name: label for path, label in images}
+    return {name: label for _, label, name in images}
+
+
+def _borderline_film(settings: Settings, staging: Path, seed: int) -> tuple[Path, str] | None:
+    """A held-out film that the production models, run here exactly as the worker runs them
+    (gate, calibration, band), answer inside an uncertain band; None when the pool has none
+    or the models have no band."""
+    from trainer.synth.xrays import held_out_images
+    from worker.classify.inference import classify_file, production_models
+
+    models = production_models(settings.models_path, settings.db_url)
+    if not models.pneumonia.calibration:
+        return None
+    for path, label in held_out_images(staging, BORDERLINE_POOL, seed=seed):
+        _, _, result = classify_file(path, models, settings.max_image_pixels)
+        if (getattr(result, "review", None) or "").startswith("uncertain"):
+            return path, label
+    return None
 
 
 def _wait_for_results(
