@@ -44,12 +44,13 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
         "bench", "--backbone", "smallcnn", "--img-size", "32", "--images", "12",
         "--notebook-images", "4", "--latency-images", "3", "--latency-gap", "0.2",
         "--source-px", "64", "96", "--min-time", "0.2", "--batch-size", "8", "--heatmaps",
-        "--shadow", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--shadow", "--baseline", "script", "--work-dir", str(tmp_path / "work"), "--out", str(out),
     ])
     assert code == 0
     printed = capsys.readouterr().out
     assert "pipeline / ceiling" in printed and "pipeline / notebook" in printed
     assert "machine:" in printed
+    assert "service / script" in printed and "decode ceiling" in printed
     result = json.loads(out.read_text())
     for section, keys in {
         "ceiling": ["images_per_s", "batch_size"],
@@ -58,7 +59,9 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
                      "forward_share"],
         "latency": ["p50_s", "p95_s", "intake_p50_s", "images"],
         "heatmaps": ["images_per_s", "gradcam_images_per_s", "batch_size"],
-        "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook", "heatmaps_over_ceiling"],
+        "ratios": ["pipeline_over_ceiling", "pipeline_over_notebook", "heatmaps_over_ceiling",
+                   "pipeline_over_script"],
+        "script": ["images_per_s", "images", "batch_size"],
         "shadow": ["production_images_per_s", "with_shadow_images_per_s", "cost"],
         "gate": ["forward_images_per_s", "gated_images_per_s", "gate_images_per_s",
                  "batch_size", "colour_over_decode", "gate_over_forward"],

@@ -262,7 +262,8 @@ def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> De
             if feed.resize == SERVICE_RESIZE:  # a declared filter needs every decoded pixel
                 img.draft("L", (feed.size * 2, feed.size * 2))
             img.load()
-            return Decoded(_model_input(_to_gray(ImageOps.exif_transpose(img)), feed))
+            ImageOps.exif_transpose(img, in_place=True)  # the same pixels, no copy
+            return Decoded(_model_input(_to_gray(img), feed))
     except BadImageError:
         raise
     except Image.DecompressionBombError:

@@ -195,9 +195,9 @@ def classify_decoded(decoded: list[Read], models: Models, run: BatchRun) -> None
     cascade on what it passed, then the shadow versions on the same pixels; an image the gate
     refused becomes a refusal with no label (``review`` = ``out_of_scope``), its file kept in
     ``rejected/`` like any other."""
-    answers = classify_gated(np.stack([r.pixels for r in decoded]), models.pneumonia,
-                             models.infection, _stage_two(decoded), [r.colour for r in decoded],
-                             classify=classify_arrays)
+    batch = np.stack([r.pixels for r in decoded])
+    answers = classify_gated(batch, models.pneumonia, models.infection, _stage_two(decoded),
+                             [r.colour for r in decoded], classify=classify_arrays)
     passed: list[Read] = []
     results: list = []
     for read, answer in zip(decoded, answers, strict=True):
@@ -207,18 +207,17 @@ def classify_decoded(decoded: list[Read], models: Models, run: BatchRun) -> None
         else:
             passed.append(read)
             results.append(answer)
-    if passed:
-        _shadow(run, np.stack([r.pixels for r in passed]), models, results, _stage_two(passed))
+    if passed and (models.shadow_pneumonia is not None or models.shadow_infection is not None):
+        pixels = batch if len(passed) == len(decoded) else np.stack([r.pixels for r in passed])
+        _shadow(run, pixels, models, results, _stage_two(passed))
     run.good += passed
     run.results += results
 
 
 def _shadow(run: BatchRun, pixels: np.ndarray, models: Models, answers: list,
             stage_two) -> None:
-    """The shadow versions on the same pixels as production (nothing when none is set). A
-    shadow that fails costs its own answers only: production's stand."""
-    if models.shadow_pneumonia is None and models.shadow_infection is None:
-        return
+    """The shadow versions on the same pixels as production. A shadow that fails costs its
+    own answers only: production's stand."""
     began = time.perf_counter()
     try:
         run.shadow += run_shadows(pixels, models, answers, stage_two, offset=len(run.good))

@@ -38,6 +38,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         redis_db=args.redis_db,
         heatmaps=args.heatmaps,
         shadow=args.shadow,
+        baseline=args.baseline or "",
     )
     result = run_bench(cfg, settings, progress=lambda line: print(line, flush=True))
     print()
@@ -103,6 +104,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow", action="store_true",
                    help="also run a second bundle of the same backbone as a shadow version: "
                    "its cost on the same tensors, and the pipeline run with it")
+    p.add_argument("--baseline", choices=["script"],
+                   help="also run the tf.data script a user would write instead (decode_jpeg "
+                   "in parallel, resize, batch 32, predict_on_batch) on the same files and "
+                   "model, and print service / script")
     p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here")
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

@@ -49,6 +49,7 @@ from worker.ops.bench_inputs import (
     register_random_bundle,
     unique_files,
 )
+from worker.ops.bench_script import best_script, measure_script, script_lines
 from worker.ops.bench_service import (
     forget_queue,
     measure_intake,
@@ -133,6 +134,10 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
     progress("ceiling again, after the pipeline (the best of all rounds counts)")
     again = measure_ceiling(bundle, cfg.ceiling_batches, cfg.min_time_s, progress, rounds=1)
     results["ceiling"] = best_ceiling(results["ceiling"], again)
+    if cfg.baseline == "script":
+        progress("script again, after the pipeline (the faster run counts)")
+        results["script"] = best_script(results["script"], measure_script(
+            bundle.model, files.batch, cfg.img_size, progress))
     machine["loadavg_end"] = list(os.getloadavg())
     return _result(cfg, root, machine, results)
 
@@ -163,10 +168,14 @@ def _measure_in_process(bundle, cfg: BenchConfig, files: BenchFiles,
     progress(f"decode ceiling: trainer.imaging.decode on {min(len(files.batch), 200)} of the "
              "files")
     decode = measure_decode(files.batch[:200], cfg.img_size, cfg.min_time_s, progress)
+    script = None
+    if cfg.baseline == "script":
+        progress(f"script: the user's tf.data script on the same {len(files.batch)} files")
+        script = measure_script(bundle.model, files.batch, cfg.img_size, progress)
     progress(f"notebook way: load_img + model.predict on {len(files.notebook)} files")
     notebook = measure_notebook(bundle.model, files.notebook, cfg.img_size, progress)
     return {"ceiling": ceiling, "heatmaps": heatmaps, "decode": decode, "notebook": notebook,
-            "gate": gate}
+            "gate": gate, "script": script}
 
 
 def _measure_shadow(bundle, settings: Settings, cfg: BenchConfig, progress: Progress
@@ -213,7 +222,7 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
         "machine": machine,
         "config": config,
         **{key: results[key] for key in ("ceiling", "notebook", "pipeline", "latency", "decode",
-                                         "intake", "heatmaps", "shadow", "gate")},
+                                         "intake", "heatmaps", "shadow", "gate", "script")},
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
             "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"]
@@ -222,6 +231,8 @@ def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
             "pipeline_over_notebook": pipeline["images_per_s"]
             / results["notebook"]["images_per_s"],
             "gate_over_forward": results["gate"]["gate_over_forward"],
+            "pipeline_over_script": pipeline["images_per_s"] / results["script"]["images_per_s"]
+            if results.get("script") else None,
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -262,6 +273,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'latency p50 / p95 (s, low load)':<40}{lat['p50_s']:>5.2f} / {lat['p95_s']:.2f}",
         f"{'pipeline / ceiling':<40}{result['ratios']['pipeline_over_ceiling']:>10.2f}",
         f"{'pipeline / decode ceiling':<40}{result['ratios']['pipeline_over_decode']:>10.2f}",
+        *script_lines(result),
         f"{'pipeline / notebook':<40}{result['ratios']['pipeline_over_notebook']:>10.2f}",
         *([f"{'heatmaps / ceiling':<40}{result['ratios']['heatmaps_over_ceiling']:>10.2f}"]
           if h else []),

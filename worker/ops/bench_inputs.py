@@ -45,6 +45,7 @@ class BenchConfig:
     redis_db: int = 12
     heatmaps: bool = False
     shadow: bool = False
+    baseline: str = ""  # "script": also run the user's tf.data script (bench_script)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
