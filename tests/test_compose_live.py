@@ -117,7 +117,9 @@ class Stack:
             f"REDIS_PASSWORD={uuid.uuid4().hex}\n"
             f"FLOWER_BASIC_AUTH={self.flower_auth}\n"
             f"CXR_TAG={self.tag}\n"
-            "FLOWER_PUBLISH=127.0.0.1:\n"  # host port chosen by Docker
+            "FLOWER_PUBLISH=127.0.0.1:\n"  # host ports chosen by Docker: the metrics ports
+            "METRICS_PUBLISH=127.0.0.1:\n"  # too, since another `cxr up` on this host may
+            "WATCHER_METRICS_PUBLISH=127.0.0.1:\n"  # hold 9464 (as a parallel demo did)
         )
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ENV_PREFIXES)}
 
