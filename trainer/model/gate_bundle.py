@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from db.exceptions import ModelNotFoundError
-from trainer.model.bundle import LoadedBundle, Manifest
+from trainer.model.bundle import LoadedBundle, Manifest, model_input
 from trainer.model.gate import InputGate, cross_fit_input_gate
 from trainer.model.ood import Gate
 
@@ -75,7 +75,7 @@ class FeatureModel:
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features (N, D), probability of class_names[1] (N,)) for raw RGB 0-255 images."""
-        x = np.asarray(batch, dtype=np.float32)
+        x = model_input(batch)
         size = self.bundle.manifest.input_size
         if x.ndim != 4 or x.shape[1:] != (size, size, 3):
             raise ValueError(f"expected a batch shaped (N, {size}, {size}, 3), got {x.shape}")

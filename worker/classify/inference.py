@@ -117,7 +117,7 @@ def warm_up(bundle, max_batch: int, budget_s: float = WARM_UP_BUDGET_S,
     started = time.perf_counter()
     warmed, n = [], 1
     while n <= max(1, max_batch) and time.perf_counter() - started < budget_s:
-        predict(np.zeros((n, size, size, 3), dtype=np.float32))
+        predict(np.zeros((n, size, size, 3), dtype=np.uint8))  # the dtype served
         warmed.append(n)
         n *= 2
     return warmed

@@ -31,7 +31,7 @@ class BenchConfig:
     img_size: int = 224
     images: int = 200
     batch_size: int = 16
-    message_size: int = 64
+    message_size: int = 128
     burst: int = 0
     notebook_images: int = 40
     latency_images: int = 12

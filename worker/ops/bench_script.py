@@ -39,28 +39,36 @@ def user_script(model, files: list[Path], size: int) -> int:
     return done
 
 
+SCRIPT_ROUNDS = 3
+"""Full passes of the script before the stack runs (two more after it). On two cores tf.data's
+AUTOTUNE settles run by run either on both cores or on about one (the same CPU per image, 0.6
+of the wall-clock rate): one pass may catch either, so the best of several is the script's
+rate, which the service is held to."""
+
+
 def measure_script(model, files: list[Path], size: int, progress: Progress,
-                   rounds: int = 1) -> dict[str, Any]:
+                   rounds: int = SCRIPT_ROUNDS) -> dict[str, Any]:
     """The script's throughput on ``files``: warmed on a few first (tracing), then the best of
-    ``rounds`` full passes, so a busy moment on a shared host counts for the script, never for
-    the service it is compared against."""
+    ``rounds`` full passes, so a busy moment on a shared host (or a pass where AUTOTUNE kept
+    to one core) counts for the script, never for the service it is compared against."""
     user_script(model, files[: min(len(files), 2 * SCRIPT_BATCH)], size)
-    best = 0.0
+    rates = []
     for r in range(rounds):
         started = time.perf_counter()
         done = user_script(model, files, size)
-        rate = done / (time.perf_counter() - started)
-        progress(f"  script round {r + 1}: {rate:.1f} images/s ({done} files, batch "
+        rates.append(done / (time.perf_counter() - started))
+        progress(f"  script round {r + 1}: {rates[-1]:.1f} images/s ({done} files, batch "
                  f"{SCRIPT_BATCH}, tf.data AUTOTUNE)")
-        best = max(best, rate)
-    return {"images_per_s": best, "images": len(files), "batch_size": SCRIPT_BATCH}
+    return {"images_per_s": max(rates), "rounds": rates, "images": len(files),
+            "batch_size": SCRIPT_BATCH}
 
 
 def best_script(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
     """The script over two measurements: the faster one counts."""
-    if first is None or second["images_per_s"] > first["images_per_s"]:
+    if first is None:
         return second
-    return first
+    best = second if second["images_per_s"] > first["images_per_s"] else first
+    return {**best, "rounds": [*first.get("rounds", []), *second.get("rounds", [])]}
 
 
 def script_lines(result: dict[str, Any]) -> list[str]:
