@@ -16,7 +16,7 @@ from helpers_models import register_tiny_bundle
 from helpers_pipeline import pipeline_session, wait_until
 from PIL import Image
 
-from trainer.imaging.extent import EndFinder
+from trainer.imaging.extent import EndFinder, _scan_marker
 from worker.classify.reading import read_image_bytes
 
 MIB = 1 << 20
@@ -57,6 +57,23 @@ def test_the_end_is_found_across_chunk_boundaries():
     for n in range(3, len(image) + 1, 7):
         assert finder.feed(image[:n]) in (None, len(image))
     assert finder.feed(image + b"\x00" * 9) == len(image)
+
+
+def _first_marker(buf: bytes, start: int) -> int | None:
+    """The definition, byte by byte: 0xFF followed by neither 0x00, 0xFF nor RST0-7."""
+    for i in range(start, len(buf) - 1):
+        if buf[i] == 0xFF and buf[i + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8)):
+            return i
+    return None
+
+
+def test_the_scan_stops_at_the_first_marker_after_entropy_coded_data():
+    rng = random.Random(7)
+    for _ in range(5000):
+        buf = bytes(rng.choice(b"\xff\x00\xd0\xd7\xd8\xd9\x12") for _ in range(rng.randint(0, 40)))
+        start = rng.randint(0, len(buf))
+        assert _scan_marker(buf, start) == _first_marker(buf, start)
+        assert _scan_marker(bytearray(buf), start) == _first_marker(buf, start)
 
 
 def _hwm_kib(pid: int) -> int:

@@ -1,9 +1,10 @@
 """Reading an archived image back: the one place that opens an archived file, checks it is the
 content intake hashed, and decodes it within a memory budget.
 
-Each file is read once, in chunks, and every byte is hashed, but only the image's own bytes are
-kept (data after a JPEG's EOI or a PNG's IEND is hashed, never held); they are dropped once
-both stages' pixels are decoded, so a message holds pixels, not files.
+Every byte of a file is hashed, but only the image's own bytes are kept: data after a JPEG's EOI
+or a PNG's IEND is hashed and dropped, never held beyond one read of at most ``READ_CHUNK``
+(a file that fits in one is read in one call). The bytes are dropped once both stages' pixels
+are decoded, so a message holds pixels, not files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from db.claims import Claim
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from trainer.imaging.budget import MemoryBudget, decode_cost
-from trainer.imaging.checksum import new_digest
+from trainer.imaging.checksum import new_digest, sha256_bytes
 from trainer.imaging.decode import SUPPORTED_FORMATS, Feed, decode_bytes, decode_data, sniff_bytes
 from trainer.imaging.dicom_terms import view_policy
 from trainer.imaging.extent import EndFinder
@@ -114,6 +115,8 @@ def read_image_bytes(fh: BinaryIO, head: bytes, sha256: str, keep_all: bool = Fa
     the bytes up to the image's end (JPEG EOI, PNG IEND) are kept; trailing data is dropped.
     A DICOM (``keep_all``) is kept whole; an unknown format (``keep_head_only``) only its head,
     which is all the decoder needs to name it."""
+    if not keep_head_only and _size(fh) <= HEAD_BYTES + READ_CHUNK:
+        return _read_whole(fh, sha256, keep_all)
     digest = new_digest()
     digest.update(head)
     finder = EndFinder(head)
@@ -130,6 +133,26 @@ def read_image_bytes(fh: BinaryIO, head: bytes, sha256: str, keep_all: bool = Fa
     if end is not None:
         del buf[end:]
     return bytes(buf)
+
+
+def _size(fh: BinaryIO) -> float:
+    """The open file's size (infinite for a stream without one: read in chunks)."""
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return float("inf")
+
+
+def _read_whole(fh: BinaryIO, sha256: str, keep_all: bool) -> bytes | None:
+    """``read_image_bytes`` for a file no larger than one chunk (nearly every image): read
+    again from the start in one call, so the bytes hashed are the bytes kept without copying
+    them into a growing buffer; trimmed only when something trails the image."""
+    fh.seek(0)
+    data = fh.read(HEAD_BYTES + READ_CHUNK + 1)
+    if len(data) > HEAD_BYTES + READ_CHUNK or sha256_bytes(data) != sha256:
+        return None  # it grew or changed after intake
+    end = None if keep_all else EndFinder(data[:HEAD_BYTES]).feed(data)
+    return data[:end] if end is not None and end < len(data) else data
 
 
 def read_archived(settings: Settings, stored_path: str | None, sha256: str
