@@ -143,6 +143,8 @@ def test_redis_restarted_empty_mid_burst_is_noticed_within_a_rescan_period(tmp_p
 
 
 def test_redis_outage_while_files_keep_arriving(tmp_path):
+    """Files dropped while Redis is down are recorded, their sends fail and are logged, and
+    once Redis is back (empty) each is classified exactly once; the watcher never stops."""
     with pipeline_session(tmp_path, env={"CXR_VISIBILITY_TIMEOUT": "5"}) as p:
         register_tiny_bundle(p.db_url, p.models_dir, "pneumonia")
         expected = _drop_pngs(p, "before", 3)
@@ -151,12 +153,14 @@ def test_redis_outage_while_files_keep_arriving(tmp_path):
         for i in range(4):
             expected |= _drop_pngs(p, f"during{i}", 1)
             time.sleep(0.7)
-        wait_until(lambda: len(p.rows()) == len(expected), 30, "the watcher to record them")
+        # Redis comes back only once the watcher has recorded them and seen a send fail (a
+        # send retries for a second or so: one still retrying when Redis returns succeeds)
+        wait_until(lambda: len(p.rows()) == len(expected) and "enqueue failed" in
+                   p.log("watcher"), 30, "the watcher to record them and a send to fail")
         p.redis.start()  # same port, empty: no persistence
         expected |= _drop_pngs(p, "after", 3)
         _assert_exactly_once(p, expected)
         assert p.alive()
-        assert "enqueue failed" in p.log("watcher")
 
 
 def test_watcher_killed_files_dropped_then_restarted(tmp_path):

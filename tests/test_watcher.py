@@ -250,3 +250,37 @@ def test_database_outage_logs_one_line_per_pass_and_keeps_every_file(tmp_path, c
     assert warnings[0].exc_info is None
     assert sorted(p.name for p in settings.inbox_dir.iterdir()) == names
     assert watcher.taken == 0
+
+
+def test_a_look_at_a_dead_broker_gives_up_after_one_quick_retry(monkeypatch):
+    """The reconcile pass reads the queue from the watcher's loop: against a broker that hangs
+    up on every connection it must fail after two tries, not retry for seconds (kombu's
+    default) while new files wait."""
+    import socket
+
+    import worker.classify.broker as broker
+    from worker.classify.celery_app import make_app
+
+    accepted = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    monkeypatch.setattr(broker, "app", make_app(Settings(broker_url=f"redis://127.0.0.1:{port}/0")))
+    try:
+        for look in (broker.queue_is_empty, lambda: broker.ids_on_their_way("d")):
+            before = len(accepted)
+            with pytest.raises(Exception, match="(?i)connect|closed"):
+                look()
+            assert 1 <= len(accepted) - before <= 2
+    finally:
+        listener.close()

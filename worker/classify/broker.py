@@ -10,9 +10,10 @@ worker leaves the other one's messages to it. Flower shows the ids (and their fi
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from worker.classify.celery_app import CLASSIFY_TASK, app, settings
 from worker.settings import printable
@@ -55,9 +56,19 @@ def send_ids(ids: list[int], deployment: str | None, shown: str, queue: str,
     )
 
 
+@contextlib.contextmanager
+def _reading() -> Iterator:
+    """A broker connection for a look at the queue, given up after one quick retry: kombu's
+    default retries for about six seconds, and the watcher's loop waits on this read (files
+    arriving during a Redis outage should be recorded, and their sends fail, meanwhile)."""
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.5)
+        yield conn
+
+
 def queue_is_empty() -> bool:
     """True when no message waits in the inference queue (reconcile's lost-message check)."""
-    with app.connection_for_read() as conn:
+    with _reading() as conn:
         declared = conn.default_channel.queue_declare(queue=settings.queue)
         return declared.message_count == 0
 
@@ -68,7 +79,7 @@ def ids_on_their_way(deployment: str) -> set[int] | None:
 
     The queue is read before the unacknowledged set, so a message moving from one to the
     other in between is seen in the second."""
-    with app.connection_for_read() as conn:
+    with _reading() as conn:
         channel = conn.default_channel
         client = channel.client
         keys = [settings.queue + suffix for suffix in _PRIORITY_SUFFIXES]
