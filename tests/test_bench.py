@@ -5,6 +5,7 @@ No wall-clock assertions: only that each measurement happened and produced posit
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -121,3 +122,34 @@ def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():
     table = format_table(result)
     assert "pipeline / decode ceiling" in table and "0.75" in table
     assert "intake (watcher alone, 5000 files)" in table and "heatmaps" not in table
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_a_run_without_a_work_dir_removes_its_files(tmp_path, monkeypatch, fails):
+    """A burst of 5,000 real-size files is gigabytes: a temporary work dir must not outlive
+    the run, whether it ends well or not; a named one is kept."""
+    import tempfile
+
+    import worker.ops.bench as bench
+    from worker.ops.bench_inputs import BenchConfig
+    from worker.settings import Settings
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = []
+
+    def run_in(root, cfg, base, progress):
+        (root / "files").mkdir()
+        (root / "files" / "a.png").write_bytes(b"x" * 10)
+        seen.append(root)
+        if fails:
+            raise RuntimeError("stack did not start")
+        return {"ok": True}
+
+    monkeypatch.setattr(bench, "_run_in", run_in)
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        assert bench.run_bench(BenchConfig(), Settings()) == {"ok": True}
+    assert seen and seen[0].parent == tmp_path and not seen[0].exists()
+    kept = tmp_path / "kept"
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        bench.run_bench(BenchConfig(work_dir=kept), Settings())
+    assert (kept / "files" / "a.png").exists()

@@ -104,9 +104,23 @@ class BenchFiles:
 
 
 def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> dict[str, Any]:
-    """Run every measurement; returns the JSON-ready result."""
+    """Run every measurement; returns the JSON-ready result. Without ``cfg.work_dir`` the
+    files (gigabytes with a large burst) go in a temporary folder removed at the end."""
+    import shutil
     import tempfile
 
+    if cfg.work_dir is not None:
+        Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+        return _run_in(Path(cfg.work_dir), cfg, base, progress)
+    root = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+    try:
+        return _run_in(root, cfg, base, progress)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
+            ) -> dict[str, Any]:
     from db.migrate import upgrade
     from trainer.model.bundle import load_bundle
 
@@ -114,8 +128,6 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
     progress(f"machine: {machine['cpu']}, {machine['cores']} cores, GPU: "
              f"{', '.join(machine['gpus']) or 'none'}, TensorFlow {machine['tensorflow']}, "
              f"load average {machine['loadavg_start'][0]:.2f}")
-    root = Path(cfg.work_dir or tempfile.mkdtemp(prefix="cxr-bench-"))
-    root.mkdir(parents=True, exist_ok=True)
     settings, env = stack_settings(root, base, cfg)
     settings.ensure_dirs()
     upgrade(settings.db_url)
@@ -139,7 +151,7 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         results["script"] = best_script(results["script"], measure_script(
             bundle.model, files.batch, cfg.img_size, progress, rounds=2))
     machine["loadavg_end"] = list(os.getloadavg())
-    return _result(cfg, root, machine, results)
+    return _result(cfg, machine, results)
 
 
 def _bench_files(root: Path, cfg: BenchConfig, progress: Progress) -> BenchFiles:
@@ -211,11 +223,11 @@ def _measure_stack(settings: Settings, env: dict[str, str], root: Path, cfg: Ben
     return {"pipeline": pipeline, "latency": latency}
 
 
-def _result(cfg: BenchConfig, root: Path, machine: dict[str, Any],
-            results: dict[str, Any]) -> dict[str, Any]:
+def _result(cfg: BenchConfig, machine: dict[str, Any], results: dict[str, Any]
+            ) -> dict[str, Any]:
     """The JSON-ready result: every measurement, the run's configuration and the ratios."""
     config = asdict(cfg)
-    config["work_dir"] = str(root)
+    config["work_dir"] = str(cfg.work_dir) if cfg.work_dir is not None else None
     config.pop("extra_env")
     pipeline, ceiling, heatmaps = results["pipeline"], results["ceiling"], results["heatmaps"]
     return {
