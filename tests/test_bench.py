@@ -126,8 +126,9 @@ def test_the_free_model_is_near_free_and_its_table_has_no_heatmap_row():
 
 @pytest.mark.parametrize("fails", [False, True])
 def test_a_run_without_a_work_dir_removes_its_files(tmp_path, monkeypatch, fails):
-    """A burst of 5,000 real-size files is gigabytes: a temporary work dir must not outlive
-    the run, whether it ends well or not; a named one is kept."""
+    """A burst of 5,000 real-size files is gigabytes: a temporary work dir goes after a good
+    run, and after a failed one all but the logs and databases its error points to; a named
+    one is kept whole."""
     import tempfile
 
     import worker.ops.bench as bench
@@ -138,18 +139,27 @@ def test_a_run_without_a_work_dir_removes_its_files(tmp_path, monkeypatch, fails
     seen = []
 
     def run_in(root, cfg, base, progress):
-        (root / "files").mkdir()
-        (root / "files" / "a.png").write_bytes(b"x" * 10)
+        for name in ("files/load-0.jpg", "var/archive/ab/cd.jpg", "var/cxr.db", "stack.log",
+                     "intake/watcher.log"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(b"x" * 10)
         seen.append(root)
         if fails:
-            raise RuntimeError("stack did not start")
+            raise RuntimeError("the stack exited; see stack.log")
         return {"ok": True}
 
     monkeypatch.setattr(bench, "_run_in", run_in)
     with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
-        assert bench.run_bench(BenchConfig(), Settings()) == {"ok": True}
-    assert seen and seen[0].parent == tmp_path and not seen[0].exists()
+        assert bench.run_bench(BenchConfig(), Settings(), progress=lambda _: None) == {"ok": True}
+    (root,) = seen
+    assert root.parent == tmp_path
+    if fails:
+        left = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        assert left == ["intake/watcher.log", "stack.log", "var/cxr.db"]
+        assert not (root / "files").exists()
+    else:
+        assert not root.exists()
     kept = tmp_path / "kept"
     with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
-        bench.run_bench(BenchConfig(work_dir=kept), Settings())
-    assert (kept / "files" / "a.png").exists()
+        bench.run_bench(BenchConfig(work_dir=kept), Settings(), progress=lambda _: None)
+    assert (kept / "files" / "load-0.jpg").exists()

@@ -109,6 +109,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "in parallel, resize, batch 32, predict_on_batch) on the same files and "
                    "model, and print service / script")
     p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here "
-                   "(by default a temporary folder, removed at the end)")
+                   "(by default a temporary folder, removed after a good run)")
     p.add_argument("--out", type=Path, help="write the results as JSON to this file")
     p.set_defaults(func=cmd_bench)

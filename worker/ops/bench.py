@@ -24,6 +24,7 @@ this module runs them in order and formats the report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -105,7 +106,8 @@ class BenchFiles:
 
 def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> dict[str, Any]:
     """Run every measurement; returns the JSON-ready result. Without ``cfg.work_dir`` the
-    files (gigabytes with a large burst) go in a temporary folder removed at the end."""
+    files (gigabytes with a large burst) go in a temporary folder, removed after a good run;
+    after a failed one only its logs and database stay, for the error that names them."""
     import shutil
     import tempfile
 
@@ -114,9 +116,22 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
         return _run_in(Path(cfg.work_dir), cfg, base, progress)
     root = Path(tempfile.mkdtemp(prefix="cxr-bench-"))
     try:
-        return _run_in(root, cfg, base, progress)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        result = _run_in(root, cfg, base, progress)
+    except BaseException:
+        _keep_only_logs_and_databases(root)
+        progress(f"kept the logs and databases in {root} for the error below")
+        raise
+    shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
+def _keep_only_logs_and_databases(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only once empty
+        elif not (path.suffix == ".log" or path.name.startswith("cxr.db")):
+            path.unlink(missing_ok=True)
 
 
 def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
