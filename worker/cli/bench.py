@@ -39,6 +39,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         heatmaps=args.heatmaps,
         shadow=args.shadow,
         baseline=args.baseline or "",
+        perf=args.perf,
     )
     result = run_bench(cfg, settings, progress=lambda line: print(line, flush=True))
     print()
@@ -93,6 +94,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds per ceiling batch-size measurement (default 2)")
     p.add_argument("--redis-db", type=int, default=12,
                    help="Redis database number for the bench's private queue (default 12)")
+    _add_extras(p)
+    p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here "
+                   "(by default a temporary folder, removed after a good run)")
+    p.add_argument("--out", type=Path, help="write the results as JSON to this file")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_extras(p: argparse.ArgumentParser) -> None:
+    """What a run can add: heatmaps, a shadow, the user's script, a perf profile, or DICOM."""
     p.add_argument("--heatmaps", action="store_true",
                    help="run the pipeline with CXR_HEATMAPS on and every image positive (the "
                    "worst case); the heatmap cost on tensors is measured either way")
@@ -108,7 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also run the tf.data script a user would write instead (decode_jpeg "
                    "in parallel, resize, batch 32, predict_on_batch) on the same files and "
                    "model, and print service / script")
-    p.add_argument("--work-dir", type=Path, help="keep files, database and stack.log here "
-                   "(by default a temporary folder, removed after a good run)")
-    p.add_argument("--out", type=Path, help="write the results as JSON to this file")
-    p.set_defaults(func=cmd_bench)
+    p.add_argument("--perf", action="store_true",
+                   help="record every CPU with Linux perf during the run and print where each "
+                   "image's CPU went in the pipeline and the script (by process: watcher, "
+                   "worker, idle...; and by library: libjpeg, Pillow, SHA-256, Python, "
+                   "kernel...); needs perf and root or kernel.perf_event_paranoid=-1")

@@ -12,7 +12,9 @@ them), so their ratios mean something even on a busy host:
 * gate: what the input gate (issue 22) adds beside the forward pass (``bench_gate``);
 * heatmaps: what ``CXR_HEATMAPS`` adds per positive image, Grad-CAM and its PNG on the same
   decoded tensors as the ceiling (and, with ``heatmaps``, the pipeline run with them on and
-  every image positive: the worst case).
+  every image positive: the worst case);
+* with ``perf``: where the CPU went in the pipeline's and the script's windows, by process and
+  native library, from a whole-machine ``perf record`` (``bench_native``).
 
 Files are synthetic X-rays at Kaggle-like sizes; each copy gets a unique JPEG comment so its
 content hash differs (the service would otherwise link duplicates without inference).
@@ -50,6 +52,7 @@ from worker.ops.bench_inputs import (
     register_random_bundle,
     unique_files,
 )
+from worker.ops.bench_native import native_lines
 from worker.ops.bench_script import best_script, measure_script, script_lines
 from worker.ops.bench_service import (
     forget_queue,
@@ -150,6 +153,32 @@ def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
     bundle = load_bundle(register_random_bundle(settings, cfg.backbone, cfg.img_size,
                                                 threshold=0.0 if cfg.heatmaps else 0.5))
     files = _bench_files(root, cfg, progress)
+    profile = None
+    if cfg.perf:
+        from worker.ops.bench_native import NativeProfile
+
+        progress(f"perf: recording every CPU into {root / 'perf.data'}")
+        profile = NativeProfile(root / "perf.data")
+    try:
+        results = _measure_all(bundle, settings, env, root, base, cfg, files, progress)
+    finally:
+        if profile is not None:
+            profile.stop()
+    results["native"] = None
+    if profile is not None:
+        from worker.ops.bench_native import native_budgets
+
+        progress("perf: splitting the samples by process and library")
+        results["native"] = native_budgets(profile, results,
+                                           (root / "stack.log").read_text())
+    machine["loadavg_end"] = list(os.getloadavg())
+    return _result(cfg, machine, results)
+
+
+def _measure_all(bundle, settings: Settings, env: dict[str, str], root: Path, base: Settings,
+                 cfg: BenchConfig, files: BenchFiles, progress: Progress) -> dict[str, Any]:
+    """Every measurement, in order: in-process, the stack, the burst, then the ceiling and the
+    script again (the best of all their rounds counts)."""
     results = _measure_in_process(bundle, cfg, files, progress)
     results["shadow"] = _measure_shadow(bundle, settings, cfg, progress) if cfg.shadow else None
     results.update(_measure_stack(settings, env, root, cfg, files, progress))
@@ -165,8 +194,7 @@ def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
         progress("script again, after the pipeline (the fastest pass counts)")
         results["script"] = best_script(results["script"], measure_script(
             bundle.model, files.batch, cfg.img_size, progress, rounds=2))
-    machine["loadavg_end"] = list(os.getloadavg())
-    return _result(cfg, machine, results)
+    return results
 
 
 def _bench_files(root: Path, cfg: BenchConfig, progress: Progress) -> BenchFiles:
@@ -249,7 +277,8 @@ def _result(cfg: BenchConfig, machine: dict[str, Any], results: dict[str, Any]
         "machine": machine,
         "config": config,
         **{key: results[key] for key in ("ceiling", "notebook", "pipeline", "latency", "decode",
-                                         "intake", "heatmaps", "shadow", "gate", "script")},
+                                         "intake", "heatmaps", "shadow", "gate", "script",
+                                         "native")},
         "ratios": {
             "pipeline_over_ceiling": pipeline["images_per_s"] / ceiling["images_per_s"],
             "heatmaps_over_ceiling": heatmaps["images_per_s"] / ceiling["images_per_s"]
@@ -309,6 +338,7 @@ def format_table(result: dict[str, Any]) -> str:
            f"{result['gate']['gate_over_forward']:>10.1%}"] if result.get("gate") else []),
         f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
+        *native_lines(result),
     ]
     return "\n".join(lines)
 

@@ -46,6 +46,7 @@ class BenchConfig:
     heatmaps: bool = False
     shadow: bool = False
     baseline: str = ""  # "script": also run the user's tf.data script (bench_script)
+    perf: bool = False  # profile the whole machine with Linux perf (bench_native)
     extra_env: dict[str, str] = field(default_factory=dict)
 
 

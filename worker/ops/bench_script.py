@@ -52,15 +52,16 @@ def measure_script(model, files: list[Path], size: int, progress: Progress,
     ``rounds`` full passes, so a busy moment on a shared host (or a pass where AUTOTUNE kept
     to one core) counts for the script, never for the service it is compared against."""
     user_script(model, files[: min(len(files), 2 * SCRIPT_BATCH)], size)
-    rates = []
+    rates, windows = [], []
     for r in range(rounds):
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         done = user_script(model, files, size)
         rates.append(done / (time.perf_counter() - started))
+        windows.append([wall, time.time()])
         progress(f"  script round {r + 1}: {rates[-1]:.1f} images/s ({done} files, batch "
                  f"{SCRIPT_BATCH}, tf.data AUTOTUNE)")
-    return {"images_per_s": max(rates), "rounds": rates, "images": len(files),
-            "batch_size": SCRIPT_BATCH}
+    return {"images_per_s": max(rates), "rounds": rates, "windows_unix": windows,
+            "images": len(files), "batch_size": SCRIPT_BATCH}
 
 
 def best_script(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +69,8 @@ def best_script(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[st
     if first is None:
         return second
     best = second if second["images_per_s"] > first["images_per_s"] else first
-    return {**best, "rounds": [*first.get("rounds", []), *second.get("rounds", [])]}
+    return {**best, "rounds": [*first.get("rounds", []), *second.get("rounds", [])],
+            "windows_unix": [*first.get("windows_unix", []), *second.get("windows_unix", [])]}
 
 
 def script_lines(result: dict[str, Any]) -> list[str]:

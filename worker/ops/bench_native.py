@@ -1,0 +1,192 @@
+"""``cxr bench --perf``: where each image's CPU went, by process and native library (issue 28).
+
+A sampling profiler of Python (py-spy) counts a thread waiting for a core where it waits, so
+its per-step sums drift between runs. Linux ``perf`` samples every CPU whatever runs on it,
+idle included, so the samples of a window add up to its wall-clock time times the cores: a
+budget whose rows sum to what was spent. The bench records the whole machine while it runs,
+then splits two windows by the wall-clock times it kept (``pipeline.window_unix``,
+``script.windows_unix``): the service's (drop to the last row done) and the user's script's
+fastest pass, the one ``service / script`` uses. Rows are process roles (watcher, worker pool
+process, Celery parent, the bench's own polling, other processes, idle) and, inside each, the
+library the sampled code lives in (libjpeg-turbo, Pillow, OpenSSL's SHA-256, the interpreter,
+the kernel, TensorFlow, numpy, libc, SQLite).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HZ = 499
+"""Samples per second per CPU (a prime, so sampling does not beat with 10 ms timers)."""
+LIBRARIES: list[tuple[str, str]] = [
+    # (name, regex on "dso symbol"); the first that matches names the sample
+    ("JPEG decoding (libjpeg-turbo)", r"libjpeg|jpeg_|decode_mcu|jsimd_"),
+    ("resize and grey (Pillow)", r"_imaging\."),
+    ("resize (TensorFlow)", r"[Rr]esize"),
+    ("SHA-256 (OpenSSL)", r"libcrypto"),
+    ("Python interpreter", r"libpython|/bin/python3"),
+    ("kernel (syscalls, page faults, scheduling)", r"kernel\.kallsyms|\[kernel|vmlinux"),
+    ("TensorFlow (forward pass, tf.data)", r"tensorflow|_pywrap|libtf"),
+    ("numpy", r"_multiarray|_umath|numpy"),
+    ("libc (memcpy, malloc)", r"libc\.so|ld-linux|libstdc\+\+|libm\.so"),
+    ("SQLite", r"sqlite"),
+]
+OTHER = "other"
+BENCH_COMM = "cxr"
+"""The bench's own process: outside its script passes it only polls the database."""
+_LINE = re.compile(r"^\s*(\S.*?)\s+(\d+)\s+([\d.]+):\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
+NO_PERF = ("cxr bench --perf needs Linux perf (Debian: apt-get install linux-perf) and the "
+           "right to sample every CPU (root, or sysctl kernel.perf_event_paranoid=-1)")
+
+
+@dataclass(frozen=True)
+class Sample:
+    comm: str
+    pid: int
+    time: float
+    symbol: str
+    dso: str
+
+
+def library_of(dso: str, symbol: str) -> str:
+    """The library group a sample's code belongs to (``LIBRARIES``), else ``other``."""
+    text = f"{dso} {symbol}"
+    for name, pattern in LIBRARIES:
+        if re.search(pattern, text):
+            return name
+    return OTHER
+
+
+def parse_samples(lines: Iterable[str]) -> list[Sample]:
+    """``perf script -F comm,pid,time,ip,sym,dso`` lines as samples (other lines skipped)."""
+    samples = []
+    for line in lines:
+        if m := _LINE.match(line):
+            samples.append(Sample(m.group(1), int(m.group(2)), float(m.group(3)), m.group(4),
+                                  m.group(5)))
+    return samples
+
+
+def stack_pids(stack_log: str) -> dict[int, str]:
+    """pid -> role of the processes ``cxr up`` started, from its log."""
+    return {int(pid): "Celery parent" if role == "worker" else role
+            for role, pid in re.findall(r"cxr up: started (\w+) \(pid (\d+)\)", stack_log)}
+
+
+def budget(samples: list[Sample], window: tuple[float, float], known: dict[int, str],
+           images: int, main_role: str, hz: int = HZ) -> dict[str, Any]:
+    """CPU milliseconds per image in ``window``, by role and by (role, library). Idle is pid 0;
+    the busiest process not in ``known`` is ``main_role`` (the pool process, or the script's
+    process); the bench's own process, then everything else, are named as such."""
+    inside = [s for s in samples if window[0] <= s.time <= window[1]]
+    busy = Counter(s.pid for s in inside if s.pid != 0 and s.pid not in known)
+    main = busy.most_common(1)[0][0] if busy else None
+
+    def role(s: Sample) -> str:
+        if s.pid == 0:
+            return "idle"
+        if s.pid == main:
+            return main_role
+        if s.comm == BENCH_COMM and s.pid not in known:
+            return "the bench's own polling"
+        return known.get(s.pid, "other processes")
+
+    per_sample = 1000.0 / hz / images
+    roles, libraries = Counter(), Counter()
+    for s in inside:
+        r = role(s)
+        roles[r] += 1
+        if r != "idle":
+            libraries[(r, library_of(s.dso, s.symbol))] += 1
+    return {"seconds": window[1] - window[0], "samples": len(inside), "images": images,
+            "hz": hz, "roles": {r: n * per_sample for r, n in roles.most_common()},
+            "libraries": {f"{r} / {lib}": n * per_sample
+                          for (r, lib), n in libraries.most_common()}}
+
+
+def render(name: str, result: dict[str, Any], cores: int, floor_ms: float = 0.02) -> list[str]:
+    """One window's budget as a table: each role, then its libraries of ``floor_ms`` or more."""
+    expected = result["seconds"] * cores * result["hz"]
+    total = sum(result["roles"].values())
+    lines = [f"{name}: {result['images']} images in {result['seconds']:.2f} s, "
+             f"{result['samples']} samples of {expected:.0f} expected ({cores} CPUs x "
+             f"{result['hz']} Hz)", f"  {'ms of CPU per image':<52}{'ms':>7}{'share':>7}"]
+    for role, ms in result["roles"].items():
+        lines.append(f"  {role:<52}{ms:>7.2f}{ms / total:>7.0%}")
+        lines += [f"    {key.split(' / ', 1)[1]:<50}{lib_ms:>7.2f}"
+                  for key, lib_ms in result["libraries"].items()
+                  if key.startswith(f"{role} / ") and lib_ms >= floor_ms]
+    lines.append(f"  {'all (wall time x CPUs / images)':<52}{total:>7.2f}")
+    return lines
+
+
+class NativeProfile:
+    """A whole-machine ``perf record`` with wall-clock timestamps, from ``start`` to ``stop``."""
+
+    def __init__(self, path: Path, hz: int = HZ):
+        if shutil.which("perf") is None:
+            raise RuntimeError(NO_PERF)
+        self.path, self.hz = Path(path), hz
+        self._log = open(self.path.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
+        self._proc = subprocess.Popen(
+            ["perf", "record", "-a", "-k", "realtime", "-F", str(hz), "-o", str(self.path),
+             "--", "sleep", "86400"], stdout=self._log, stderr=subprocess.STDOUT)
+        time.sleep(1.0)  # perf exits at once when it may not sample every CPU
+        if self._proc.poll() is not None:
+            self._log.close()
+            said = self.path.with_suffix(".log").read_text().strip().splitlines()[-3:]
+            raise RuntimeError(f"{NO_PERF}; perf said: {' / '.join(said)}")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+    def samples(self, window: tuple[float, float]) -> list[Sample]:
+        out = subprocess.run(
+            ["perf", "script", "-i", str(self.path), "--time",
+             f"{window[0]:.6f},{window[1]:.6f}", "-F", "comm,pid,time,ip,sym,dso"],
+            capture_output=True, text=True, check=True).stdout
+        return parse_samples(out.splitlines())
+
+
+def native_budgets(profile: NativeProfile, results: dict[str, Any], stack_log: str
+                   ) -> dict[str, Any]:
+    """The service's window and the script's fastest pass (when it ran), budgeted."""
+    known = stack_pids(stack_log)
+    pipeline = results["pipeline"]
+    windows = {"service (inbox -> done)": (tuple(pipeline["window_unix"]), pipeline["images"],
+                                          "worker pool process")}
+    script = results.get("script")
+    if script and script.get("windows_unix"):
+        fastest = max(range(len(script["rounds"])), key=lambda i: script["rounds"][i])
+        windows["the user's script, its fastest pass"] = (
+            tuple(script["windows_unix"][fastest]), script["images"], "the script's process")
+    return {name: budget(profile.samples(window), window, known, images, main, profile.hz)
+            for name, (window, images, main) in windows.items()}
+
+
+def native_lines(result: dict[str, Any]) -> list[str]:
+    """The report's native budget tables (none without ``--perf``)."""
+    native = result.get("native")
+    if not native:
+        return []
+    cores = int(result["machine"]["cores"])
+    lines = ["", "where the CPU went (perf, whole machine):"]
+    for name, window in native.items():
+        lines += render(name, window, cores)
+    return lines
