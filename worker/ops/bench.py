@@ -52,7 +52,13 @@ from worker.ops.bench_inputs import (
     register_random_bundle,
     unique_files,
 )
-from worker.ops.bench_native import native_lines
+from worker.ops.bench_native import (
+    NativeProfile,
+    check_perf,
+    native_budgets,
+    native_lines,
+    started_processes,
+)
 from worker.ops.bench_script import best_script, measure_script, script_lines
 from worker.ops.bench_service import (
     forget_queue,
@@ -114,6 +120,8 @@ def run_bench(cfg: BenchConfig, base: Settings, progress: Progress = print) -> d
     import shutil
     import tempfile
 
+    if cfg.perf:
+        check_perf()  # before minutes of work, not after
     if cfg.work_dir is not None:
         Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
         return _run_in(Path(cfg.work_dir), cfg, base, progress)
@@ -155,8 +163,6 @@ def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
     files = _bench_files(root, cfg, progress)
     profile = None
     if cfg.perf:
-        from worker.ops.bench_native import NativeProfile
-
         progress(f"perf: recording every CPU into {root / 'perf.data'}")
         profile = NativeProfile(root / "perf.data")
     try:
@@ -166,11 +172,8 @@ def _run_in(root: Path, cfg: BenchConfig, base: Settings, progress: Progress
             profile.stop()
     results["native"] = None
     if profile is not None:
-        from worker.ops.bench_native import native_budgets
-
         progress("perf: splitting the samples by process and library")
-        results["native"] = native_budgets(profile, results,
-                                           (root / "stack.log").read_text())
+        results["native"] = native_budgets(profile, results, os.getpid())
     machine["loadavg_end"] = list(os.getloadavg())
     return _result(cfg, machine, results)
 
@@ -248,13 +251,17 @@ def _measure_stack(settings: Settings, env: dict[str, str], root: Path, cfg: Ben
                    files: BenchFiles, progress: Progress) -> dict[str, Any]:
     """pipeline and latency through the real stack, started warm and stopped afterwards."""
     progress("pipeline: starting the stack (cxr up: watcher + 1 worker)")
-    stack = start_stack(env, root / "stack.log")
+    log = root / "stack.log"
+    earlier = len(log.read_text(errors="replace")) if log.exists() else 0  # a reused work dir
+    stack = start_stack(env, log)
     try:
         for path in files.warm:
             copy_into(settings.inbox_dir, path)
         wait_done(stack, settings.db_url, [p.name for p in files.warm], timeout=300.0)
         progress(f"  stack warm; copying {len(files.batch)} files into the inbox")
         pipeline = measure_pipeline(stack, settings, files.batch, progress)
+        pipeline["processes"] = {"supervisor": stack.pid,
+                                 **started_processes(stack.log_text()[earlier:])}
         progress(f"  pipeline: {pipeline['images_per_s']:.1f} images/s "
                  f"(mean message {pipeline['mean_batch']:.1f} images; first row recorded "
                  f"{pipeline['first_row_s']:.2f} s after the drop)")

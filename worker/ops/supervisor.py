@@ -49,7 +49,7 @@ class _Child:
     restart_at: float = 0.0
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the child gets SIGTERM if the supervisor itself is killed."""
     try:
         import ctypes
@@ -85,7 +85,7 @@ class Supervisor:
             child.spec.argv,
             env=child.spec.env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         child.started_at = time.monotonic()
 
@@ -290,7 +290,7 @@ def up(settings: Settings, *, flower: bool = True, polling: bool = False,
         spec = private_redis(settings.broker_url, settings.data_dir)
         redis_proc = subprocess.Popen(spec.argv, start_new_session=True,
                                       stdout=subprocess.DEVNULL,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=die_with_parent)
         print(f"cxr up: started a private redis-server (pid {redis_proc.pid})", flush=True)
         _wait_for_broker(settings.broker_url, lambda: redis_proc.poll() is None)
     try:
