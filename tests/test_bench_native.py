@@ -216,10 +216,11 @@ def _perf_or_skip():
 def test_cxr_bench_perf_budgets_the_pipeline_and_the_script(tmp_path, monkeypatch, capsys):
     """A small real run under perf: both windows are budgeted, their samples add up to wall
     time x CPUs, and the roles are the stack's own processes."""
-    from tests.test_bench import _redis_or_skip
+    from helpers_pipeline import shared_redis
+
     from worker.cli import main
 
-    _redis_or_skip()
+    shared_redis(12)  # the bench's private queue lives on db 12 of the machine's Redis
     _perf_or_skip()
     monkeypatch.setenv("CXR_BROKER_URL", "redis://127.0.0.1:6379/0")
     monkeypatch.setenv("CXR_TF_THREADS", "1")
