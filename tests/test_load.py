@@ -1,8 +1,10 @@
 """Load: 2,000 tiny files dropped at once into a running watcher + worker end in exactly 2,000
 final rows; worker memory stays flat after warm-up and the watcher's stays bounded.
 
-Memory is read from /proc (VmRSS) every tenth of a second while the run drains. The bounds are
-generous on purpose: they catch unbounded growth (a leak per image), not allocator noise.
+Memory is read from /proc (VmRSS) every 20 ms while the run drains (the 1,800 images after
+warm-up can take under a second, and at every tenth of a second CI once got only 7 samples).
+The bounds are generous on purpose: they catch unbounded growth (a leak per image), not
+allocator noise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 FILES = 2000
 WARM_UP = 200
 SLACK_KIB = 40 * 1024
+SAMPLE_SECONDS = 0.02
 
 
 def _unique_png(i: int) -> bytes:
@@ -37,14 +40,14 @@ def _unique_png(i: int) -> bytes:
 
 def _sampler(pids, sink: list[tuple[int, int]], done: threading.Event, count) -> None:
     """Append (rows_done, rss_kib) until ``done``; pids() is re-read (pool children may change)."""
-    while not done.wait(0.1):
+    while not done.wait(SAMPLE_SECONDS):
         total = sum(rss_kib(pid) or 0 for pid in pids())
         sink.append((count(), total))
 
 
 def _flat(samples: list[tuple[int, int]]) -> tuple[float, float]:
     after = [rss for done, rss in samples if done >= WARM_UP]
-    assert len(after) >= 8, f"too few samples after warm-up: {len(after)}"
+    assert len(after) >= 8, f"too few samples after warm-up: {len(after)} of {len(samples)}"
     quarter = len(after) // 4
     return statistics.median(after[:quarter]), statistics.median(after[-quarter:])
 
@@ -91,8 +94,9 @@ def test_two_thousand_files_at_once(tmp_path):
         assert p.alive()
 
         first, last = _flat(worker_samples)
+        warm = sum(1 for n, _ in worker_samples if n >= WARM_UP)
         print(f"worker RSS after warm-up: first quarter {first / 1024:.0f} MiB, "
-              f"last quarter {last / 1024:.0f} MiB, {len(worker_samples)} samples")
+              f"last quarter {last / 1024:.0f} MiB, {warm} of {len(worker_samples)} samples")
         assert last <= first * 1.25 + SLACK_KIB, (first, last)
         w_first, w_last = _flat(watcher_samples)
         w_peak = max(rss for _, rss in watcher_samples)
