@@ -4,11 +4,12 @@ A sampling profiler of Python (py-spy) counts a thread waiting for a core where 
 its per-step sums drift between runs. Linux ``perf`` on the ``cpu-clock`` timer samples every
 CPU whatever runs on it, idle included (a hardware ``cycles`` event would skip halted CPUs), so
 the samples of a window add up to its wall-clock time times the CPUs: a budget whose rows sum
-to what was spent. The bench records the whole machine while it runs,
-then splits two windows by the wall-clock times it kept (``pipeline.window_unix``,
-``script.windows_unix``): the service's (drop to the last row done) and the user's script's
-fastest pass, the one ``service / script`` uses. Rows are process roles (watcher, worker pool
-process, Celery parent, the bench's own polling, other processes, idle) and, inside each, the
+to what was spent. The bench records the whole machine while it runs, then splits two windows
+by the wall-clock times it kept (``pipeline.window_unix``, ``script.windows_unix``): the
+service's (drop to the last row done) and the user's script's fastest pass, the one
+``service / script`` uses. Rows are process roles, by the pids the run recorded (watcher,
+worker pool process, Celery parent, ``cxr up``, the bench's own process, other processes,
+idle) and, inside each, the
 library the sampled code lives in (libjpeg-turbo, Pillow, OpenSSL's SHA-256, the interpreter,
 the kernel, TensorFlow, numpy, libc, SQLite).
 """
@@ -50,6 +51,8 @@ OTHER = "other"
 BENCH = "the bench's own process"
 """Outside the script's passes the bench only polls the database."""
 _LINE = re.compile(r"^\s*(\S.*?)\s+(\d+)\s+([\d.]+):\s+[0-9a-f]+\s+(.*?)\s+\((.*)\)\s*$")
+RECORD = ["perf", "record", "-a", "-e", "cpu-clock"]
+"""Every CPU on the timer event: it samples idle CPUs too, and takes wall-clock stamps."""
 NO_PERF = ("cxr bench --perf needs Linux perf (Debian: apt-get install linux-perf) and the "
            "right to sample every CPU (root, or sysctl kernel.perf_event_paranoid=-1)")
 
@@ -143,8 +146,7 @@ def check_perf() -> None:
     if shutil.which("perf") is None:
         raise CxrError(NO_PERF)
     with tempfile.TemporaryDirectory(prefix="cxr-perf-") as folder:
-        tried = subprocess.run(["perf", "record", "-q", "-a", "-e", "cpu-clock", "-B", "-o",
-                                f"{folder}/probe.data", "--", "true"],
+        tried = subprocess.run([*RECORD, "-q", "-B", "-o", f"{folder}/probe.data", "--", "true"],
                                capture_output=True, text=True)
     if tried.returncode != 0:
         said = " / ".join((tried.stderr or tried.stdout).strip().splitlines()[-3:])
@@ -162,8 +164,8 @@ class NativeProfile:
         self._log = open(self.path.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
         try:
             self._proc = subprocess.Popen(
-                ["perf", "record", "-a", "-e", "cpu-clock", "-k", "realtime", "-F", str(hz),
-                 "--no-buildid", "-o", str(self.path)],
+                [*RECORD, "-k", "realtime", "-F", str(hz), "--no-buildid", "-o",
+                 str(self.path)],
                 stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         except OSError:
             self._log.close()

@@ -50,7 +50,7 @@ class _Child:
 
 
 def die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the supervisor itself is killed."""
+    """Linux: the child gets SIGTERM if its parent (the supervisor, the bench) is killed."""
     try:
         import ctypes
 
