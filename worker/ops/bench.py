@@ -301,6 +301,17 @@ def _result(cfg: BenchConfig, machine: dict[str, Any], results: dict[str, Any]
     }
 
 
+def _phase_lines(p: dict[str, Any]) -> list[str]:
+    """Where the pipeline's time went: the burst's intake, then the worker alone."""
+    if p.get("intake_s") is None:  # a result written before the phases were kept
+        return []
+    after = p.get("after_intake_images_per_s")
+    return [f"(the watcher took all {p['images']} files in {p['intake_s']:.2f} s, while the "
+            f"worker finished {p['done_during_intake']}; "
+            + (f"after that the worker ran at {after:.1f} images/s)" if after else
+               "nothing was left after that)")]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary: throughputs, latency and the two ratios."""
     from worker.ops.bench_shadow import shadow_lines
@@ -345,6 +356,7 @@ def format_table(result: dict[str, Any]) -> str:
            f"{result['gate']['gate_over_forward']:>10.1%}"] if result.get("gate") else []),
         f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
+        *_phase_lines(p),
         *native_lines(result),
     ]
     return "\n".join(lines)

@@ -127,6 +127,7 @@ def measure_pipeline(stack: LocalStack, settings: Settings, files: list[Path],
     # The last row's own finished_at, not the moment a poll saw it.
     elapsed = max(_timestamp(finished) for _, finished, _ in rows.values()) - wall
     first_row = min(_timestamp(received) for _, _, received in rows.values()) - wall
+    phases = intake_phases(rows, wall, elapsed)
     batches = logged_batches(stack)[before:]
     sizes = [n for n, _, _ in batches]
     forward_s = sum(f for _, _, f in batches) / 1000.0
@@ -138,7 +139,22 @@ def measure_pipeline(stack: LocalStack, settings: Settings, files: list[Path],
         "max_batch": max(sizes) if sizes else 0,
         "forward_s": forward_s, "decode_s": sum(d for _, d, _ in batches) / 1000.0,
         "forward_share": forward_s / elapsed,
+        **phases,
     }
+
+
+def intake_phases(rows: dict, wall: float, elapsed: float) -> dict[str, float]:
+    """The burst in two phases, from the rows' own timestamps: while the watcher was still
+    taking it (until the last ``received_at``), and after. The watcher's intake runs on the
+    cores the worker decodes on, so the worker's rate differs between the two; the whole
+    figure is what the service did, these say where its time went."""
+    intake_s = max(_timestamp(received) for _, _, received in rows.values()) - wall
+    done_during = sum(1 for _, finished, _ in rows.values()
+                      if _timestamp(finished) - wall <= intake_s)
+    after_s = elapsed - intake_s
+    return {"intake_s": intake_s, "done_during_intake": done_during,
+            "after_intake_images_per_s": (len(rows) - done_during) / after_s
+            if after_s > 0 and len(rows) > done_during else None}
 
 
 def measure_latency(stack: LocalStack, settings: Settings, files: list[Path], gap_s: float,
