@@ -104,6 +104,25 @@ def test_intake_archives_records_and_enqueues(settings):
     assert _mode(settings.archive_dir) == 0o700
 
 
+def test_the_archive_folders_are_made_before_the_first_file_and_again_when_removed(settings):
+    """Intake never makes an ``ab/`` folder on its way (a burst's first files would each pay
+    for one); if the archive is removed under a running watcher, it is made again."""
+    import shutil
+
+    sent = Recorder()
+    (settings.inbox_dir / "a.png").write_bytes(b"first")
+    intake_file(settings.inbox_dir / "a.png", settings, sent)
+    folders = sorted(p.name for p in settings.archive_dir.iterdir() if p.is_dir())
+    assert folders == [f"{i:02x}" for i in range(256)]
+    assert {_mode(settings.archive_dir / name) for name in folders} == {0o700}
+    shutil.rmtree(settings.archive_dir)
+    (settings.inbox_dir / "b.png").write_bytes(b"second")
+    taken = intake_file(settings.inbox_dir / "b.png", settings, sent)
+    stored = settings.data_dir / _row(settings.db_url, taken.image_id).stored_path
+    assert stored.read_bytes() == b"second" and _mode(stored.parent) == 0o700
+    assert len([p for p in settings.archive_dir.iterdir() if p.is_dir()]) == 256
+
+
 def test_same_content_twice_gives_two_rows_one_archive_file(settings):
     sent = Recorder()
     for name in ("first.png", "second.png"):

@@ -31,7 +31,12 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from worker.classify.recovery import messages_on_their_way, queued_without_message
 from worker.files import safefs, storage
-from worker.files.storage import archive_relpath, private_dirs, rejected_name
+from worker.files.storage import (
+    archive_relpath,
+    prepare_archive,
+    private_dirs,
+    rejected_name,
+)
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,7 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
     ``inbox``: the identity of the inbox folder the caller holds; raises
     ``safefs.InboxMoved`` (taking nothing) when the inbox path is a link or another folder.
     """
-    private_dirs(settings.archive_dir, settings.archive_dir)
+    prepare_archive(settings)
     paths = [Path(p) for p in paths]
     chunks = [paths[i:i + INTAKE_BATCH] for i in range(0, len(paths), INTAKE_BATCH)]
     results: list[IntakeResult] = []
