@@ -123,6 +123,35 @@ def test_the_archive_folders_are_made_before_the_first_file_and_again_when_remov
     assert len([p for p in settings.archive_dir.iterdir() if p.is_dir()]) == 256
 
 
+def test_a_full_disk_while_making_the_archive_folders_is_one_line_and_keeps_the_file(
+        settings, monkeypatch, caplog):
+    """A folder needs a free block: with none, intake says the disk is full once (no
+    traceback), leaves the file in the inbox and no temp link, and makes the folders later."""
+    import errno
+    import logging
+    from pathlib import Path
+
+    archive, make = settings.archive_dir.absolute(), Path.mkdir
+
+    def no_space(self, *args, **kwargs):
+        if self.parent == archive:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_space)
+    (settings.inbox_dir / "a.png").write_bytes(b"pixels")
+    with caplog.at_level(logging.WARNING):
+        assert intake_files([settings.inbox_dir / "a.png"], settings, Recorder()) == []
+    assert [r.exc_info for r in caplog.records] == [None]
+    assert "disk is full" in caplog.records[0].getMessage()
+    assert (settings.inbox_dir / "a.png").exists()
+    assert not list(settings.archive_dir.glob(".incoming-*"))
+    monkeypatch.undo()
+    [taken] = intake_files([settings.inbox_dir / "a.png"], settings, Recorder())
+    assert taken.status == ImageStatus.QUEUED
+    assert len([p for p in settings.archive_dir.iterdir() if p.is_dir()]) == 256
+
+
 def test_same_content_twice_gives_two_rows_one_archive_file(settings):
     sent = Recorder()
     for name in ("first.png", "second.png"):

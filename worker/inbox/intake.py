@@ -247,9 +247,13 @@ def _take_opened(entry: safefs.Entry, name: str, settings: Settings, archive: in
     else:
         try:
             os.replace(tmp, target)
-        except FileNotFoundError:  # the first file of this ab/ folder: create it, private
-            private_dirs(settings.archive_dir, target.parent)
-            os.replace(tmp, target)
+        except FileNotFoundError:  # its ab/ folder was removed: make it again, private
+            try:
+                private_dirs(settings.archive_dir, target.parent)
+                os.replace(tmp, target)
+            except BaseException:  # a full disk: no temp link left behind
+                tmp.unlink(missing_ok=True)
+                raise
     return _Taken(entry, name, sha256, size, rel.as_posix())
 
 

@@ -59,7 +59,7 @@ from worker.ops.bench_native import (
     native_lines,
     started_processes,
 )
-from worker.ops.bench_script import best_script, measure_script, script_lines
+from worker.ops.bench_script import best_script, measure_script, script_lines, usable_cpus
 from worker.ops.bench_service import (
     forget_queue,
     measure_intake,
@@ -86,7 +86,7 @@ def machine_info() -> dict[str, Any]:
             )
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     gpus = []
     for gpu in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(gpu)
@@ -306,8 +306,8 @@ def _phase_lines(p: dict[str, Any]) -> list[str]:
     if p.get("intake_s") is None:  # a result written before the phases were kept
         return []
     after = p.get("after_intake_images_per_s")
-    return [f"(the watcher took all {p['images']} files in {p['intake_s']:.2f} s, while the "
-            f"worker finished {p['done_during_intake']}; "
+    return [f"(all {p['images']} files recorded {p['intake_s']:.2f} s after the drop, the "
+            f"worker having finished {p['done_during_intake']}; "
             + (f"after that the worker ran at {after:.1f} images/s)" if after else
                "nothing was left after that)")]
 

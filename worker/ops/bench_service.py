@@ -143,7 +143,8 @@ def measure_pipeline(stack: LocalStack, settings: Settings, files: list[Path],
     }
 
 
-def intake_phases(rows: dict, wall: float, elapsed: float) -> dict[str, float]:
+def intake_phases(rows: dict, wall: float, elapsed: float
+                  ) -> dict[str, float | int | None]:
     """The burst in two phases, from the rows' own timestamps: while the watcher was still
     taking it (until the last ``received_at``), and after. The watcher's intake runs on the
     cores the worker decodes on, so the worker's rate differs between the two; the whole
