@@ -92,6 +92,20 @@ def prepare_archive(settings: Settings) -> None:
         os.chmod(folder, 0o700)  # not the umask's choice
 
 
+def into_archive(settings: Settings, tmp: Path, target: Path) -> None:
+    """Rename a temp file in the archive to its content's name; if its ``ab/`` folder is gone,
+    make it again (private) first. No temp file is left behind when that fails (a full disk)."""
+    try:
+        os.replace(tmp, target)
+    except FileNotFoundError:
+        try:
+            private_dirs(settings.archive_dir, target.parent)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def private_dirs(root: Path, target_dir: Path) -> None:
     """Create ``target_dir`` and make it and its parents up to ``root`` private (0700)."""
     target_dir.mkdir(parents=True, exist_ok=True)

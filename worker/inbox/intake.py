@@ -31,12 +31,7 @@ from db.session import session_scope
 from db.vocabulary import ImageStatus, Stage
 from worker.classify.recovery import messages_on_their_way, queued_without_message
 from worker.files import safefs, storage
-from worker.files.storage import (
-    archive_relpath,
-    prepare_archive,
-    private_dirs,
-    rejected_name,
-)
+from worker.files.storage import archive_relpath, private_dirs, rejected_name
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,7 +104,7 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
     ``inbox``: the identity of the inbox folder the caller holds; raises
     ``safefs.InboxMoved`` (taking nothing) when the inbox path is a link or another folder.
     """
-    prepare_archive(settings)
+    storage.prepare_archive(settings)
     paths = [Path(p) for p in paths]
     chunks = [paths[i:i + INTAKE_BATCH] for i in range(0, len(paths), INTAKE_BATCH)]
     results: list[IntakeResult] = []
@@ -245,15 +240,7 @@ def _take_opened(entry: safefs.Entry, name: str, settings: Settings, archive: in
     if target.exists():
         tmp.unlink()
     else:
-        try:
-            os.replace(tmp, target)
-        except FileNotFoundError:  # its ab/ folder was removed: make it again, private
-            try:
-                private_dirs(settings.archive_dir, target.parent)
-                os.replace(tmp, target)
-            except BaseException:  # a full disk: no temp link left behind
-                tmp.unlink(missing_ok=True)
-                raise
+        storage.into_archive(settings, tmp, target)
     return _Taken(entry, name, sha256, size, rel.as_posix())
 
 
