@@ -23,6 +23,14 @@ QUIET_LEVEL = "3"
 log = logging.getLogger(__name__)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's or ``taskset``'s share),
+    which is what its threads can use."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def quiet_native_logs(debug: bool = False) -> None:
     """Ask TensorFlow's C++ side for nothing below fatal, unless the user chose otherwise."""
     if not debug:
@@ -108,6 +116,6 @@ def describe_device() -> str:
             gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     if gpus:
         return f"models run on GPU ({', '.join(gpus)}) with Keras {keras.__version__} on {backend}"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     return (f"models run on the CPU ({cores} cores; no GPU found) with Keras {keras.__version__} "
             f"on {backend}")

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 from kombu import Queue
 
-from trainer.model.runtime import quiet_native_logs
+from trainer.model.runtime import quiet_native_logs, usable_cpus
 from worker.settings import Settings
 
 CLASSIFY_TASK = "cxr.classify_images"
@@ -76,7 +76,7 @@ app = make_app(settings)
 def _share_cores(sender, instance, conf, **_kwargs) -> None:
     """Before the pool forks: each process gets its share of the cores for TensorFlow."""
     processes = max(1, int(getattr(instance, "concurrency", 1) or 1))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cpus()
     os.environ.setdefault(THREADS_ENV, str(max(1, (cores or 1) // processes)))
 
 

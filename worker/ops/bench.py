@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from trainer.model.runtime import usable_cpus
 from worker.ops.bench_ceilings import (
     best_ceiling,
     measure_ceiling,
@@ -59,7 +60,7 @@ from worker.ops.bench_native import (
     native_lines,
     started_processes,
 )
-from worker.ops.bench_script import best_script, measure_script, script_lines, usable_cpus
+from worker.ops.bench_script import best_script, measure_script, script_lines
 from worker.ops.bench_service import (
     forget_queue,
     measure_intake,

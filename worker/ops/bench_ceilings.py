@@ -4,7 +4,6 @@ one-file-at-a-time loop."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer.model.runtime import usable_cpus
 from worker.ops.bench_inputs import Progress
 
 
@@ -77,8 +77,7 @@ def measure_decode(files: list[Path], size: int, min_time_s: float, progress: Pr
 
     from trainer.imaging.decode import decode_image
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    threads = usable_cpus()
     with ThreadPoolExecutor(threads) as pool:
         def run() -> int:
             return len(list(pool.map(lambda f: decode_image(f, size, max_pixels), files)))

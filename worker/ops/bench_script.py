@@ -11,11 +11,11 @@ nothing more: list the files, read and ``tf.io.decode_jpeg`` them in parallel
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from trainer.model.runtime import usable_cpus
 from worker.ops.bench_inputs import Progress
 
 SCRIPT_BATCH = 32
@@ -73,13 +73,6 @@ def measure_script(model, files: list[Path], size: int, progress: Progress,
     return {"images_per_s": max(rates), "rounds": rates, "windows_unix": windows,
             "cores": cores, "cpus": usable_cpus(), "images": len(files),
             "batch_size": SCRIPT_BATCH}
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), as ``machine_info`` counts cores."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def best_script(first: dict[str, Any] | None, second: dict[str, Any]) -> dict[str, Any]:
