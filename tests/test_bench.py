@@ -73,11 +73,12 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     # the wall-clock windows `--perf` cuts its recording by: the script's passes before the
     # stack, the pipeline, the passes after it
     window, script = result["pipeline"]["window_unix"], result["script"]
-    assert len(script["windows_unix"]) == len(script["rounds"]) == len(script["cores"]) == 5
+    assert len(script["windows_unix"]) == len(script["rounds"]) == len(script["cores"]) == 6
+    assert script["variants"] == ["as written", "autotuner off"] * 3
     assert all(0 < cores <= script["cpus"] + 0.5 for cores in script["cores"])
     for (start, end), rate in zip(script["windows_unix"], script["rounds"], strict=True):
         assert script["images"] / (end - start) == pytest.approx(rate, rel=0.1)
-    assert script["windows_unix"][2][1] <= window[0] < window[1] <= script["windows_unix"][3][0]
+    assert script["windows_unix"][3][1] <= window[0] < window[1] <= script["windows_unix"][4][0]
     pipeline = result["pipeline"]  # the burst's intake, and the worker after it
     assert 0 < pipeline["intake_s"] <= pipeline["seconds"]
     assert 0 <= pipeline["done_during_intake"] <= 12

@@ -197,7 +197,7 @@ def _measure_all(bundle, settings: Settings, env: dict[str, str], root: Path, ba
     if cfg.baseline == "script":
         progress("script again, after the pipeline (the fastest pass counts)")
         results["script"] = best_script(results["script"], measure_script(
-            bundle.model, files.batch, cfg.img_size, progress, rounds=2))
+            bundle.model, files.batch, cfg.img_size, progress, rounds=1))
     return results
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from db.exceptions import CxrError
+from worker.ops.bench_script import fastest_pass
 from worker.ops.supervisor import die_with_parent
 
 HZ = 499
@@ -205,7 +206,7 @@ def native_budgets(profile, results: dict[str, Any], bench_pid: int) -> dict[str
                                           None, "worker pool process")}
     script = results.get("script")
     if script and script.get("windows_unix"):
-        fastest = max(range(len(script["rounds"])), key=lambda i: script["rounds"][i])
+        fastest = fastest_pass(script)
         windows["the user's script, its fastest pass"] = (
             tuple(script["windows_unix"][fastest]), script["images"], bench_pid,
             "the script (in the bench's process)")
