@@ -9,11 +9,11 @@ nothing more: list the files, read and ``tf.io.decode_jpeg`` them in parallel
 ``model.predict_on_batch``. No hashing, no database, no gate: that is the point of comparison.
 
 Each round runs it twice: as written, and with tf.data's autotuner off. On two cores the
-autotuner often keeps the decoding map at about one thread for a whole pass (195 images/s on
-two different machines, pass after pass, whatever the CPU); with it off, ``AUTOTUNE``
-parallelism is one call per core and the pass never settles there. A user who saw their script
-crawl would turn it off, so the faster of the two is the script's rate, which only ever makes
-the baseline harder for the service.
+autotuner often pins a whole pass near 195 images/s (on an Intel and an AMD machine alike, pass
+after pass, whatever the files' speed); with it off, ``AUTOTUNE`` parallelism takes a fixed
+default and none of 14 passes settled there. A user who saw their script crawl would turn it off,
+so the faster of the two is the script's rate, which only ever makes the baseline harder for
+the service.
 """
 
 from __future__ import annotations
