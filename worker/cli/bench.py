@@ -117,7 +117,9 @@ def _add_extras(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", choices=["script"],
                    help="also run the tf.data script a user would write instead (decode_jpeg "
                    "in parallel, resize, batch 32, predict_on_batch) on the same files and "
-                   "model, and print service / script")
+                   "model, as written and with tf.data's autotuner off (which on two cores "
+                   "often pins it near 195 images/s), and print service / script against "
+                   "the fastest pass")
     p.add_argument("--perf", action="store_true",
                    help="record every CPU with Linux perf during the run and print where each "
                    "image's CPU went in the pipeline and the script (by process: watcher, "
