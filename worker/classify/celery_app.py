@@ -76,8 +76,7 @@ app = make_app(settings)
 def _share_cores(sender, instance, conf, **_kwargs) -> None:
     """Before the pool forks: each process gets its share of the cores for TensorFlow."""
     processes = max(1, int(getattr(instance, "concurrency", 1) or 1))
-    cores = usable_cpus()
-    os.environ.setdefault(THREADS_ENV, str(max(1, (cores or 1) // processes)))
+    os.environ.setdefault(THREADS_ENV, str(max(1, usable_cpus() // processes)))
 
 
 @worker_process_init.connect
