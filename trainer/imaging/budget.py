@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from trainer.imaging.decode import PNG_MAGIC, SERVICE_RESIZE, declared_size
+from trainer.imaging.jpeg_draft import draft_scale
 
 
 def decode_cost(head: bytes, size: int, resize: str = SERVICE_RESIZE) -> int:
@@ -25,9 +26,7 @@ def decode_cost(head: bytes, size: int, resize: str = SERVICE_RESIZE) -> int:
         return width * height * (9 if bit_depth == 16 else 5)
     if resize != SERVICE_RESIZE:  # full decode, colour (4 bytes) then grey (1)
         return width * height * 5
-    scale = 1
-    while scale < 8 and width // (scale * 2) >= 2 * size and height // (scale * 2) >= 2 * size:
-        scale *= 2
+    scale = draft_scale(width, height, 2 * size)
     return (width // scale) * (height // scale) * 4
 
 

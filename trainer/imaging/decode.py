@@ -6,7 +6,9 @@ Every image the service sees passes through here, so every way a file can be wro
 
 Choices that matter for the model:
 
-* JPEG and PNG are decoded by Pillow (restricted to those two plugins), DICOM by
+* JPEG and PNG are decoded by Pillow (restricted to those two plugins), except the service's
+  own draft-mode resize of a grey or YCbCr JPEG: libjpeg-turbo in one call through simplejpeg,
+  with Pillow's pixels (``trainer.imaging.jpeg_draft``, which says why). DICOM is decoded by
   ``trainer.imaging.dicom`` (a viewer's display pipeline down to 8-bit grey, then the same path as a
   JPEG from here on); the real format is told from the content, not the extension, so a GIF
   named ``.jpg`` is reported as a GIF and a DICOM needs no ``.dcm``.
@@ -50,6 +52,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from trainer.imaging.dicom import looks_like_dicom, read_dicom
+from trainer.imaging.jpeg_draft import draft_gray, read_header
 
 MIN_SIDE = 32
 """Smallest accepted width or height. Below this a file is an icon or a placeholder, not a
@@ -63,6 +66,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 STRETCH_BLOCK_PIXELS = 1 << 20
+_WHOLE_READ_MAX = 64 << 20
+"""Largest JPEG file read whole for ``trainer.imaging.jpeg_draft``; a larger one streams through
+Pillow, which checks its declared size before reading on."""
 
 SERVICE_RESIZE = "draft_bilinear"
 """JPEG draft mode down to about twice the output size, then Pillow's antialiased bilinear: how
@@ -256,6 +262,11 @@ def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> De
     if fmt == "PNG":
         _verify_png(fp)
     fp.seek(0)
+    if fmt == "JPEG" and feed.resize == SERVICE_RESIZE:
+        drafted = _draft_jpeg(fp, feed, max_pixels)
+        if drafted is not None:
+            return drafted
+        fp.seek(0)
     try:
         with Image.open(fp, formats=list(PILLOW_FORMATS)) as img:
             _check_dimensions(img.size, max_pixels)
@@ -274,6 +285,28 @@ def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> De
         raise
     except Exception as exc:  # any decoder failure is a property of the file
         raise BadImageError(_pillow_reason(fmt, exc)) from None
+
+
+def _draft_jpeg(fp: BinaryIO, feed: Feed, max_pixels: int) -> Decoded | None:
+    """The service's own resize of a JPEG through ``trainer.imaging.jpeg_draft`` (the same
+    pixels, without Pillow's Python); None where Pillow decodes it."""
+    data = _whole(fp)
+    header = read_header(data) if data is not None else None
+    if header is None:
+        return None
+    _check_dimensions((header.width, header.height), max_pixels)
+    gray = draft_gray(data, header, feed.size)
+    return None if gray is None else Decoded(_model_input(Image.fromarray(gray), feed))
+
+
+def _whole(fp: BinaryIO) -> bytes | None:
+    """The stream's bytes without a copy where it already holds them; None for a file too
+    large to read before its header is checked (Pillow streams it)."""
+    if isinstance(fp, io.BytesIO):
+        return fp.getvalue()
+    if os.fstat(fp.fileno()).st_size > _WHOLE_READ_MAX:
+        return None
+    return fp.read()
 
 
 def _decode_dicom(fp: BinaryIO, feed: Feed, max_pixels: int) -> Decoded:
