@@ -58,6 +58,9 @@ def test_samples_are_parsed_with_their_process_time_and_library():
         "numpy", "TensorFlow (forward pass, tf.data)", "SHA-256 (OpenSSL)",
         "kernel (syscalls, page faults, scheduling)", "Python interpreter",
         "kernel (syscalls, page faults, scheduling)", "Python interpreter"]
+    # simplejpeg links libjpeg-turbo into its own module (trainer.imaging.jpeg_draft)
+    assert nb.library_of(f"{SITE}/simplejpeg/_jpeg.cpython-311-x86_64-linux-gnu.so",
+                         "[unknown]") == "JPEG decoding (libjpeg-turbo)"
     # a site-packages path holds "python3" too: only libpython and the binary are the interpreter
     assert nb.library_of(f"{SITE}/foo/bar.so", "f") == nb.OTHER
 

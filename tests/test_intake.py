@@ -328,6 +328,22 @@ def test_a_batch_is_one_transaction_and_messages_of_message_size(settings):
     assert not any(p.exists() for p in paths)
 
 
+def test_a_bursts_first_batch_can_be_small_so_a_worker_starts_sooner(settings):
+    paths = []
+    for k in range(40):
+        path = settings.inbox_dir / f"f{k}.png"
+        path.write_bytes(f"content {k}".encode())
+        paths.append(path)
+    sent = Recorder()
+    results = intake_files(paths[:30], settings, sent, first_batch=16)
+    assert sent.messages == [16, 14]
+    assert [n for _, n in sent.sent] == [p.name for p in paths[:30]]
+    sent = Recorder()
+    results += intake_files(paths[30:], settings, sent, first_batch=16)
+    assert sent.messages == [10]
+    assert [r.status for r in results] == [ImageStatus.QUEUED] * 40
+
+
 def test_an_interrupted_copy_leaves_no_temp_file(settings, monkeypatch):
     from worker.files import safefs
 

@@ -16,6 +16,7 @@ from db.models import Image
 from db.session import session_scope
 from db.vocabulary import ImageStatus
 from worker.inbox.filters import is_candidate
+from worker.inbox.intake import FIRST_BATCH
 from worker.inbox.stability import StabilityTracker, file_signature
 from worker.inbox.watcher import Watcher, scan_inbox
 from worker.settings import Settings
@@ -183,6 +184,31 @@ def test_a_file_renamed_into_the_inbox_is_complete_at_once(settings, tmp_path):
         thread.join(10)
     assert [name for _, name in sent] == ["moved.jpeg"]
     assert not (settings.inbox_dir / "moved.jpeg").exists()
+
+
+def test_a_burst_into_an_idle_watcher_sends_a_small_first_message(settings, tmp_path):
+    """The first message of a burst holds ``FIRST_BATCH`` files, so an idle worker starts on
+    them while the watcher still hashes the rest; the next ones are whole batches."""
+    settings = settings.model_copy(update={"stable_seconds": 30.0, "rescan_seconds": 60.0})
+    settings.ensure_dirs()
+    staged = tmp_path / "export"
+    staged.mkdir()
+    for k in range(FIRST_BATCH + 40):
+        (staged / f"f{k:03d}.png").write_bytes(f"content {k}".encode())
+    messages: list[int] = []
+    watcher = Watcher(settings, enqueue=lambda batch: messages.append(len(batch)))
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)  # the start-up scan is over: the watcher is idle
+        for path in sorted(staged.iterdir()):
+            os.rename(path, settings.inbox_dir / path.name)
+        _wait_for(lambda: sum(messages) == FIRST_BATCH + 40, timeout=10.0)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert messages[0] <= FIRST_BATCH < max(messages)  # a whole burst at once would be 56
 
 
 def test_watch_loop_survives_a_broker_outage(settings):

@@ -39,7 +39,14 @@ from db.exceptions import CxrError
 from worker.classify import metrics
 from worker.files import safefs
 from worker.inbox.filters import is_candidate, is_candidate_in, is_walked_folder, is_walked_in
-from worker.inbox.intake import Enqueue, display_name, intake_files, reconcile
+from worker.inbox.intake import (
+    FIRST_BATCH,
+    INTAKE_BATCH,
+    Enqueue,
+    display_name,
+    intake_files,
+    reconcile,
+)
 from worker.inbox.stability import StabilityTracker
 from worker.settings import Settings
 
@@ -222,13 +229,15 @@ class Watcher:
         elif is_candidate_in(inbox, path, MAX_DEPTH):  # the scan's rule, for events too
             self.tracker.touch(path, closed=closed)
 
-    def _take_due(self) -> bool:
-        """Take the files complete now; True when there were any."""
+    def _take_due(self, starting: bool = False) -> bool:
+        """Take the files complete now; True when there were any. ``starting`` (the last
+        turn took nothing): a burst may be starting, so its first message goes out small."""
         due = self.tracker.due()
         if not due or self._inbox_refused():
             return False
         try:
-            results = intake_files(due, self.settings, self.enqueue, inbox=self._inbox)
+            results = intake_files(due, self.settings, self.enqueue, inbox=self._inbox,
+                                   first_batch=FIRST_BATCH if starting else INTAKE_BATCH)
         except safefs.InboxMoved as exc:
             self._say_refused(exc)
             return False
@@ -297,7 +306,7 @@ class Watcher:
             while not stop.is_set():
                 try:
                     self._drain_events(0.0 if busy else TICK_SECONDS)
-                    busy = self._take_due()
+                    busy = self._take_due(starting=not busy)
                     now = time.monotonic()
                     if now >= next_reconcile:
                         self.reconcile_once()

@@ -37,7 +37,7 @@ HZ = 499
 """Samples per second per CPU (a prime, so sampling does not beat with 10 ms timers)."""
 LIBRARIES: list[tuple[str, str]] = [
     # (name, regex on "dso symbol"); the first that matches names the sample
-    ("JPEG decoding (libjpeg-turbo)", r"libjpeg|jpeg_|decode_mcu|jsimd_"),
+    ("JPEG decoding (libjpeg-turbo)", r"libjpeg|jpeg_|decode_mcu|jsimd_|simplejpeg/_jpeg"),
     ("resize and grey (Pillow)", r"_imaging\."),
     ("resize (TensorFlow)", r"tensorflow\S*\s.*[Rr]esize"),
     ("SHA-256 (OpenSSL)", r"libcrypto"),
