@@ -211,6 +211,19 @@ def test_a_burst_into_an_idle_watcher_sends_a_small_first_message(settings, tmp_
     assert messages[0] <= FIRST_BATCH < max(messages)  # a whole burst at once would be 56
 
 
+def test_a_turn_that_took_files_says_so_and_the_next_turn_does_not_wait(settings):
+    """The loop only waits for events (and then for the rest of a burst) after a turn that
+    took nothing; a turn that took files must say so, or every turn of a burst waits."""
+    settings.ensure_dirs()
+    sent: list[tuple[int, str]] = []
+    watcher = Watcher(settings, enqueue=sent.extend)
+    path = settings.inbox_dir / "a.png"
+    path.write_bytes(b"one file")
+    watcher.tracker.touch(path, closed=True)
+    assert watcher._take_due() is True and len(sent) == 1
+    assert watcher._take_due() is False
+
+
 def test_watch_loop_survives_a_broker_outage(settings):
     attempts: list[int] = []
     broker_up = threading.Event()

@@ -245,16 +245,17 @@ class Watcher:
             # One line per pass, not a traceback per file: every file would fail alike.
             log.warning("database unreachable (%s); %d file(s) stay in the inbox for the "
                         "next scan", type(exc.orig or exc).__name__, len(due))
-            return
+            return False
         except Exception:
             log.exception("could not take %d file(s); they stay in the inbox for the next scan",
                           len(due))
-            return
+            return False
         self.taken += len(results)
         metrics.observe_intake(self.settings.db_url, results)
         for result in results:
             log.info("%s: %s", self.settings.describe(result.image_id, result.file_name),
                      result.status)
+        return True
 
     def _scan(self) -> None:
         if self._inbox_refused():
