@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from helpers_data import intake_file
@@ -313,13 +314,16 @@ def test_a_watcher_killed_between_archive_and_commit_loses_nothing(settings):
     assert not path.exists()
 
 
+def _inbox_files(settings: Settings, n: int) -> list[Path]:
+    paths = [settings.inbox_dir / f"f{k}.png" for k in range(n)]
+    for k, path in enumerate(paths):
+        path.write_bytes(f"content {k}".encode())
+    return paths
+
+
 def test_a_batch_is_one_transaction_and_messages_of_message_size(settings):
     settings = settings.model_copy(update={"message_size": 4})
-    paths = []
-    for k in range(10):
-        path = settings.inbox_dir / f"f{k}.png"
-        path.write_bytes(f"content {k}".encode())
-        paths.append(path)
+    paths = _inbox_files(settings, 10)
     sent = Recorder()
     results = intake_files(paths, settings, sent)
     assert [r.status for r in results] == [ImageStatus.QUEUED] * 10
@@ -329,11 +333,7 @@ def test_a_batch_is_one_transaction_and_messages_of_message_size(settings):
 
 
 def test_a_bursts_first_batch_can_be_small_so_a_worker_starts_sooner(settings):
-    paths = []
-    for k in range(40):
-        path = settings.inbox_dir / f"f{k}.png"
-        path.write_bytes(f"content {k}".encode())
-        paths.append(path)
+    paths = _inbox_files(settings, 40)
     sent = Recorder()
     results = intake_files(paths[:30], settings, sent, first_batch=16)
     assert sent.messages == [16, 14]

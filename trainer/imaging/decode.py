@@ -52,7 +52,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from trainer.imaging.dicom import looks_like_dicom, read_dicom
-from trainer.imaging.jpeg_draft import draft_gray, read_header
+from trainer.imaging.jpeg_draft import draft_gray, markers, read_header
 
 MIN_SIDE = 32
 """Smallest accepted width or height. Below this a file is an icon or a placeholder, not a
@@ -157,21 +157,10 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
         return struct.unpack(">II", data[16:24])
     if not data.startswith(b"\xff\xd8"):
         return None
-    pos = 2
-    while pos + 9 <= len(data):
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        if marker in _JPEG_SOF:
+    for marker, pos in markers(data):
+        if marker in _JPEG_SOF and pos + 9 <= len(data):
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             return width, height
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
     return None
 
 

@@ -15,6 +15,7 @@ what is wrong with a bad file, and the reasons do not depend on this module.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -74,19 +75,34 @@ def draft_scale(width: int, height: int, side: int) -> int:
 def _has_exif(data: bytes) -> bool:
     """Whether an APP1 segment before the scan holds EXIF (an orientation Pillow would apply);
     True also where the markers cannot be walked, so that Pillow judges the file."""
+    for marker, pos in markers(data):
+        if marker == BROKEN or (marker == 0xE1 and data[pos + 4:pos + 10] == _EXIF):
+            return True
+        if marker == 0xDA:
+            return False
+    return True
+
+
+BROKEN = -1
+"""What ``markers`` yields where the bytes are not a marker."""
+
+
+def markers(data: bytes) -> Iterator[tuple[int, int]]:
+    """(marker, offset) of each marker after a JPEG's SOI, up to its first scan (SOS); then
+    ``BROKEN`` and nothing more where the bytes are not a marker (a damaged header)."""
     pos = 2
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
-            return True
+            yield BROKEN, pos
+            return
         marker = data[pos + 1]
-        if marker == 0xFF:
+        if marker == 0xFF:  # fill byte
             pos += 1
-        elif marker == 0xDA:
-            return False
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            continue
+        yield marker, pos
+        if marker == 0xDA:
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length follows these
             pos += 2
-        elif marker == 0xE1 and data[pos + 4:pos + 10] == _EXIF:
-            return True
         else:
             pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return True
