@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from db.exceptions import BadImageError
-from trainer.imaging import decode
+from trainer.imaging import jpeg_draft
 from trainer.imaging.budget import decode_cost
 from trainer.imaging.decode import (
     MIN_SIDE,
@@ -187,14 +187,14 @@ def test_large_jpeg_decodes_in_draft_mode_and_matches_a_full_decode(tmp_path, mo
     path = save(Image.fromarray(pixels), tmp_path / "big.jpg", "JPEG", quality=90)
     del pixels
     drafted: list[tuple[int, int]] = []
-    real_draft = decode.draft_gray
+    real_draft = jpeg_draft.draft_gray
 
     def spy(*args):
         pixels = real_draft(*args)
         drafted.append(pixels.shape)
         return pixels
 
-    monkeypatch.setattr(decode, "draft_gray", spy)
+    monkeypatch.setattr(jpeg_draft, "draft_gray", spy)
     out = decode_image(path, 64, LIMIT)
     assert drafted == [(750, 750)], "a 6000 px JPEG should decode at 1/8 scale for 64 px output"
     with Image.open(path) as img:

@@ -342,6 +342,7 @@ def test_a_bursts_first_batch_can_be_small_so_a_worker_starts_sooner(settings):
     results += intake_files(paths[30:], settings, sent, first_batch=16)
     assert sent.messages == [10]
     assert [r.status for r in results] == [ImageStatus.QUEUED] * 40
+    assert intake_files([], settings, sent, first_batch=16) == []
 
 
 def test_an_interrupted_copy_leaves_no_temp_file(settings, monkeypatch):

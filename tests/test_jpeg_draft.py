@@ -8,14 +8,13 @@ with the simplejpeg path switched off (Pillow's draft mode, as before it existed
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from db.exceptions import BadImageError
-from trainer.imaging import decode, jpeg_draft
+from trainer.imaging import jpeg_draft
 from trainer.imaging.decode import decode_bytes, decode_image
 
 LIMIT = 60_000_000
@@ -51,13 +50,13 @@ class Spy:
             self.passed += pixels is None
             return pixels
 
-        monkeypatch.setattr(decode, "draft_gray", draft_gray)
+        monkeypatch.setattr(jpeg_draft, "draft_gray", draft_gray)
 
 
 def pillow_only(monkeypatch: pytest.MonkeyPatch, run):
     """``run()`` with the simplejpeg path off: what the service did before it."""
     with monkeypatch.context() as patch:
-        patch.setattr(decode, "read_header", lambda data: None)
+        patch.setattr(jpeg_draft, "draft_gray", lambda data, size: None)
         return run()
 
 
@@ -110,6 +109,19 @@ def exif_rotated(img: Image.Image) -> bytes:
     return jpeg(img, exif=exif)
 
 
+def with_segment(data: bytes, marker: int, payload: bytes) -> bytes:
+    """``data`` with one more marker segment right after SOI."""
+    return data[:2] + bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload + \
+        data[2:]
+
+
+def xmp_rotated(img: Image.Image) -> bytes:
+    """Orientation 6 in XMP only, which Pillow's ``getexif`` reads too."""
+    xmp = (b'http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF>'
+           b'<rdf:Description tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    return with_segment(jpeg(img), 0xE1, xmp)
+
+
 def cmyk(img: Image.Image) -> bytes:
     return jpeg(img.convert("CMYK"))
 
@@ -122,14 +134,32 @@ def damaged(img: Image.Image) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("make", [exif_rotated, cmyk, damaged],
-                         ids=["EXIF orientation", "CMYK", "damaged scan"])
+@pytest.mark.parametrize("make", [exif_rotated, xmp_rotated, cmyk, damaged],
+                         ids=["EXIF orientation", "XMP orientation", "CMYK", "damaged scan"])
 def test_what_it_does_not_take_pillow_decodes_as_before(make, monkeypatch):
     data = make(film(900, 700, colour=True))
     spy = Spy(monkeypatch)
     out = decode_bytes(data, 64, LIMIT)
     assert spy.took == 0
     assert np.array_equal(out, pillow_only(monkeypatch, lambda: decode_bytes(data, 64, LIMIT)))
+
+
+BAD_HEADERS = {
+    # libjpeg reads past these; Pillow's header parser does not, and refuses the file
+    "APP0 too short for JFIF": (0xE0, b"JFIF\x00"),
+    "APP14 too short for Adobe": (0xEE, b"Adobe"),
+    "APP2 too short for an ICC profile": (0xE2, b"ICC_PROFILE\x00"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HEADERS, ids=list(BAD_HEADERS))
+def test_a_header_pillow_refuses_is_refused_for_the_same_reason(case, monkeypatch):
+    data = with_segment(jpeg(film(400, 300)), *BAD_HEADERS[case])
+    fast = reason(lambda: decode_bytes(data, 64, LIMIT))
+    assert fast == reason(lambda: pillow_only(monkeypatch, lambda: decode_bytes(data, 64, LIMIT)))
+    tem = jpeg(film(400, 300))
+    tem = tem[:2] + b"\xff\x01" + tem[2:]  # a TEM marker: libjpeg skips it, Pillow does not
+    assert reason(lambda: decode_bytes(tem, 64, LIMIT)).startswith("corrupt")
 
 
 def test_exif_orientation_still_turns_the_image(monkeypatch):
@@ -157,7 +187,7 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding(monkeypatch)
 def test_a_file_too_large_to_read_whole_streams_through_pillow(tmp_path, monkeypatch):
     path = tmp_path / "film.jpeg"
     path.write_bytes(jpeg(film(900, 700)))
-    monkeypatch.setattr(decode, "_WHOLE_READ_MAX", path.stat().st_size - 1)
+    monkeypatch.setattr(jpeg_draft, "WHOLE_READ_MAX", path.stat().st_size - 1)
     spy = Spy(monkeypatch)
     out = decode_image(path, 64, LIMIT)
     assert (spy.took, spy.passed) == (0, 0)
@@ -174,8 +204,5 @@ def test_the_scale_is_the_one_pillows_draft_picks(width, height):
     assert drafted == (-(-width // scale), -(-height // scale))
 
 
-def test_an_unreadable_header_is_left_to_pillow(tmp_path):
-    assert jpeg_draft.read_header(b"\xff\xd8\xff\xe0 not a header") is None
-    path = Path(tmp_path / "x.jpg")
-    path.write_bytes(b"\xff\xd8\xff\xe0 not a header")
-    assert "JPEG" in reason(lambda: decode_image(path, 64, LIMIT))
+def test_what_libjpeg_cannot_read_is_left_to_pillow():
+    assert jpeg_draft.draft_gray(b"\xff\xd8\xff\xe0 not a header", 64) is None

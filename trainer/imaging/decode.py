@@ -52,7 +52,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from db.exceptions import BadImageError
 from db.identifiers import DicomIdentifiers
 from trainer.imaging.dicom import looks_like_dicom, read_dicom
-from trainer.imaging.jpeg_draft import draft_gray, markers, read_header
+from trainer.imaging.jpeg_draft import draft_in_one_call
 
 MIN_SIDE = 32
 """Smallest accepted width or height. Below this a file is an icon or a placeholder, not a
@@ -66,9 +66,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 STRETCH_BLOCK_PIXELS = 1 << 20
-_WHOLE_READ_MAX = 64 << 20
-"""Largest JPEG file read whole for ``trainer.imaging.jpeg_draft``; a larger one streams through
-Pillow, which checks its declared size before reading on."""
 
 SERVICE_RESIZE = "draft_bilinear"
 """JPEG draft mode down to about twice the output size, then Pillow's antialiased bilinear: how
@@ -157,10 +154,21 @@ def declared_size(data: bytes) -> tuple[int, int] | None:
         return struct.unpack(">II", data[16:24])
     if not data.startswith(b"\xff\xd8"):
         return None
-    for marker, pos in markers(data):
-        if marker in _JPEG_SOF and pos + 9 <= len(data):
+    pos = 2
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in _JPEG_SOF:
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             return width, height
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
     return None
 
 
@@ -251,15 +259,13 @@ def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> De
     if fmt == "PNG":
         _verify_png(fp)
     fp.seek(0)
-    if fmt == "JPEG" and feed.resize == SERVICE_RESIZE:
-        drafted = _draft_jpeg(fp, feed, max_pixels)
-        if drafted is not None:
-            return drafted
-        fp.seek(0)
     try:
         with Image.open(fp, formats=list(PILLOW_FORMATS)) as img:
             _check_dimensions(img.size, max_pixels)
             if feed.resize == SERVICE_RESIZE:  # a declared filter needs every decoded pixel
+                gray = draft_in_one_call(fp, img, feed.size)
+                if gray is not None:
+                    return Decoded(_model_input(gray, feed))
                 img.draft("L", (feed.size * 2, feed.size * 2))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # the same pixels, no copy
@@ -274,28 +280,6 @@ def _decode_stream(fp: BinaryIO, feed: Feed, max_pixels: int, suffix: str) -> De
         raise
     except Exception as exc:  # any decoder failure is a property of the file
         raise BadImageError(_pillow_reason(fmt, exc)) from None
-
-
-def _draft_jpeg(fp: BinaryIO, feed: Feed, max_pixels: int) -> Decoded | None:
-    """The service's own resize of a JPEG through ``trainer.imaging.jpeg_draft`` (the same
-    pixels, without Pillow's Python); None where Pillow decodes it."""
-    data = _whole(fp)
-    header = read_header(data) if data is not None else None
-    if header is None:
-        return None
-    _check_dimensions((header.width, header.height), max_pixels)
-    gray = draft_gray(data, header, feed.size)
-    return None if gray is None else Decoded(_model_input(Image.fromarray(gray), feed))
-
-
-def _whole(fp: BinaryIO) -> bytes | None:
-    """The stream's bytes without a copy where it already holds them; None for a file too
-    large to read before its header is checked (Pillow streams it)."""
-    if isinstance(fp, io.BytesIO):
-        return fp.getvalue()
-    if os.fstat(fp.fileno()).st_size > _WHOLE_READ_MAX:
-        return None
-    return fp.read()
 
 
 def _decode_dicom(fp: BinaryIO, feed: Feed, max_pixels: int) -> Decoded:

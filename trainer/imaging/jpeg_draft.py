@@ -1,60 +1,78 @@
-"""The service's own JPEG path (draft mode to grey) in one C call instead of Pillow's.
+"""The service's own JPEG resize (draft mode to grey) in one C call instead of Pillow's loop.
 
 Nearly every file the service and the trainer see is a grey or YCbCr JPEG decoded in draft mode
-(``trainer.imaging.decode.SERVICE_RESIZE``). Pillow spends part of that decode in Python (its
-marker parser, the block loop around the decoder), holding the GIL that the other decoding
-threads and the forward pass need. simplejpeg hands the whole file to libjpeg-turbo in one call
-that releases the GIL, at the DCT scale Pillow's ``draft`` picks and with the same integer
-IDCT and luminance plane, so the pixels are Pillow's (``tests/test_jpeg_draft.py`` compares
-them). Every other case returns None and takes Pillow's path: an EXIF segment (an orientation
-to apply), CMYK or YCCK, 12-bit, lossless or arithmetic-coded files, anything libjpeg warns
-about (a truncated or damaged file), files over Pillow's own pixel limit. So Pillow alone names
-what is wrong with a bad file, and the reasons do not depend on this module.
+(``trainer.imaging.decode.SERVICE_RESIZE``). Pillow hands such a file to libjpeg-turbo block by
+block from Python, holding the GIL that the other decoding threads and the forward pass need
+between blocks. simplejpeg hands it over in one call that releases the GIL, at the DCT scale
+Pillow's ``draft`` picks, with the same integer IDCT and luminance plane, so the pixels are
+Pillow's (``tests/test_jpeg_draft.py`` compares them).
+
+``trainer.imaging.decode`` calls this only after Pillow has read and accepted the header, the
+pixel limit is checked and no EXIF or XMP orientation applies, so the reasons a bad file is
+refused for do not change. Whatever else this does not take returns None and Pillow decodes
+it as before: colour spaces other than grey and YCbCr, and anything libjpeg warns about (a
+damaged or truncated file).
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterator
-from typing import NamedTuple
+import io
+import os
+from typing import BinaryIO
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import ExifTags, Image
 
+WHOLE_READ_MAX = 64 << 20
+"""Largest file read whole for this path; a larger one streams through Pillow."""
 GREY_SOURCES = ("Gray", "YCbCr")
-"""Colour spaces whose grey is their luminance plane as stored, as Pillow's ``draft("L")``
-asks libjpeg for it."""
-_EXIF = b"Exif\x00\x00"
+"""Colour spaces whose grey is their stored luminance plane, which Pillow's ``draft("L")``
+asks libjpeg for."""
 
 
-class JpegHeader(NamedTuple):
-    width: int
-    height: int
-    colourspace: str
-    """libjpeg's name for the stored colour space (``Gray``, ``YCbCr``, ``CMYK`` ...)."""
+def draft_in_one_call(fp: BinaryIO, img: Image.Image, size: int) -> Image.Image | None:
+    """Draft mode's grey for the image Pillow opened from ``fp`` (its header read and accepted,
+    the pixel limit checked), or None where Pillow decodes: not a grey or YCbCr JPEG, an
+    orientation to apply, a file too large to read whole, anything libjpeg warns about."""
+    if img.format != "JPEG" or img.mode not in ("L", "RGB") or _turned(img):
+        return None
+    data = _whole(fp)
+    gray = draft_gray(data, size) if data is not None else None
+    return None if gray is None else Image.fromarray(gray)
 
 
-def read_header(data: bytes) -> JpegHeader | None:
-    """The frame header of a JPEG libjpeg can parse, else None (Pillow will say why)."""
+def _turned(img: Image.Image) -> bool:
+    """Whether ``ImageOps.exif_transpose`` would turn the image (EXIF or XMP orientation); True
+    where the metadata cannot be read, so that Pillow's path meets it where it did before."""
+    try:
+        return img.getexif().get(ExifTags.Base.Orientation, 1) in range(2, 9)
+    except Exception:
+        return True
+
+
+def _whole(fp: BinaryIO) -> bytes | None:
+    """The stream's bytes, without a copy where it already holds them; None for a file over
+    ``WHOLE_READ_MAX``."""
+    if isinstance(fp, io.BytesIO):
+        return fp.getvalue()
+    if os.fstat(fp.fileno()).st_size > WHOLE_READ_MAX:
+        return None
+    fp.seek(0)
+    return fp.read()
+
+
+def draft_gray(data: bytes, size: int) -> np.ndarray | None:
+    """``(h, w)`` uint8 grey as Pillow's ``draft("L", (2 * size, 2 * size))`` and ``load()``
+    give it, or None where Pillow must decode (see the module's docstring)."""
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError:
         return None
-    return JpegHeader(width, height, colourspace)
-
-
-def draft_gray(data: bytes, header: JpegHeader, size: int) -> np.ndarray | None:
-    """``(h, w)`` uint8 grey as Pillow's ``draft("L", (2 * size, 2 * size))`` and ``load()``
-    give it, or None where Pillow must decode (see the module's docstring). It decodes whatever
-    it is given: check ``header`` against the pixel limit first."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if header.colourspace not in GREY_SOURCES or (limit and header.width * header.height > limit):
+    if colourspace not in GREY_SOURCES:
         return None
-    if _has_exif(data):
-        return None
-    scale = draft_scale(header.width, header.height, 2 * size)
-    shape = (-(-header.height // scale), -(-header.width // scale))
+    scale = draft_scale(width, height, 2 * size)
+    shape = (-(-height // scale), -(-width // scale))
     try:  # the smallest of libjpeg's scales leaving at least ``shape`` is exactly 1 / scale
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=shape[0],
                                         min_width=shape[1], strict=True)
@@ -70,39 +88,3 @@ def draft_scale(width: int, height: int, side: int) -> int:
     the largest of 8, 4, 2 and 1 that leaves both sides at least ``side``."""
     room = min(width // side, height // side)
     return next((s for s in (8, 4, 2) if room >= s), 1)
-
-
-def _has_exif(data: bytes) -> bool:
-    """Whether an APP1 segment before the scan holds EXIF (an orientation Pillow would apply);
-    True also where the markers cannot be walked, so that Pillow judges the file."""
-    for marker, pos in markers(data):
-        if marker == BROKEN or (marker == 0xE1 and data[pos + 4:pos + 10] == _EXIF):
-            return True
-        if marker == 0xDA:
-            return False
-    return True
-
-
-BROKEN = -1
-"""What ``markers`` yields where the bytes are not a marker."""
-
-
-def markers(data: bytes) -> Iterator[tuple[int, int]]:
-    """(marker, offset) of each marker after a JPEG's SOI, up to its first scan (SOS); then
-    ``BROKEN`` and nothing more where the bytes are not a marker (a damaged header)."""
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            yield BROKEN, pos
-            return
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        yield marker, pos
-        if marker == 0xDA:
-            return
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length follows these
-            pos += 2
-        else:
-            pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path, PurePosixPath
 
 from db import images, predictions, registry
@@ -111,8 +112,8 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
     storage.prepare_archive(settings)
     paths = [Path(p) for p in paths]
     first = max(1, min(first_batch, INTAKE_BATCH))
-    starts = [0, *range(first, len(paths), INTAKE_BATCH)] if paths else []
-    chunks = [paths[a:b] for a, b in zip(starts, [*starts[1:], len(paths)], strict=True)]
+    bounds = [0, *range(first, len(paths), INTAKE_BATCH), len(paths)] if paths else []
+    chunks = [paths[a:b] for a, b in pairwise(bounds)]
     results: list[IntakeResult] = []
     no_space: list[OSError] = []
     archive = os.open(settings.archive_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
