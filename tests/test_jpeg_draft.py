@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image
 
 from db.exceptions import BadImageError
@@ -41,6 +42,7 @@ class Spy:
     """Counts what ``jpeg_draft.draft_gray`` returned: pixels, or None (Pillow's turn)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        assert jpeg_draft.agrees(), "simplejpeg and Pillow disagree on this installation"
         self.took = self.passed = 0
         real = jpeg_draft.draft_gray
 
@@ -55,6 +57,7 @@ class Spy:
 
 def pillow_only(monkeypatch: pytest.MonkeyPatch, run):
     """``run()`` with the simplejpeg path off: what the service did before it."""
+    jpeg_draft.agrees()  # checked with the real decoder, before it is switched off
     with monkeypatch.context() as patch:
         patch.setattr(jpeg_draft, "draft_gray", lambda data, size: None)
         return run()
@@ -206,3 +209,19 @@ def test_the_scale_is_the_one_pillows_draft_picks(width, height):
 
 def test_what_libjpeg_cannot_read_is_left_to_pillow():
     assert jpeg_draft.draft_gray(b"\xff\xd8\xff\xe0 not a header", 64) is None
+
+
+def test_a_simplejpeg_that_disagrees_with_pillow_is_not_used(monkeypatch, caplog):
+    """Each wheel bundles its own libjpeg-turbo: should an upgrade change simplejpeg's pixels,
+    the service notices once a process and lets Pillow decode everything."""
+    data = jpeg(film(900, 700))
+    want = pillow_only(monkeypatch, lambda: decode_bytes(data, 64, LIMIT))
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: real(*a, **k) ^ 1)
+    jpeg_draft.agrees.cache_clear()
+    try:
+        assert np.array_equal(decode_bytes(data, 64, LIMIT), want)
+        assert jpeg_draft.agrees() is False
+        assert "does not decode JPEGs to Pillow's pixels" in caplog.text
+    finally:
+        jpeg_draft.agrees.cache_clear()

@@ -16,13 +16,17 @@ damaged or truncated file).
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
 from typing import BinaryIO
 
 import numpy as np
 import simplejpeg
 from PIL import ExifTags, Image
+
+log = logging.getLogger(__name__)
 
 WHOLE_READ_MAX = 64 << 20
 """Largest file read whole for this path; a larger one streams through Pillow."""
@@ -35,7 +39,7 @@ def draft_in_one_call(fp: BinaryIO, img: Image.Image, size: int) -> Image.Image 
     """Draft mode's grey for the image Pillow opened from ``fp`` (its header read and accepted,
     the pixel limit checked), or None where Pillow decodes: not a grey or YCbCr JPEG, an
     orientation to apply, a file too large to read whole, anything libjpeg warns about."""
-    if img.format != "JPEG" or img.mode not in ("L", "RGB") or _turned(img):
+    if img.format != "JPEG" or img.mode not in ("L", "RGB") or _turned(img) or not agrees():
         return None
     data = _whole(fp)
     gray = draft_gray(data, size) if data is not None else None
@@ -88,3 +92,27 @@ def draft_scale(width: int, height: int, side: int) -> int:
     the largest of 8, 4, 2 and 1 that leaves both sides at least ``side``."""
     room = min(width // side, height // side)
     return next((s for s in (8, 4, 2) if room >= s), 1)
+
+
+@functools.cache
+def agrees() -> bool:
+    """Whether simplejpeg's libjpeg-turbo gives Pillow's draft pixels on this installation
+    (each bundles its own build, and a wheel upgrade could change one): checked once a
+    process on a grey and a YCbCr JPEG; if not, Pillow decodes everything, with a warning."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 300)[None, :] + rng.integers(0, 55, (260, 300))
+    grey = ramp.astype(np.uint8)
+    colour = np.stack([grey, grey[::-1], rng.integers(0, 255, grey.shape)], -1).astype(np.uint8)
+    for pixels, options in ((grey, {"progressive": True}), (colour, {"subsampling": 2})):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=90, **options)
+        data = out.getvalue()
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("L", (64, 64))
+            want = np.asarray(img.convert("L"))
+        got = draft_gray(data, 32)
+        if got is None or not np.array_equal(got, want):
+            log.warning("simplejpeg %s does not decode JPEGs to Pillow's pixels here; Pillow "
+                        "decodes them all (slower, the same results)", simplejpeg.__version__)
+            return False
+    return True
