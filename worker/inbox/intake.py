@@ -103,8 +103,7 @@ def intake_files(paths: Iterable[Path], settings: Settings, enqueue: Enqueue | N
                  first_batch: int = INTAKE_BATCH) -> list[IntakeResult]:
     """Take complete inbox files in batches: the next batch is hashed and copied in threads
     while the current one is recorded (one transaction) and sent (one ``send``); returns a
-    result for each file taken or refused. ``first_batch``: the size of the first batch
-    (``FIRST_BATCH`` when a burst may be starting, so a worker gets its first images sooner).
+    result for each file taken or refused; the first batch holds ``first_batch`` files.
 
     ``inbox``: the identity of the inbox folder the caller holds; raises
     ``safefs.InboxMoved`` (taking nothing) when the inbox path is a link or another folder.
