@@ -71,20 +71,18 @@ def draft_gray(data: bytes, size: int) -> np.ndarray | None:
     give it, or None where Pillow must decode (see the module's docstring)."""
     try:
         height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    if colourspace not in GREY_SOURCES:
-        return None
-    scale = draft_scale(width, height, 2 * size)
-    shape = (-(-height // scale), -(-width // scale))
-    try:  # the smallest of libjpeg's scales leaving at least ``shape`` is exactly 1 / scale
+        if colourspace not in GREY_SOURCES:
+            return None
+        scale = draft_scale(width, height, 2 * size)
+        shape = (-(-height // scale), -(-width // scale))
+        # the smallest of libjpeg's scales leaving at least ``shape`` is exactly 1 / scale
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_height=shape[0],
                                         min_width=shape[1], strict=True)
-    except ValueError:
+    except MemoryError:
+        raise
+    except Exception:  # ValueError for what libjpeg refuses or warns about: Pillow judges it
         return None
-    if pixels.shape[:2] != shape:
-        return None
-    return pixels.reshape(shape)
+    return pixels.reshape(shape) if pixels.shape[:2] == shape else None
 
 
 def draft_scale(width: int, height: int, side: int) -> int:
