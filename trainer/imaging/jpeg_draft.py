@@ -39,7 +39,7 @@ def draft_in_one_call(fp: BinaryIO, img: Image.Image, size: int) -> Image.Image 
     """Draft mode's grey for the image Pillow opened from ``fp`` (its header read and accepted,
     the pixel limit checked), or None where Pillow decodes: not a grey or YCbCr JPEG, an
     orientation to apply, a file too large to read whole, anything libjpeg warns about."""
-    if img.format != "JPEG" or img.mode not in ("L", "RGB") or _turned(img) or not agrees():
+    if img.format != "JPEG" or _turned(img) or not agrees():
         return None
     data = _whole(fp)
     gray = draft_gray(data, size) if data is not None else None
