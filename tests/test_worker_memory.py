@@ -1,6 +1,7 @@
 """A worker's memory is bounded by ``CXR_DECODE_MEMORY_MB`` and the file-size limit, whatever
 trails the images of a message: the reader keeps an image's own bytes (JPEG to EOI, PNG to
-IEND), still hashes every byte intake hashed, and drops the bytes once decoded.
+IEND) of a file larger than one read, still hashes every byte intake hashed, and drops the
+bytes once decoded.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import os
 import random
 import uuid
 
+import numpy as np
 import pytest
 from helpers_models import register_tiny_bundle
 from helpers_pipeline import pipeline_session, wait_until
 from PIL import Image
 
+from trainer.imaging.decode import decode_bytes
 from trainer.imaging.extent import EndFinder, _scan_marker
-from worker.classify.reading import read_image_bytes
+from worker.classify.reading import HEAD_BYTES, READ_CHUNK, read_image_bytes
 
 MIB = 1 << 20
 
@@ -38,8 +41,10 @@ def _png(level: int) -> bytes:
 
 @pytest.mark.parametrize("image", [_jpeg(200), _jpeg(31), _png(90)])
 def test_only_the_image_is_kept_and_every_byte_is_hashed(tmp_path, image):
+    """A file too large for one read streams: what trails the image is hashed, then dropped."""
     path = tmp_path / "x"
-    data = image + b"\xff\xd9 trailing \x00" * 5000
+    data = image + b"\xff\xd9 trailing \x00" * (2 * READ_CHUNK // 13)
+    assert len(data) > HEAD_BYTES + READ_CHUNK
     path.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
     with open(path, "rb") as fh:
@@ -49,6 +54,23 @@ def test_only_the_image_is_kept_and_every_byte_is_hashed(tmp_path, image):
         changed = data[:-1] + b"!"
         path.write_bytes(changed)
         assert read_image_bytes(fh, fh.read(100), sha) is None
+
+
+@pytest.mark.parametrize("image", [_jpeg(200), _jpeg(31), _png(90)])
+def test_a_file_of_one_read_is_kept_whole_and_decodes_as_the_image_alone(tmp_path, image):
+    """Nearly every image fits in one read: kept as read (no scan for its end), still checked
+    against the hash, and the decoders stop at the image's end, so the pixels are the same."""
+    path = tmp_path / "x"
+    data = image + b"\xff\xd9 trailing \x00" * 5000
+    assert len(data) <= HEAD_BYTES + READ_CHUNK
+    path.write_bytes(data)
+    with open(path, "rb") as fh:
+        kept = read_image_bytes(fh, fh.read(100), hashlib.sha256(data).hexdigest())
+    assert kept == data
+    assert np.array_equal(decode_bytes(kept, 32, 10**6), decode_bytes(image, 32, 10**6))
+    with open(path, "rb") as fh:  # a changed byte in the trailing data still fails the check
+        path.write_bytes(data[:-1] + b"!")
+        assert read_image_bytes(fh, fh.read(100), hashlib.sha256(data).hexdigest()) is None
 
 
 def test_the_end_is_found_across_chunk_boundaries():
