@@ -85,6 +85,8 @@ def test_cxr_bench_runs_end_to_end(tmp_path, monkeypatch, capsys):
     assert pipeline["after_intake_images_per_s"] is None or pipeline[
         "after_intake_images_per_s"] > 0
     assert f"all 12 files recorded {pipeline['intake_s']:.2f} s after the drop" in printed
+    cpu = pipeline["cpu_ms_per_image"]  # read from /proc: the worker and the watcher worked
+    assert cpu["worker"] > 0 and cpu["watch"] > 0 and "(CPU an image: the service" in printed
     processes = result["pipeline"]["processes"]  # who is who in a recording of the run
     assert set(processes) == {"supervisor", "watcher", "worker"}
     assert len(set(processes.values())) == 3 and os.getpid() not in processes.values()
@@ -187,3 +189,26 @@ def test_a_run_without_a_work_dir_removes_its_files(tmp_path, monkeypatch, fails
     with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
         bench.run_bench(BenchConfig(work_dir=kept), Settings(), progress=lambda _: None)
     assert (kept / "files" / "load-0.jpg").exists()
+
+
+def test_a_process_trees_cpu_is_read_from_proc_and_named_by_program():
+    """``LocalStack.cpu_seconds``' reading: the CPU of one process and its children only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from worker.ops.stack import tree_cpu_seconds
+
+    burn = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+            "print('burnt', flush=True)\ntime.sleep(60)")
+    # a shell whose child burns: the tree's CPU is the child's, under its program's name
+    child = subprocess.Popen(["sh", "-c", f"{sys.executable} -c \"$0\"", burn],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "burnt"
+        used = tree_cpu_seconds(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert set(used) == {"sh", Path(sys.executable).name}  # not this test's own process
+    assert 0.25 <= used[Path(sys.executable).name] < 5.0 and used["sh"] < 0.2

@@ -1,17 +1,20 @@
 """The bench's bookkeeping on what it measured, without running anything: the script's pass
 that counts and how the table says which form of the script it was, and the burst split at the
-end of its intake. The runs themselves are in test_bench."""
+end of its intake, and the CPU an image beside the script's. The runs themselves are in
+test_bench."""
 
 import pytest
 
+from worker.ops.bench import _cpu_lines
 from worker.ops.bench_script import (
     AS_WRITTEN,
     AUTOTUNE_OFF,
     best_script,
     fastest_pass,
+    script_cpu_ms,
     script_lines,
 )
-from worker.ops.bench_service import intake_phases
+from worker.ops.bench_service import cpu_ms_per_image, intake_phases
 
 
 def _script(rounds, variants=None):
@@ -70,3 +73,19 @@ def test_the_burst_is_split_at_the_end_of_its_intake():
     # nothing left once the intake ended: no rate to give
     done_early = {k: ("done", at(0.4), received) for k, (_, _, received) in rows.items()}
     assert intake_phases(done_early, wall, elapsed=0.5)["after_intake_images_per_s"] is None
+
+
+def test_the_cpu_an_image_is_each_commands_difference_and_the_script_stands_beside_it():
+    before = {"up": 1.0, "watch": 2.0, "worker": 10.0}
+    after = {"up": 1.0, "watch": 2.7, "worker": 18.5, "redis-server": 0.2}
+    cpu = cpu_ms_per_image(before, after, images=1000)
+    assert cpu == pytest.approx({"watch": 0.7, "worker": 8.5, "redis-server": 0.2})
+    assert cpu_ms_per_image({}, after, 1000) == {}  # no /proc: nothing, not a wrong figure
+    script = _script([250.0, 280.0])  # 1.9 cores busy in each pass: the fastest counts
+    assert script_cpu_ms(script) == pytest.approx(1.9 / 280.0 * 1000.0)
+    [line] = _cpu_lines({"pipeline": {"cpu_ms_per_image": cpu}, "script": script})
+    assert line == ("(CPU an image: the service 9.40 ms (worker 8.50, watcher 0.70, "
+                    f"redis-server 0.20); the script's fastest pass 6.79 ms, "
+                    f"{6.7857 / 9.4:.2f} of the service's)")
+    assert _cpu_lines({"pipeline": {}, "script": script}) == []  # a result from before
+    assert "script" not in _cpu_lines({"pipeline": {"cpu_ms_per_image": cpu}})[0]

@@ -65,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tensors (best batch size), the decode throughput of the same files (one thread per "
         "core), the notebooks' load_img + model.predict loop, the real "
         "stack (cxr up with one worker, private data dir, SQLite, a private Redis queue) from "
-        "K files copied into the inbox to K rows done, inbox-to-done latency at low load, and "
+        "K files copied into the inbox to K rows done (and the CPU an image each of its "
+        "processes used), inbox-to-done latency at low load, and "
         "what a heatmap (CXR_HEATMAPS: Grad-CAM and its PNG) costs on the same tensors. "
         "Prints a table with the ratios and optionally writes JSON. Random weights.",
     )

@@ -60,7 +60,7 @@ from worker.ops.bench_native import (
     native_lines,
     started_processes,
 )
-from worker.ops.bench_script import best_script, measure_script, script_lines
+from worker.ops.bench_script import best_script, measure_script, script_cpu_ms, script_lines
 from worker.ops.bench_service import (
     forget_queue,
     measure_intake,
@@ -313,6 +313,23 @@ def _phase_lines(p: dict[str, Any]) -> list[str]:
                "nothing was left after that)")]
 
 
+def _cpu_lines(result: dict[str, Any]) -> list[str]:
+    """The pipeline's CPU an image by command, beside the script's: what each did, idle cores
+    left out (a result without them prints nothing)."""
+    cpu = result["pipeline"].get("cpu_ms_per_image")
+    if not cpu:
+        return []
+    names = {"watch": "watcher", "up": "cxr up"}
+    parts = ", ".join(f"{names.get(role, role)} {ms:.2f}"
+                      for role, ms in sorted(cpu.items(), key=lambda x: -x[1]))
+    line = f"(CPU an image: the service {sum(cpu.values()):.2f} ms ({parts})"
+    script = script_cpu_ms(result.get("script"))
+    if script:
+        line += (f"; the script's fastest pass {script:.2f} ms, "
+                 f"{script / sum(cpu.values()):.2f} of the service's")
+    return [line + ")"]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The printed summary: throughputs, latency and the two ratios."""
     from worker.ops.bench_shadow import shadow_lines
@@ -358,6 +375,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"(mean message {p['mean_batch']:.1f} images; forward pass {p['forward_share']:.0%} of "
         f"the pipeline's time; inbox -> received p50 {lat['intake_p50_s']:.2f} s)",
         *_phase_lines(p),
+        *_cpu_lines(result),
         *native_lines(result),
     ]
     return "\n".join(lines)

@@ -99,6 +99,15 @@ def fastest_pass(script: dict[str, Any]) -> int:
     return max(range(len(rounds)), key=rounds.__getitem__)
 
 
+def script_cpu_ms(script: dict[str, Any] | None) -> float | None:
+    """ms of CPU an image of the fastest pass (tf.data's threads run in the bench's process,
+    so its CPU time is theirs); None without the cores a pass kept busy."""
+    if not script or not script.get("cores"):
+        return None
+    i = fastest_pass(script)
+    return script["cores"][i] / script["rounds"][i] * 1000.0
+
+
 def script_lines(result: dict[str, Any]) -> list[str]:
     """The table's lines for the script baseline (none when it was not run): the fastest pass,
     which form it was, and the best of each form, so a slow autotuner shows."""

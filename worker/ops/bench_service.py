@@ -118,12 +118,14 @@ def measure_pipeline(stack: LocalStack, settings: Settings, files: list[Path],
     for path in files:
         shutil.copyfile(path, staged / path.name)
     before = len(logged_batches(stack))
+    cpu_before = stack.cpu_seconds()
     started, wall = time.perf_counter(), time.time()
     for path in files:
         os.rename(staged / path.name, settings.inbox_dir / path.name)
     copied = time.perf_counter() - started
     progress(f"  dropped {len(files)} files in {copied:.2f} s; waiting for the rows")
     rows = wait_count(stack, settings.db_url, names, timeout=max(120.0, 10.0 * len(files)))
+    cpu = cpu_ms_per_image(cpu_before, stack.cpu_seconds(), len(files))
     # The last row's own finished_at, not the moment a poll saw it.
     elapsed = max(_timestamp(finished) for _, finished, _ in rows.values()) - wall
     first_row = min(_timestamp(received) for _, _, received in rows.values()) - wall
@@ -138,9 +140,20 @@ def measure_pipeline(stack: LocalStack, settings: Settings, files: list[Path],
         "mean_batch": float(np.mean(sizes)) if sizes else 0.0,
         "max_batch": max(sizes) if sizes else 0,
         "forward_s": forward_s, "decode_s": sum(d for _, d, _ in batches) / 1000.0,
-        "forward_share": forward_s / elapsed,
+        "forward_share": forward_s / elapsed, "cpu_ms_per_image": cpu,
         **phases,
     }
+
+
+def cpu_ms_per_image(before: dict[str, float], after: dict[str, float], images: int
+                     ) -> dict[str, float]:
+    """ms of CPU an image each of the stack's commands used between two
+    ``LocalStack.cpu_seconds`` readings; empty without them. Unlike the rate it leaves out
+    idle cores, so it shows what a change costs through the noise of a shared host."""
+    if not before or not after or images <= 0:
+        return {}
+    return {role: (after[role] - before.get(role, 0.0)) * 1000.0 / images
+            for role in after if after[role] > before.get(role, 0.0)}
 
 
 def intake_phases(rows: dict, wall: float, elapsed: float

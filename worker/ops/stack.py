@@ -14,6 +14,8 @@ from pathlib import Path
 
 from worker.ops.supervisor import CXR_COMMAND
 
+PROC = Path("/proc")
+
 
 class LocalStack:
     """``cxr up [args]`` (or ``cxr COMMAND [args]``) running with ``env``; its output is
@@ -40,6 +42,12 @@ class LocalStack:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system, every thread) the stack's live processes (the child and
+        its descendants) have used so far, summed by ``cxr`` command (``up``, ``watch``,
+        ``worker``: a worker's pool processes count as ``worker``); empty without ``/proc``."""
+        return tree_cpu_seconds(self.proc.pid)
+
     def log_text(self) -> str:
         """Everything the child has written to its log so far."""
         return self.log_path.read_text(errors="replace")
@@ -64,3 +72,36 @@ class LocalStack:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds so far of ``root`` and its live descendants, by ``cxr`` command, else by
+    program name. Read from ``/proc``: no profiler, so the bench can count every run."""
+    if not (PROC / "self" / "stat").exists():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    procs: dict[int, tuple[int, float, str]] = {}  # pid -> (parent, CPU seconds, role)
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # it exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name in () may hold spaces
+        n = len(CXR_COMMAND)
+        role = argv[n] if argv[:n] == CXR_COMMAND and len(argv) > n else Path(argv[0]).name
+        procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
+                                  role)
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in procs.items():
+        children.setdefault(parent, []).append(pid)
+    used: dict[str, float] = {}
+    todo = [root] if root in procs else []
+    while todo:
+        pid = todo.pop()
+        _, cpu, role = procs[pid]
+        used[role] = used.get(role, 0.0) + cpu
+        todo += children.get(pid, [])
+    return used
