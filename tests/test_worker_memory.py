@@ -56,21 +56,45 @@ def test_only_the_image_is_kept_and_every_byte_is_hashed(tmp_path, image):
         assert read_image_bytes(fh, fh.read(100), sha) is None
 
 
-@pytest.mark.parametrize("image", [_jpeg(200), _jpeg(31), _png(90)])
-def test_a_file_of_one_read_is_kept_whole_and_decodes_as_the_image_alone(tmp_path, image):
+def _two_jpegs() -> bytes:
+    return _jpeg(200) + _jpeg(31)
+
+
+def _eoi_first() -> bytes:
+    """An EOI before the image: Pillow reads on past it, so the reader must keep going too."""
+    return b"\xff\xd8\xff\xd9" + _jpeg(120)
+
+
+@pytest.mark.parametrize("image", [_jpeg(200), _jpeg(31), _png(90), _two_jpegs(),
+                                   _eoi_first(), _png(90) + _png(10)])
+def test_a_file_of_one_read_is_kept_whole_and_decodes_as_a_streamed_one(tmp_path, image):
     """Nearly every image fits in one read: kept as read (no scan for its end), still checked
-    against the hash, and the decoders stop at the image's end, so the pixels are the same."""
-    path = tmp_path / "x"
-    data = image + b"\xff\xd9 trailing \x00" * 5000
-    assert len(data) <= HEAD_BYTES + READ_CHUNK
-    path.write_bytes(data)
-    with open(path, "rb") as fh:
-        kept = read_image_bytes(fh, fh.read(100), hashlib.sha256(data).hexdigest())
-    assert kept == data
-    assert np.array_equal(decode_bytes(kept, 32, 10**6), decode_bytes(image, 32, 10**6))
-    with open(path, "rb") as fh:  # a changed byte in the trailing data still fails the check
-        path.write_bytes(data[:-1] + b"!")
-        assert read_image_bytes(fh, fh.read(100), hashlib.sha256(data).hexdigest()) is None
+    against the hash. Whatever trails the image, it decodes as the same content padded past
+    one read (streamed, trimmed) and as the image alone."""
+    kept = {}
+    for name, padding in (("whole", 5000), ("streamed", 2 * READ_CHUNK // 13)):
+        data = image + b"\xff\xd9 trailing \x00" * padding
+        assert (len(data) <= HEAD_BYTES + READ_CHUNK) == (name == "whole")
+        path = tmp_path / name
+        path.write_bytes(data)
+        with open(path, "rb") as fh:
+            kept[name] = read_image_bytes(fh, fh.read(100), hashlib.sha256(data).hexdigest())
+    assert kept["whole"] == image + b"\xff\xd9 trailing \x00" * 5000
+    pixels = [decode_bytes(kept[name], 32, 10**6) for name in ("whole", "streamed")]
+    assert np.array_equal(pixels[0], pixels[1])
+    assert np.array_equal(pixels[0], decode_bytes(image, 32, 10**6))
+    with open(tmp_path / "whole", "rb") as fh:  # a changed trailing byte still fails the check
+        (tmp_path / "whole").write_bytes(kept["whole"][:-1] + b"!")
+        assert read_image_bytes(fh, fh.read(100), hashlib.sha256(kept["whole"]).hexdigest()) \
+            is None
+
+
+def test_an_eoi_before_any_scan_leaves_the_end_unknown():
+    image = _eoi_first()
+    finder = EndFinder(image)
+    assert finder.feed(image) is None and finder.unknown
+    plain = _jpeg(120)
+    assert EndFinder(plain).feed(plain + b"junk") == len(plain)
 
 
 def test_the_end_is_found_across_chunk_boundaries():

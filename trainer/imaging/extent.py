@@ -30,6 +30,7 @@ class EndFinder:
             "JPEG" if head.startswith(b"\xff\xd8") else None)
         self.pos = len(PNG_MAGIC) if self.kind == "PNG" else 2
         self.in_scan = False
+        self.scanned = False
         self.end: int | None = None
         self.unknown = self.kind is None
 
@@ -65,6 +66,9 @@ class EndFinder:
             if code == 0xFF:  # fill byte before a marker
                 self.pos += 1
             elif code == 0xD9:
+                if not self.scanned:  # an EOI before any scan: Pillow reads on past it
+                    self.unknown = True
+                    return None
                 return self.pos + 2
             elif code in _JPEG_STANDALONE:
                 self.pos += 2
@@ -72,6 +76,7 @@ class EndFinder:
                 if self.pos + 4 > n:
                     return None
                 self.in_scan = code == 0xDA
+                self.scanned = self.scanned or self.in_scan
                 self.pos += 2 + struct.unpack(">H", buf[self.pos + 2:self.pos + 4])[0]
 
     def _next_marker(self, buf) -> int | None:

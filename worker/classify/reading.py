@@ -34,7 +34,8 @@ from worker.settings import Settings
 HEAD_BYTES = 1 << 16
 """Bytes read first: enough to name the format and read the declared size of most images."""
 READ_CHUNK = 1 << 20
-"""Bytes read (and hashed) at a time; trailing data after an image never stays longer."""
+"""Bytes read (and hashed) at a time; in a file larger than one read, trailing data after an
+image never stays longer."""
 CHANGED = ("the archived file changed after intake (its SHA-256 no longer matches what was "
            "received); not classified")
 
@@ -146,10 +147,11 @@ def _size(fh: BinaryIO) -> float:
 
 
 def _read_whole(fh: BinaryIO, sha256: str) -> bytes | None:
-    """``read_image_bytes`` for a file no larger than one chunk (nearly every image): read
-    again from the start in one call, so the bytes hashed are the bytes kept, uncopied. Not
-    trimmed: what trails the image is in memory already, and finding the image's end cost
-    0.15 ms an image, most of it holding the GIL (issue 28)."""
+    """``read_image_bytes`` for a file of at most ``HEAD_BYTES`` + ``READ_CHUNK`` bytes (nearly
+    every image): read again from the start in one call, so the bytes hashed are the bytes
+    kept, uncopied. Not trimmed: what trails the image is in memory already and reserved, the
+    decoders stop at the image's end, and finding that end cost 0.15 ms an image, part of it
+    holding the GIL (issue 28)."""
     fh.seek(0)
     data = fh.read(HEAD_BYTES + READ_CHUNK + 1)
     if len(data) > HEAD_BYTES + READ_CHUNK or sha256_bytes(data) != sha256:
@@ -159,8 +161,9 @@ def _read_whole(fh: BinaryIO, sha256: str) -> bytes | None:
 
 def read_archived(settings: Settings, stored_path: str | None, sha256: str
                   ) -> tuple[bytes | None, str | None]:
-    """(an archived image's own bytes, checked against the hash intake recorded) or
-    (None, why): for one-off commands that decode an archived image again (cxr explain)."""
+    """(an archived image's bytes as ``read_image_bytes`` keeps them, checked against the hash
+    intake recorded) or (None, why): for one-off commands that decode an archived image again
+    (cxr explain)."""
     path = stored_file(settings, stored_path)
     try:
         if path is None:

@@ -75,33 +75,39 @@ class LocalStack:
 
 
 def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """CPU seconds so far of ``root`` and its live descendants, by ``cxr`` command, else by
-    program name. Read from ``/proc``: no profiler, so the bench can count every run."""
+    """CPU seconds so far of ``root`` and its live descendants, each with the children it has
+    reaped (a pool process that was replaced still counts), by role: a ``cxr`` command; a fork
+    of a ``cxr`` process (a pool process, whatever title it set) takes its parent's; anything
+    else its program name (``/proc/PID/comm``). Read from ``/proc``: no profiler, so the bench
+    can count every run."""
     if not (PROC / "self" / "stat").exists():
         return {}
     tick = os.sysconf("SC_CLK_TCK")
-    procs: dict[int, tuple[int, float, str]] = {}  # pid -> (parent, CPU seconds, role)
+    procs: dict[int, tuple[int, float, str | None, str, str]] = {}
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # it exited meanwhile
+            exe = os.readlink(entry / "exe")
+        except OSError:  # it exited meanwhile, or is not ours to read
             continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()  # the name in () may hold spaces
         n = len(CXR_COMMAND)
-        role = argv[n] if argv[:n] == CXR_COMMAND and len(argv) > n else Path(argv[0]).name
-        procs[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
-                                  role)
+        command = argv[n] if argv[:n] == CXR_COMMAND and len(argv) > n else None
+        cpu = sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        procs[int(entry.name)] = (int(fields[1]), cpu, command, comm, exe)
     children: dict[int, list[int]] = {}
-    for pid, (parent, _, _) in procs.items():
+    for pid, (parent, *_) in procs.items():
         children.setdefault(parent, []).append(pid)
     used: dict[str, float] = {}
-    todo = [root] if root in procs else []
-    while todo:
-        pid = todo.pop()
-        _, cpu, role = procs[pid]
-        used[role] = used.get(role, 0.0) + cpu
-        todo += children.get(pid, [])
+    todo: list[tuple[int, str | None, str]] = [(root, None, "")] if root in procs else []
+    while todo:  # (pid, the cxr role its parent had, its parent's program)
+        pid, inherited, parent_exe = todo.pop()
+        _, cpu, command, comm, exe = procs[pid]
+        cxr_role = command or (inherited if exe == parent_exe else None)
+        used[cxr_role or comm] = used.get(cxr_role or comm, 0.0) + cpu
+        todo += [(child, cxr_role, exe) for child in children.get(pid, [])]
     return used
