@@ -149,7 +149,7 @@ def cpu_ms_per_image(before: dict[str, float], after: dict[str, float], images: 
                      ) -> dict[str, float]:
     """ms of CPU an image each of the stack's commands used between two
     ``LocalStack.cpu_seconds`` readings; empty without them. Unlike the rate it leaves out
-    idle cores, so it shows what a change costs through the noise of a shared host."""
+    idle cores: what the service spent, apart from how well it kept the cores busy."""
     if not before or not after or images <= 0:
         return {}
     return {role: (after[role] - before.get(role, 0.0)) * 1000.0 / images
